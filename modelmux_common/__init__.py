@@ -1,0 +1,1 @@
+"""Pieces shared by the modelmux daemons: config, logging, gRPC helpers and the CLI."""

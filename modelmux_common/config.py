@@ -1,0 +1,417 @@
+"""One YAML file configures every modelmux daemon.
+
+The file is a mapping with the sections ``gateway``, ``modelsync``, ``backends``, ``version_labels``
+and ``apis`` (a list of Cortex-style API specs). Values are layered: defaults < YAML < environment
+(``MODELMUX_<SECTION>_<KEY>``, e.g. ``MODELMUX_GATEWAY_LISTEN``) < CLI flags (applied by the caller
+with :func:`dataclasses.replace`). A bad file fails at start with the file, the key and the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Seconds = float
+Accelerator = Literal["cpu", "gpu", "inferentia"]
+ACCELERATORS: tuple[Accelerator, ...] = ("cpu", "gpu", "inferentia")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used: names the file, the key and the reason."""
+
+    def __init__(self, file: str, key: str, reason: str) -> None:
+        super().__init__(f"{file}: {key}: {reason}")
+        self.file, self.key, self.reason = file, key, reason
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    listen: str = "127.0.0.1:8500"
+    # Largest request or response message accepted, in bytes.
+    max_message_bytes: int = 64 * 1024 * 1024
+    # Upper bound of every backend call; the caller's own deadline wins when it is shorter.
+    backend_timeout: Seconds = 30.0
+    # modelsync's address; empty means a static catalogue read from local model folders.
+    modelsync: str = ""
+    # How often each backend's model status is polled once it has converged.
+    status_interval: Seconds = 2.0
+    # One summary log line per request.
+    log_requests: bool = True
+    log_level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelsyncConfig:
+    listen: str = "127.0.0.1:8510"
+    # The shared volume the backends read from: <target>/<model>/<version>/...
+    target: str = "/mnt/models"
+    poll_interval: Seconds = 10.0
+    # How long a removed version stays on disk after its removal event.
+    removal_grace: Seconds = 60.0
+    download_concurrency: int = 8
+    # S3 endpoint override (MinIO, moto); empty uses AWS.
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    log_level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    name: str
+    address: str
+    accelerator: Accelerator = "cpu"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    """Where a model (``kind="path"``) or a folder of models (``kind="dir"``) comes from."""
+
+    api: str
+    kind: Literal["path", "dir"]
+    # Model name for kind="path"; empty for kind="dir" (names are the folder's children).
+    name: str
+    # s3://bucket/prefix/ or an absolute local folder.
+    uri: str
+    # True when the API runs on Inferentia (compute.inf > 0): validated by the Inferentia layout.
+    inferentia: bool = False
+
+    @property
+    def is_s3(self) -> bool:
+        return self.uri.startswith("s3://")
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    name: str
+    kind: str
+    handler_type: str
+    handler_path: str
+    signature_key: str
+    sources: tuple[ModelSource, ...]
+    compute: Mapping[str, Any]
+    handler_config: Mapping[str, Any]
+
+    @property
+    def inferentia(self) -> bool:
+        return _positive(self.compute.get("inf", 0))
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    file: str = "<defaults>"
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    modelsync: ModelsyncConfig = field(default_factory=ModelsyncConfig)
+    backends: tuple[BackendConfig, ...] = ()
+    apis: tuple[ApiConfig, ...] = ()
+    # model -> label -> version
+    version_labels: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+
+    def sources(self) -> tuple[ModelSource, ...]:
+        return tuple(s for api in self.apis for s in api.sources)
+
+
+def _positive(value: Any) -> bool:
+    try:
+        return float(value) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+def parse_duration(value: Any) -> Seconds:
+    """``10``, ``2.5``, ``"500ms"``, ``"10s"``, ``"5m"`` -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 10s or 500ms")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION_RE.match(str(value))
+        if not match:
+            raise ValueError(f"{value!r} is not a duration such as 10s or 500ms")
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+class _Reader:
+    """Validates one file, naming the exact key of every problem."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.base = Path(file).resolve().parent if file != "<defaults>" else Path.cwd()
+
+    def fail(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(self.file, key, reason)
+
+    def mapping(self, value: Any, key: str, allowed: set[str]) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a mapping, got {type(value).__name__}")
+        for k in value:
+            if k not in allowed:
+                raise self.fail(
+                    f"{key}.{k}" if key else str(k),
+                    f"unknown key (known: {', '.join(sorted(allowed))})",
+                )
+        return value
+
+    def section(self, cls: Any, value: Any, key: str) -> Any:
+        names = {f.name for f in dataclasses.fields(cls)}
+        raw = dict(self.mapping(value, key, names))
+        for name in names:
+            env = os.environ.get(f"MODELMUX_{key.upper()}_{name.upper()}")
+            if env is not None:
+                raw[name] = env
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in raw:
+                continue
+            out[f.name] = self.coerce(raw[f.name], f.type, f"{key}.{f.name}", f.name)
+        return cls(**out)
+
+    def coerce(self, value: Any, type_: Any, key: str, name: str) -> Any:
+        try:
+            if type_ == "Seconds":
+                return parse_duration(value)
+            if type_ == "bool":
+                if isinstance(value, bool):
+                    return value
+                if str(value).lower() in ("1", "true", "yes", "on"):
+                    return True
+                if str(value).lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(f"expected true or false, got {value!r}")
+            if type_ == "int":
+                if isinstance(value, bool):
+                    raise ValueError("expected an integer")
+                number = int(value)
+                if number <= 0:
+                    raise ValueError("must be positive")
+                return number
+            if type_ == "str":
+                if not isinstance(value, str | int | float) or isinstance(value, bool):
+                    raise ValueError(f"expected a string, got {type(value).__name__}")
+                text = str(value)
+                if name == "target":
+                    return str((self.base / text).resolve()) if text else text
+                return text
+        except (TypeError, ValueError) as exc:
+            raise self.fail(key, str(exc)) from None
+        raise self.fail(key, f"unsupported type {type_}")
+
+    def name(self, value: Any, key: str) -> str:
+        if not isinstance(value, str) or not NAME_RE.match(value):
+            raise self.fail(key, f"{value!r} is not a valid name (letters, digits, '_', '.', '-')")
+        return value
+
+    def uri(self, value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(key, "expected an s3:// URI or a folder path")
+        if value.startswith("s3://"):
+            bucket = value[5:].split("/", 1)[0]
+            if not bucket:
+                raise self.fail(key, f"{value!r} has no bucket")
+            return value if value.endswith("/") else value + "/"
+        if "://" in value:
+            raise self.fail(key, f"{value!r}: only s3:// URIs and local folders are supported")
+        return str((self.base / value).resolve())
+
+    def backends(self, value: Any) -> tuple[BackendConfig, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise self.fail("backends", "expected a list")
+        out: list[BackendConfig] = []
+        for i, item in enumerate(value):
+            key = f"backends[{i}]"
+            raw = self.mapping(item, key, {"name", "address", "accelerator"})
+            address = raw.get("address")
+            if not isinstance(address, str) or not address:
+                raise self.fail(
+                    f"{key}.address", "required: host:port, dns:///name:port or unix:path"
+                )
+            accel = raw.get("accelerator", "cpu")
+            if accel not in ACCELERATORS:
+                raise self.fail(
+                    f"{key}.accelerator", f"{accel!r} is not one of {', '.join(ACCELERATORS)}"
+                )
+            name = self.name(raw.get("name", f"backend-{i}"), f"{key}.name")
+            out.append(BackendConfig(name=name, address=address, accelerator=accel))
+        seen: set[str] = set()
+        for b in out:
+            if b.name in seen:
+                raise self.fail("backends", f"duplicate backend name {b.name!r}")
+            seen.add(b.name)
+        return tuple(out)
+
+    def labels(self, value: Any) -> dict[str, dict[str, int]]:
+        raw = self.mapping(value, "version_labels", set(value or ()))
+        out: dict[str, dict[str, int]] = {}
+        for model, labels in raw.items():
+            key = f"version_labels.{model}"
+            self.name(model, key)
+            mapping = self.mapping(labels, key, set(labels or ()))
+            out[model] = {}
+            for label, version in mapping.items():
+                self.name(label, f"{key}.{label}")
+                if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+                    raise self.fail(f"{key}.{label}", "a label points at an integer version")
+                out[model][label] = version
+        return out
+
+    def apis(self, value: Any) -> tuple[ApiConfig, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise self.fail("apis", "expected a list of API specs")
+        apis = tuple(self.api(item, f"apis[{i}]") for i, item in enumerate(value))
+        names: set[str] = set()
+        models: dict[str, str] = {}
+        for api in apis:
+            if api.name in names:
+                raise self.fail("apis", f"duplicate API name {api.name!r}")
+            names.add(api.name)
+            for src in api.sources:
+                if src.kind == "path":
+                    if src.name in models:
+                        raise self.fail(
+                            "apis",
+                            f"model {src.name!r} is defined by both {models[src.name]!r} and {api.name!r}",
+                        )
+                    models[src.name] = api.name
+        return apis
+
+    def api(self, item: Any, key: str) -> ApiConfig:
+        raw = self.mapping(item, key, {"name", "kind", "handler", "compute"})
+        name = self.name(raw.get("name"), f"{key}.name")
+        kind = raw.get("kind", "RealtimeAPI")
+        if kind not in ("RealtimeAPI", "AsyncAPI", "BatchAPI"):
+            raise self.fail(f"{key}.kind", f"{kind!r} is not RealtimeAPI, AsyncAPI or BatchAPI")
+        compute = self.mapping(raw.get("compute"), f"{key}.compute", {"cpu", "gpu", "inf", "mem"})
+        if _positive(compute.get("inf", 0)) and _positive(compute.get("gpu", 0)):
+            raise self.fail(f"{key}.compute", "an API runs on either gpu or inf, not both")
+        inferentia = _positive(compute.get("inf", 0))
+        hkey = f"{key}.handler"
+        handler = self.mapping(
+            raw.get("handler"),
+            hkey,
+            {
+                "type",
+                "path",
+                "models",
+                "multi_model_reloading",
+                "config",
+                "processes_per_replica",
+                "threads_per_process",
+                "protobuf_path",
+            },
+        )
+        htype = handler.get("type", "tensorflow")
+        if htype not in ("tensorflow", "python"):
+            raise self.fail(f"{hkey}.type", f"{htype!r} is not tensorflow or python")
+        models_key = "models" if htype == "tensorflow" else "multi_model_reloading"
+        other = "multi_model_reloading" if htype == "tensorflow" else "models"
+        if other in handler:
+            raise self.fail(
+                f"{hkey}.{other}", f"not valid for a {htype} handler (use {models_key})"
+            )
+        mkey = f"{hkey}.{models_key}"
+        models = self.mapping(
+            handler.get(models_key),
+            mkey,
+            {"path", "paths", "dir", "signature_key", "cache_size", "disk_cache_size"},
+        )
+        given = [k for k in ("path", "paths", "dir") if k in models]
+        if len(given) > 1:
+            raise self.fail(mkey, f"give exactly one of path, paths, dir (got {', '.join(given)})")
+        if htype == "tensorflow" and not given:
+            raise self.fail(mkey, "a tensorflow handler needs one of path, paths, dir")
+        if ("cache_size" in models) != ("disk_cache_size" in models):
+            raise self.fail(mkey, "set both cache_size and disk_cache_size, or neither")
+        sources: list[ModelSource] = []
+        if "path" in models:
+            sources.append(
+                ModelSource(
+                    name, "path", name, self.uri(models["path"], f"{mkey}.path"), inferentia
+                )
+            )
+        elif "paths" in models:
+            paths = models["paths"]
+            if not isinstance(paths, list) or not paths:
+                raise self.fail(f"{mkey}.paths", "expected a non-empty list of {name, path}")
+            for j, entry in enumerate(paths):
+                pkey = f"{mkey}.paths[{j}]"
+                entry = self.mapping(entry, pkey, {"name", "path"})
+                mname = self.name(entry.get("name"), f"{pkey}.name")
+                if any(s.name == mname for s in sources):
+                    raise self.fail(f"{pkey}.name", f"duplicate model name {mname!r}")
+                sources.append(
+                    ModelSource(
+                        name, "path", mname, self.uri(entry.get("path"), f"{pkey}.path"), inferentia
+                    )
+                )
+        elif "dir" in models:
+            sources.append(
+                ModelSource(name, "dir", "", self.uri(models["dir"], f"{mkey}.dir"), inferentia)
+            )
+        signature_key = models.get("signature_key", "")
+        if not isinstance(signature_key, str):
+            raise self.fail(f"{mkey}.signature_key", "expected a string")
+        hconfig = handler.get("config") or {}
+        if not isinstance(hconfig, dict):
+            raise self.fail(f"{hkey}.config", "expected a mapping")
+        hpath = handler.get("path", "")
+        if hpath and not isinstance(hpath, str):
+            raise self.fail(f"{hkey}.path", "expected a file path")
+        return ApiConfig(
+            name=name,
+            kind=kind,
+            handler_type=htype,
+            handler_path=str((self.base / hpath).resolve()) if hpath else "",
+            signature_key=signature_key,
+            sources=tuple(sources),
+            compute=dict(compute),
+            handler_config=dict(hconfig),
+        )
+
+
+TOP_LEVEL = {"gateway", "modelsync", "backends", "version_labels", "apis"}
+
+
+def load(path: str | os.PathLike[str] | None) -> Config:
+    """Reads and validates a config file; ``None`` gives the defaults (plus environment)."""
+    if path is None:
+        reader = _Reader("<defaults>")
+        raw: Any = {}
+    else:
+        file = str(path)
+        reader = _Reader(file)
+        try:
+            with open(file, encoding="utf-8") as fh:
+                raw = yaml.safe_load(fh) or {}
+        except OSError as exc:
+            raise ConfigError(file, "<file>", exc.strerror or str(exc)) from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(file, "<file>", f"not valid YAML: {exc}") from None
+    top = reader.mapping(raw, "", TOP_LEVEL)
+    config = Config(
+        file=reader.file,
+        gateway=reader.section(GatewayConfig, top.get("gateway"), "gateway"),
+        modelsync=reader.section(ModelsyncConfig, top.get("modelsync"), "modelsync"),
+        backends=reader.backends(top.get("backends")),
+        apis=reader.apis(top.get("apis")),
+        version_labels=reader.labels(top.get("version_labels")),
+    )
+    return config

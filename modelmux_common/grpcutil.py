@@ -1,0 +1,87 @@
+"""gRPC plumbing shared by every modelmux server: listening, health, reflection, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+log = structlog.get_logger("modelmux")
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def message_size_options(max_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_bytes),
+        ("grpc.max_send_message_length", max_bytes),
+    ]
+
+
+def add_health_and_reflection(
+    server: grpc.aio.Server, service_names: Iterable[str]
+) -> HealthServicer:
+    """Adds grpc.health.v1 and reflection (v1alpha, which grpcurl 1.8 and later speak)."""
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = [*service_names, HEALTH_SERVICE, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    return health
+
+
+def bind(server: grpc.aio.Server, address: str) -> str:
+    """Binds ``address`` (host:port, [v6]:port or unix:path) and returns what was bound.
+
+    Port 0 picks a free port; the returned address carries the real one.
+    """
+    port = server.add_insecure_port(address)
+    if address.startswith("unix:"):
+        return address
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    host = address.rsplit(":", 1)[0]
+    return f"{host}:{port}"
+
+
+def remaining(context: grpc.aio.ServicerContext, ceiling: float) -> float:
+    """Deadline for an outbound call: the smaller of the caller's remaining time and ``ceiling``."""
+    left = context.time_remaining()
+    return ceiling if left is None else max(0.0, min(left, ceiling))
+
+
+async def run_until_signal(
+    *,
+    stop: Callable[[bool], Awaitable[None]],
+    signals: Sequence[signal.Signals] = (signal.SIGINT, signal.SIGTERM),
+) -> None:
+    """Waits for SIGINT/SIGTERM, then calls ``stop(False)``; a second signal calls ``stop(True)``."""
+    loop = asyncio.get_running_loop()
+    first = asyncio.Event()
+    forced = asyncio.Event()
+
+    def on_signal() -> None:
+        (forced if first.is_set() else first).set()
+
+    for sig in signals:
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await first.wait()
+        graceful = asyncio.create_task(stop(False))
+        force_wait = asyncio.create_task(forced.wait())
+        done, _ = await asyncio.wait({graceful, force_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if force_wait in done:
+            graceful.cancel()
+            await stop(True)
+        else:
+            force_wait.cancel()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)

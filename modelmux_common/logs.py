@@ -1,0 +1,40 @@
+"""structlog set-up: JSON lines in production, console on a TTY."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import structlog
+
+
+def configure(*, level: str = "info", json: bool | None = None) -> None:
+    """Configure structlog once per process.
+
+    ``json`` defaults to JSON lines unless stderr is a TTY; ``MODELMUX_LOG_FORMAT=json|console``
+    overrides the guess.
+    """
+    fmt = os.environ.get("MODELMUX_LOG_FORMAT", "")
+    if json is None:
+        json = fmt == "json" or (fmt != "console" and not sys.stderr.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Regenerates the Python code of our own protos into clients/ (proto path = import path).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+find clients/modelmux -name '*_pb2*.py' -delete -o -name '*_pb2*.pyi' -delete
+mapfile -t protos < <(cd protos && find . -name '*.proto' | sed 's|^\./||' | sort)
+"$PY" -m grpc_tools.protoc -I protos \
+  --python_out=clients --mypy_out=clients \
+  --grpc_python_out=clients --mypy_grpc_out=clients \
+  --plugin=protoc-gen-mypy="$(dirname "$PY")/protoc-gen-mypy" \
+  --plugin=protoc-gen-mypy_grpc="$(dirname "$PY")/protoc-gen-mypy_grpc" \
+  "${protos[@]}"
+# Every folder on the way is a regular package.
+find clients/modelmux -type d ! -name __pycache__ -exec sh -c 'test -f "$1/__init__.py" || : > "$1/__init__.py"' _ {} \;
