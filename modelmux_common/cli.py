@@ -7,6 +7,7 @@ runtime that ``modelmux backend`` needs.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -48,18 +49,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_COMMANDS = {
+    "backend": "backend.server",
+    "gateway": "gateway.server",
+    "sync": "modelsync.daemon",
+    "up": "modelmux_common.up",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "backend":
-            from backend.server import main as run
-        elif args.command == "gateway":
-            from gateway.server import main as run
-        elif args.command == "sync":
-            from modelsync.daemon import main as run
-        else:
-            from modelmux_common.up import main as run
-        return run(args)
+        module = importlib.import_module(_COMMANDS[args.command])
+        code: int = module.main(args)
+        return code
     except ConfigError as exc:
         print(f"modelmux {args.command}: bad config: {exc}", file=sys.stderr)
         return 2

@@ -46,6 +46,8 @@ class GatewayConfig:
     modelsync: str = ""
     # How often each backend's model status is polled once it has converged.
     status_interval: Seconds = 2.0
+    # How long in-flight calls may finish after SIGTERM.
+    shutdown_grace: Seconds = 10.0
     # One summary log line per request.
     log_requests: bool = True
     log_level: str = "info"
@@ -63,7 +65,21 @@ class ModelsyncConfig:
     # S3 endpoint override (MinIO, moto); empty uses AWS.
     s3_endpoint_url: str = ""
     s3_region: str = ""
+    # Attempts per S3 API call (botocore's standard retry mode), listings included.
+    s3_max_attempts: int = 3
     log_level: str = "info"
+    # Upper bound of the summed sizes of objects being downloaded at once (bytes).
+    max_bytes_in_flight: int = 512 * 1024 * 1024
+    # A transfer that receives no byte for this long fails (and is retried); no total time limit.
+    stall_timeout: Seconds = 30.0
+    # Attempts per file before a download fails (backoff doubles from 0.5 s between them).
+    download_attempts: int = 4
+    # Quiet time a local folder must have after a change before it is rescanned.
+    debounce: Seconds = 0.5
+    # How often a long transfer logs its progress.
+    progress_interval: Seconds = 5.0
+    # Events kept in memory for WatchEvents resumption.
+    event_log_size: int = 10000
 
 
 @dataclass(frozen=True, slots=True)

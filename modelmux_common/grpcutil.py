@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 
 import grpc
 import structlog
@@ -51,7 +51,7 @@ def bind(server: grpc.aio.Server, address: str) -> str:
     return f"{host}:{port}"
 
 
-def remaining(context: grpc.aio.ServicerContext, ceiling: float) -> float:
+def remaining(context: grpc.aio.ServicerContext[object, object], ceiling: float) -> float:
     """Deadline for an outbound call: the smaller of the caller's remaining time and ``ceiling``."""
     left = context.time_remaining()
     return ceiling if left is None else max(0.0, min(left, ceiling))
@@ -59,7 +59,7 @@ def remaining(context: grpc.aio.ServicerContext, ceiling: float) -> float:
 
 async def run_until_signal(
     *,
-    stop: Callable[[bool], Awaitable[None]],
+    stop: Callable[[bool], Coroutine[object, object, None]],
     signals: Sequence[signal.Signals] = (signal.SIGINT, signal.SIGTERM),
 ) -> None:
     """Waits for SIGINT/SIGTERM, then calls ``stop(False)``; a second signal calls ``stop(True)``."""

@@ -18,9 +18,9 @@ if "tensorflow" not in sys.modules:
     _spec = importlib.util.find_spec("tensorflow")
     if _spec is None or not _spec.submodule_search_locations:
         raise ImportError("the tensorflow package (for its message definitions) is not installed")
-    _light = types.ModuleType("tensorflow")
-    _light.__path__ = list(_spec.submodule_search_locations)
-    sys.modules["tensorflow"] = _light
+    _light: types.ModuleType | None = types.ModuleType("tensorflow")
+    _light.__path__ = list(_spec.submodule_search_locations)  # type: ignore[union-attr]
+    sys.modules["tensorflow"] = _light  # type: ignore[assignment]
 else:
     _light = None
 

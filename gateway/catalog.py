@@ -1,0 +1,71 @@
+"""Which models the gateway serves, where their files are, and on which backends they belong."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from modelmux_common.config import NAME_RE, BackendConfig, Config, ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredModel:
+    """A model as the backends should load it."""
+
+    name: str
+    api: str
+    # Folder holding <version>/ subfolders, on the volume the backends read.
+    base_path: str
+    versions: tuple[int, ...]
+    inferentia: bool
+
+    def placed_on(self, backend: BackendConfig) -> bool:
+        """Inferentia APIs go to Inferentia backends only; all others to GPU and CPU backends."""
+        return (backend.accelerator == "inferentia") == self.inferentia
+
+
+def version_folders(path: str) -> tuple[int, ...]:
+    """Integer-named subfolders of ``path``, ascending."""
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return ()
+    return tuple(
+        sorted(int(e.name) for e in entries if e.name.isdigit() and e.is_dir(follow_symlinks=True))
+    )
+
+
+def static_catalog(config: Config) -> Mapping[str, DesiredModel]:
+    """Models read straight from local folders (no modelsync): each must hold version folders."""
+    models: dict[str, DesiredModel] = {}
+    for i, source in enumerate(config.sources()):
+        key = f"apis[{source.api}].models"
+        if source.is_s3:
+            raise ConfigError(
+                config.file,
+                key,
+                f"{source.uri} is on S3: set gateway.modelsync to serve S3 sources",
+            )
+        if source.kind == "path":
+            found = [(source.name, source.uri)]
+        else:
+            try:
+                children = sorted(e.name for e in os.scandir(source.uri) if e.is_dir())
+            except OSError as exc:
+                raise ConfigError(
+                    config.file, key, f"cannot list {source.uri}: {exc.strerror}"
+                ) from None
+            found = [(c, os.path.join(source.uri, c)) for c in children if NAME_RE.match(c)]
+        for name, path in found:
+            versions = version_folders(path)
+            if not versions:
+                raise ConfigError(
+                    config.file,
+                    key,
+                    f"{path} has no integer version folders (serve unversioned models through modelsync)",
+                )
+            if name in models:
+                raise ConfigError(config.file, key, f"model {name!r} is defined twice (source {i})")
+            models[name] = DesiredModel(name, source.api, path, versions, source.inferentia)
+    return models

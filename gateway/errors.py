@@ -1,0 +1,39 @@
+"""Domain errors and their one mapping to gRPC status codes."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class GatewayError(Exception):
+    """An error the caller caused or must know about; carries its gRPC status code."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(GatewayError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class InvalidArgument(GatewayError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class Unavailable(GatewayError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ResourceExhausted(GatewayError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FailedPrecondition(GatewayError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unimplemented(GatewayError):
+    code = grpc.StatusCode.UNIMPLEMENTED

@@ -1,0 +1,118 @@
+"""TF Serving's own gRPC API on the gateway, so existing TF Serving clients work unchanged.
+
+Requests are routed by their model spec and forwarded as the bytes the client sent: tensors are
+never decoded. A request for "latest" is pinned to the version routing chose by putting a model
+spec with that version in front of the original one (the original, parsed later, merges over it
+and sets no version), so the backend runs the version the gateway checked is AVAILABLE.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from gateway.calls import Call, Forwarder, Handler
+from gateway.errors import InvalidArgument, NotFound, Unimplemented
+from gateway.pool import AVAILABLE, Pool, VersionStatus
+from gateway.wire import WireError, field_bytes
+from modelmux_common.tfserving import get_model_status_pb2, model_pb2
+
+PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
+MODEL_SERVICE = "tensorflow.serving.ModelService"
+
+# request message of each forwarded method, for error messages
+_REQUEST = {
+    "Predict": "PredictRequest",
+    "Classify": "ClassificationRequest",
+    "Regress": "RegressionRequest",
+    "MultiInference": "MultiInferenceRequest",
+    "GetModelMetadata": "GetModelMetadataRequest",
+}
+
+
+def model_spec_of(method: str, data: bytes) -> Any:
+    """The request's ModelSpec (MultiInference: the first task's), parsed without the tensors."""
+    try:
+        if method == "MultiInference":
+            data = field_bytes(data, 1, first=True)
+        spec = model_pb2.ModelSpec.FromString(field_bytes(data, 1))
+    except (WireError, DecodeError) as exc:
+        raise InvalidArgument(
+            f"request is not a valid tensorflow.serving.{_REQUEST[method]}: {exc}"
+        ) from None
+    if not spec.name:
+        raise InvalidArgument("model_spec.name is required")
+    return spec
+
+
+class Facade:
+    def __init__(self, pool: Pool, forwarder: Forwarder) -> None:
+        self.pool = pool
+        self.forwarder = forwarder
+
+    def forwarding(self, method: str) -> Handler:
+        async def handle(
+            data: bytes, context: grpc.aio.ServicerContext[Any, Any], call: Call
+        ) -> bytes:
+            spec = model_spec_of(method, data)
+            choice = spec.WhichOneof("version_choice")
+            version = spec.version.value if choice == "version" else None
+            label = spec.version_label if choice == "version_label" else None
+            return await self.forwarder.send(
+                method,
+                data,
+                model=spec.name,
+                version=version,
+                label=label,
+                context=context,
+                call=call,
+                pin_latest=method != "MultiInference",
+            )
+
+        return handle
+
+    async def get_model_status(
+        self, data: bytes, context: grpc.aio.ServicerContext[Any, Any], call: Call
+    ) -> bytes:
+        """The pool's view: a version is AVAILABLE when any backend serves it."""
+        try:
+            request = get_model_status_pb2.GetModelStatusRequest.FromString(data)
+        except DecodeError as exc:
+            raise InvalidArgument(
+                f"request is not a valid tensorflow.serving.GetModelStatusRequest: {exc}"
+            ) from None
+        name = request.model_spec.name
+        call.model = name
+        if name not in self.pool.models:
+            raise NotFound(f"Could not find any versions of model {name}")
+        merged: dict[int, VersionStatus] = {}
+        for backend in self.pool.backends:
+            for version, status in backend.models.get(name, {}).items():
+                seen = merged.get(version)
+                if seen is None or (
+                    seen.state != AVAILABLE
+                    and (status.state == AVAILABLE or status.state > seen.state)
+                ):
+                    merged[version] = status
+        if request.model_spec.HasField("version"):
+            wanted = request.model_spec.version.value
+            call.version = wanted
+            if wanted not in merged:
+                raise NotFound(f"Could not find version {wanted} of model {name}")
+            merged = {wanted: merged[wanted]}
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for version in sorted(merged):
+            entry = response.model_version_status.add(version=version, state=merged[version].state)
+            if merged[version].error:
+                entry.status.error_code = 2  # UNKNOWN, as TF Serving reports load failures
+                entry.status.error_message = merged[version].error
+        return bytes(response.SerializeToString())
+
+    async def reload_config(
+        self, data: bytes, context: grpc.aio.ServicerContext[Any, Any], call: Call
+    ) -> bytes:
+        raise Unimplemented(
+            "the gateway manages its backends' model configuration; change the modelmux config instead"
+        )

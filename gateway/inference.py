@@ -1,0 +1,183 @@
+"""``modelmux.v1.Inference``: Predict with typed tensors or JSON, on any TF Serving backend."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+
+from gateway.calls import Call, Forwarder
+from gateway.errors import InvalidArgument
+from gateway.tensors import (
+    json_to_proto,
+    proto_to_json,
+    proto_to_typed,
+    struct_from,
+    typed_to_proto,
+)
+from modelmux.v1 import inference_pb2
+from modelmux_common.tfserving import get_model_metadata_pb2, predict_pb2
+
+DEFAULT_SIGNATURE = "serving_default"
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    dtype: int
+    # None for unknown rank; -1 for unknown dimensions
+    shape: tuple[int, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+
+
+def _specs(infos: Any) -> dict[str, TensorSpec]:
+    out = {}
+    for name, info in infos.items():
+        shape = (
+            None if info.tensor_shape.unknown_rank else tuple(d.size for d in info.tensor_shape.dim)
+        )
+        out[name] = TensorSpec(info.dtype, shape)
+    return out
+
+
+class Inference:
+    """Converts modelmux requests to TF Serving requests and back; knows signatures per version."""
+
+    def __init__(self, forwarder: Forwarder) -> None:
+        self.forwarder = forwarder
+        # (model, version) -> signature name -> Signature, fetched once from a backend
+        self._signatures: dict[tuple[str, int], asyncio.Future[dict[str, Signature]]] = {}
+
+    async def predict(
+        self, data: bytes, context: grpc.aio.ServicerContext[Any, Any], call: Call
+    ) -> bytes:
+        try:
+            request = inference_pb2.PredictRequest.FromString(data)
+        except DecodeError as exc:
+            raise InvalidArgument(
+                f"request is not a valid modelmux.v1.PredictRequest: {exc}"
+            ) from None
+        if not request.model:
+            raise InvalidArgument("model is required")
+        choice = request.WhichOneof("version_choice")
+        call.model = request.model
+        version, _ = self.forwarder.pool.table.resolve(
+            request.model,
+            request.version if choice == "version" else None,
+            request.version_label if choice == "version_label" else None,
+        )
+        use_json = request.HasField("json_inputs")
+        if use_json and request.inputs:
+            raise InvalidArgument("give inputs or json_inputs, not both")
+        if not use_json and not request.inputs:
+            raise InvalidArgument("no inputs: set inputs (typed tensors) or json_inputs")
+        backend_request = predict_pb2.PredictRequest()
+        spec = backend_request.model_spec
+        spec.name = request.model
+        spec.version.value = version
+        spec.signature_name = request.signature_name or DEFAULT_SIGNATURE
+        backend_request.output_filter.extend(request.output_filter)
+        if use_json:
+            signature = await self._signature(
+                request.model, version, spec.signature_name, context, call
+            )
+            self._json_inputs(request, signature, backend_request)
+        else:
+            for name, tensor in request.inputs.items():
+                typed_to_proto(name, tensor, backend_request.inputs[name])
+        raw = await self.forwarder.send(
+            "Predict",
+            backend_request.SerializeToString(),
+            model=request.model,
+            version=version,
+            label=None,
+            context=context,
+            call=call,
+        )
+        result = predict_pb2.PredictResponse.FromString(raw)
+        response = inference_pb2.PredictResponse(
+            model=request.model,
+            version=result.model_spec.version.value or version,
+            signature_name=result.model_spec.signature_name or spec.signature_name,
+        )
+        if use_json:
+            response.json_outputs.CopyFrom(
+                struct_from({name: proto_to_json(t) for name, t in result.outputs.items()})
+            )
+        else:
+            for name, tensor in result.outputs.items():
+                response.outputs[name].CopyFrom(proto_to_typed(tensor))
+        return bytes(response.SerializeToString())
+
+    @staticmethod
+    def _json_inputs(request: Any, signature: Signature, out: Any) -> None:
+        values = json_format.MessageToDict(request.json_inputs)
+        for name in values:
+            if name not in signature.inputs:
+                expected = ", ".join(sorted(signature.inputs))
+                raise InvalidArgument(
+                    f"unknown input {name!r}; the signature's inputs are: {expected}"
+                )
+        for name, value in values.items():
+            spec = signature.inputs[name]
+            json_to_proto(
+                name, value, out.inputs[name], tf_dtype=spec.dtype, signature_shape=spec.shape
+            )
+
+    async def _signature(
+        self,
+        model: str,
+        version: int,
+        name: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+        call: Call,
+    ) -> Signature:
+        key = (model, version)
+        future = self._signatures.get(key)
+        if future is None or (future.done() and future.exception() is not None):
+            future = asyncio.get_running_loop().create_future()
+            self._signatures[key] = future
+            try:
+                future.set_result(await self._fetch(model, version, context, call))
+            except BaseException as exc:
+                future.set_exception(exc)
+                future.exception()  # retrieved: a later caller retries instead
+                raise
+        signatures = await asyncio.shield(future)
+        if name not in signatures:
+            known = ", ".join(sorted(signatures)) or "none"
+            raise InvalidArgument(
+                f"model {model!r} version {version} has no signature {name!r} (signatures: {known})"
+            )
+        return signatures[name]
+
+    async def _fetch(
+        self, model: str, version: int, context: grpc.aio.ServicerContext[Any, Any], call: Call
+    ) -> dict[str, Signature]:
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        request.model_spec.name = model
+        request.model_spec.version.value = version
+        raw = await self.forwarder.send(
+            "GetModelMetadata",
+            request.SerializeToString(),
+            model=model,
+            version=version,
+            label=None,
+            context=context,
+            call=call,
+        )
+        response = get_model_metadata_pb2.GetModelMetadataResponse.FromString(raw)
+        signature_map = get_model_metadata_pb2.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(signature_map)
+        return {
+            name: Signature(_specs(sig.inputs), _specs(sig.outputs))
+            for name, sig in signature_map.signature_def.items()
+        }

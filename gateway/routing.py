@@ -1,0 +1,87 @@
+"""The routing table: which backends hold which model versions, and how a request picks one.
+
+The table is an immutable snapshot rebuilt whenever a backend's reported state changes; the request
+path only reads the current snapshot, so it needs no locks.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from gateway.errors import NotFound, Unavailable
+
+
+class Target(Protocol):
+    """What routing needs from a backend."""
+
+    name: str
+    outstanding: int
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One model's routable versions."""
+
+    model: str
+    # version -> backends where it is AVAILABLE (only routable versions appear)
+    versions: Mapping[int, Sequence[Target]]
+    labels: Mapping[str, int]
+
+    @property
+    def latest(self) -> int:
+        return max(self.versions, default=0)
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    routes: Mapping[str, Route] = field(default_factory=dict)
+    # Every model the gateway is configured to serve, routable or not.
+    known: frozenset[str] = frozenset()
+
+    def resolve(
+        self, model: str, version: int | None, label: str | None
+    ) -> tuple[int, Sequence[Target]]:
+        """(version, candidate backends) for a request; NOT_FOUND / UNAVAILABLE with the reason."""
+        route = self.routes.get(model)
+        if route is None:
+            if model in self.known:
+                raise Unavailable(f"model {model!r} has no version available on any backend yet")
+            known = ", ".join(sorted(self.known)) or "none"
+            raise NotFound(f"model {model!r} is not served here (models: {known})")
+        if label:
+            target = route.labels.get(label)
+            if target is None:
+                labels = ", ".join(sorted(route.labels)) or "none"
+                raise NotFound(f"model {model!r} has no version label {label!r} (labels: {labels})")
+            version = target
+        elif version is None or version == 0:
+            version = route.latest
+        backends = route.versions.get(version)
+        if not backends:
+            versions = ", ".join(str(v) for v in sorted(route.versions)) or "none"
+            what = (
+                f"label {label!r} points at version {version}, which"
+                if label
+                else f"version {version}"
+            )
+            raise NotFound(
+                f"model {model!r}: {what} is not available (available versions: {versions})"
+            )
+        return version, backends
+
+
+def pick(candidates: Sequence[Target], exclude: Target | None = None) -> Target | None:
+    """Least outstanding requests between two random choices (power of two choices)."""
+    if exclude is not None:
+        candidates = [c for c in candidates if c is not exclude]
+    n = len(candidates)
+    if n == 0:
+        return None
+    if n == 1:
+        return candidates[0]
+    a, b = random.sample(range(n), 2)
+    first, second = candidates[a], candidates[b]
+    return first if first.outstanding <= second.outstanding else second

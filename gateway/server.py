@@ -1,0 +1,167 @@
+"""``modelmux gateway``: builds the gRPC server, the backend pool, and runs until a signal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+import structlog
+
+from gateway.calls import Forwarder, Handler, edge
+from gateway.catalog import static_catalog
+from gateway.facade import MODEL_SERVICE, PREDICTION_SERVICE, Facade
+from gateway.inference import Inference
+from gateway.models_api import Models
+from gateway.pool import FORWARDED_METHODS, Pool
+from gateway.routing import Table
+from modelmux.v1 import inference_pb2, models_pb2
+from modelmux_common import logs
+from modelmux_common.config import Config, load
+from modelmux_common.grpcutil import (
+    NOT_SERVING,
+    SERVING,
+    add_health_and_reflection,
+    bind,
+    message_size_options,
+    run_until_signal,
+)
+
+log = structlog.get_logger("modelmux.gateway")
+
+INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+MODELS_SERVICE = models_pb2.DESCRIPTOR.services_by_name["Models"].full_name
+MODEL_HEALTH_PREFIX = "modelmux.v1.Model/"
+
+
+def _generic(service: str, methods: dict[str, Any]) -> grpc.GenericRpcHandler:
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in methods.items()
+    }
+    return grpc.method_handlers_generic_handler(service, handlers)
+
+
+class Gateway:
+    """The gateway's gRPC server and everything it serves."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        gw = config.gateway
+        self.pool = Pool(
+            config=gw,
+            backends=config.backends,
+            models=static_catalog(config),
+            labels=config.version_labels,
+            on_change=self._on_table,
+        )
+        self.server = grpc.aio.server(options=message_size_options(gw.max_message_bytes))
+        forwarder = Forwarder(self.pool, gw.backend_timeout)
+        facade = Facade(self.pool, forwarder)
+        inference = Inference(forwarder)
+        models = Models(self.pool)
+
+        def wrap(service: str, method: str, fn: Handler) -> Any:
+            return edge(f"{service}/{method}", fn, log_requests=gw.log_requests)
+
+        prediction = {
+            m: wrap(PREDICTION_SERVICE, m, facade.forwarding(m)) for m in FORWARDED_METHODS
+        }
+        self.server.add_generic_rpc_handlers(
+            (
+                _generic(
+                    INFERENCE_SERVICE,
+                    {"Predict": wrap(INFERENCE_SERVICE, "Predict", inference.predict)},
+                ),
+                _generic(
+                    MODELS_SERVICE,
+                    {
+                        "ListModels": wrap(MODELS_SERVICE, "ListModels", models.list_models),
+                        "GetModel": wrap(MODELS_SERVICE, "GetModel", models.get_model),
+                    },
+                ),
+                _generic(PREDICTION_SERVICE, prediction),
+                _generic(
+                    MODEL_SERVICE,
+                    {
+                        "GetModelStatus": wrap(
+                            MODEL_SERVICE, "GetModelStatus", facade.get_model_status
+                        ),
+                        "HandleReloadConfigRequest": wrap(
+                            MODEL_SERVICE, "HandleReloadConfigRequest", facade.reload_config
+                        ),
+                    },
+                ),
+            )
+        )
+        self.health = add_health_and_reflection(
+            self.server, [INFERENCE_SERVICE, MODELS_SERVICE, PREDICTION_SERVICE, MODEL_SERVICE]
+        )
+        self._health: dict[str, int] = {}
+        self._health_task: asyncio.Task[None] | None = None
+        self.address = ""
+
+    def _on_table(self, table: Table) -> None:
+        wanted = {
+            MODEL_HEALTH_PREFIX + name: SERVING if name in table.routes else NOT_SERVING
+            for name in table.known
+        }
+        wanted[""] = SERVING if all(name in table.routes for name in table.known) else NOT_SERVING
+        changed = {k: v for k, v in wanted.items() if self._health.get(k) != v}
+        if not changed:
+            return
+        self._health.update(changed)
+        for name, status in changed.items():
+            log.info(
+                "health",
+                service=name or "<overall>",
+                status="SERVING" if status == SERVING else "NOT_SERVING",
+            )
+        previous = self._health_task
+        self._health_task = asyncio.get_running_loop().create_task(
+            self._set_health(changed, previous)
+        )
+
+    async def _set_health(
+        self, changed: Mapping[str, int], previous: asyncio.Task[None] | None
+    ) -> None:
+        if previous is not None:
+            await previous  # keep updates in order
+        for name, status in changed.items():
+            await self.health.set(name, status)
+
+    async def start(self) -> str:
+        self.address = bind(self.server, self.config.gateway.listen)
+        self._on_table(self.pool.table)
+        await self.server.start()
+        self.pool.start()
+        log.info(
+            "serving", address=self.address, backends=[b.address for b in self.config.backends]
+        )
+        return self.address
+
+    async def stop(self, force: bool = False) -> None:
+        """Health NOT_SERVING, stop accepting, let in-flight calls finish, close backends."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(0 if force else self.config.gateway.shutdown_grace)
+        await self.pool.close()
+        log.info("stopped", forced=force)
+
+
+async def serve(config: Config) -> None:
+    gateway = Gateway(config)
+    await gateway.start()
+    await run_until_signal(stop=gateway.stop)
+
+
+def main(args: argparse.Namespace) -> int:
+    config = load(args.config)
+    if args.listen:
+        config = dataclasses.replace(
+            config, gateway=dataclasses.replace(config.gateway, listen=args.listen)
+        )
+    logs.configure(level=config.gateway.log_level)
+    asyncio.run(serve(config))
+    return 0

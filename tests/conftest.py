@@ -1,0 +1,113 @@
+"""Shared fixtures: real SavedModels written by TensorFlow, and real daemons on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELMUX = [sys.executable, "-m", "modelmux_common.cli"]
+
+
+@pytest.fixture(scope="session")
+def example_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example models (half_plus_two v1/v2, iris v1), written once per session by TensorFlow."""
+    out = tmp_path_factory.mktemp("models")
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "make_models.py"), "--out", str(out)],
+        check=True,
+        timeout=300,
+    )
+    return out
+
+
+@dataclass
+class Proc:
+    """A modelmux daemon running as a real child process, with its JSON log lines collected."""
+
+    popen: subprocess.Popen[str]
+    address: str
+    lines: list[dict[str, object]] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout)
+        return self.popen.returncode
+
+
+def _read_until_serving(stream: IO[str], lines: list[dict[str, object]], deadline: float) -> str:
+    while time.monotonic() < deadline:
+        raw = stream.readline()
+        if not raw:
+            break
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            continue
+        lines.append(entry)
+        if entry.get("event") == "serving" and entry.get("address"):
+            return str(entry["address"])
+    raise RuntimeError(f"process did not report serving; log so far: {lines[-20:]}")
+
+
+def start_daemon(
+    args: list[str], *, timeout: float = 120.0, env: dict[str, str] | None = None
+) -> Proc:
+    """Starts ``modelmux ARGS`` and waits (bounded) for its ``serving`` log line."""
+    full_env = {**os.environ, "MODELMUX_LOG_FORMAT": "json", **(env or {})}
+    popen = subprocess.Popen(
+        [*MODELMUX, *args],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=full_env,
+        cwd=ROOT,
+    )
+    lines: list[dict[str, object]] = []
+    assert popen.stderr is not None
+    try:
+        address = _read_until_serving(popen.stderr, lines, time.monotonic() + timeout)
+    except BaseException:
+        popen.kill()
+        popen.wait()
+        raise
+    proc = Proc(popen, address, lines)
+    # Keep draining the log so the child never blocks on a full pipe.
+    import threading
+
+    def drain() -> None:
+        assert popen.stderr is not None
+        for raw in popen.stderr:
+            try:
+                lines.append(json.loads(raw))
+            except ValueError:
+                pass
+
+    threading.Thread(target=drain, daemon=True).start()
+    return proc
+
+
+@pytest.fixture(scope="session")
+def backend(example_models: Path) -> Iterator[Proc]:
+    """One embedded backend (cpu) on a free loopback port, shared by the session."""
+    proc = start_daemon(["backend", "--listen", "127.0.0.1:0", "--accelerator", "cpu"])
+    yield proc
+    proc.stop()
