@@ -1,0 +1,135 @@
+"""Unit tests of the byte-level pieces of the request path (no servers needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gateway.errors import InvalidArgument
+from gateway.facade import model_spec_of
+from gateway.tensors import (
+    json_to_proto,
+    proto_to_json,
+    proto_to_numpy,
+    proto_to_typed,
+    typed_to_proto,
+)
+from gateway.wire import WireError, encode_len_field, field_bytes
+from modelmux.v1 import tensor_pb2
+from modelmux_common.tfserving import inference_pb2, predict_pb2, types_pb2
+from modelmux_common.tfserving import tensor_pb2 as tf_tensor_pb2
+
+
+def predict_bytes(name: str = "m", version: int | None = None) -> bytes:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    if version is not None:
+        request.model_spec.version.value = version
+    request.inputs["x"].dtype = types_pb2.DT_FLOAT
+    request.inputs["x"].tensor_content = np.arange(1000, dtype="<f4").tobytes()
+    request.output_filter.append("y")
+    return bytes(request.SerializeToString())
+
+
+def test_model_spec_found_without_decoding_tensors() -> None:
+    spec = model_spec_of("Predict", predict_bytes("half_plus_two", 3))
+    assert spec.name == "half_plus_two" and spec.version.value == 3
+
+
+def test_multi_inference_uses_first_task() -> None:
+    request = inference_pb2.MultiInferenceRequest()
+    for name in ("a", "b"):
+        request.tasks.add().model_spec.name = name
+    assert model_spec_of("MultiInference", request.SerializeToString()).name == "a"
+
+
+def test_pin_prefix_merges_under_the_original_spec() -> None:
+    pinned = encode_len_field(1, b"\x12\x02\x08\x07") + predict_bytes(
+        "m"
+    )  # ModelSpec{version{value:7}}
+    parsed = predict_pb2.PredictRequest.FromString(pinned)
+    assert parsed.model_spec.name == "m" and parsed.model_spec.version.value == 7
+    assert len(parsed.inputs["x"].tensor_content) == 4000
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"\x0a\x05abc", b"\x0a", b"\x80", b"\x0b", b"\x00\x01", b"\x0a\xff\xff\xff\xff\x0f\x01"],
+)
+def test_malformed_framing_is_rejected(data: bytes) -> None:
+    with pytest.raises(WireError):
+        field_bytes(data, 1)
+    with pytest.raises(InvalidArgument, match=r"tensorflow\.serving\.PredictRequest"):
+        model_spec_of("Predict", data)
+
+
+def test_missing_model_name() -> None:
+    with pytest.raises(InvalidArgument, match=r"model_spec\.name"):
+        model_spec_of("Predict", b"")
+
+
+def test_typed_round_trip_keeps_bytes() -> None:
+    values = np.arange(12, dtype="<i8").reshape(3, 4)
+    ours = tensor_pb2.Tensor(
+        dtype=tensor_pb2.DATA_TYPE_INT64, shape=[3, 4], content=values.tobytes()
+    )
+    proto = tf_tensor_pb2.TensorProto()
+    typed_to_proto("x", ours, proto)
+    assert proto.dtype == types_pb2.DT_INT64 and proto.tensor_content == values.tobytes()
+    assert proto_to_typed(proto) == ours
+    np.testing.assert_array_equal(proto_to_numpy(proto), values)
+
+
+def test_typed_strings() -> None:
+    ours = tensor_pb2.Tensor(
+        dtype=tensor_pb2.DATA_TYPE_STRING, shape=[2], string_values=[b"a", b"b"]
+    )
+    proto = tf_tensor_pb2.TensorProto()
+    typed_to_proto("s", ours, proto)
+    assert list(proto.string_val) == [b"a", b"b"] and proto_to_json(proto) == ["a", "b"]
+
+
+def test_typed_rejects_unset_dtype_and_bad_length() -> None:
+    with pytest.raises(InvalidArgument, match="dtype"):
+        typed_to_proto(
+            "x", tensor_pb2.Tensor(shape=[1], content=b"\0" * 4), tf_tensor_pb2.TensorProto()
+        )
+    with pytest.raises(InvalidArgument, match="needs 2 string_values"):
+        typed_to_proto(
+            "x",
+            tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_STRING, shape=[2], string_values=[b"a"]),
+            tf_tensor_pb2.TensorProto(),
+        )
+
+
+def test_json_uses_signature_dtype_and_shape() -> None:
+    proto = tf_tensor_pb2.TensorProto()
+    json_to_proto(
+        "x", [[1, 2], [3, 4]], proto, tf_dtype=types_pb2.DT_INT64, signature_shape=(-1, 2)
+    )
+    assert [d.size for d in proto.tensor_shape.dim] == [2, 2]
+    assert proto_to_json(proto) == [[1, 2], [3, 4]]
+    scalar = tf_tensor_pb2.TensorProto()
+    json_to_proto("x", 5.5, scalar, tf_dtype=types_pb2.DT_FLOAT, signature_shape=(-1,))
+    assert proto_to_json(scalar) == [5.5]
+
+
+def test_json_rejects_fractions_for_integers() -> None:
+    with pytest.raises(InvalidArgument, match="integers"):
+        json_to_proto(
+            "x",
+            [1.5],
+            tf_tensor_pb2.TensorProto(),
+            tf_dtype=types_pb2.DT_INT32,
+            signature_shape=None,
+        )
+
+
+def test_typed_fields_without_tensor_content() -> None:
+    proto = tf_tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[2.0])
+    proto.tensor_shape.dim.add().size = 3
+    assert proto_to_json(proto) == [2.0, 2.0, 2.0]  # TF repeats the last value
+    half = tf_tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_HALF, half_val=[np.float16(1.5).view(np.uint16)]
+    )
+    assert proto_to_json(half) == 1.5
