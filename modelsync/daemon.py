@@ -1,0 +1,139 @@
+"""``modelmux sync``: the modelsync daemon (gRPC server + sync loops), or one pass with --once."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+
+import grpc
+import structlog
+from grpc_health.v1._async import HealthServicer
+
+from modelmux.modelsync.v1 import modelsync_pb2_grpc as pb_grpc
+from modelmux_common import logs
+from modelmux_common.config import Config, ModelsyncConfig, load
+from modelmux_common.grpcutil import (
+    NOT_SERVING,
+    SERVING,
+    add_health_and_reflection,
+    bind,
+    run_until_signal,
+)
+from modelsync.publisher import SourceSpec
+from modelsync.service import SERVICE_NAME, ModelSyncService
+from modelsync.state import StateError
+from modelsync.syncer import Syncer
+
+log = structlog.get_logger("modelsync")
+
+# How long open streams and calls may finish after SIGTERM.
+SHUTDOWN_GRACE = 2.0
+
+
+def health_name(spec: SourceSpec) -> str:
+    """The grpc.health.v1 service name of one source."""
+    return f"source/{spec.id}"
+
+
+class Daemon:
+    """The gRPC server and the syncer. Overall health is SERVING while the server runs, even when
+    sources fail (the last good mirror is still served); each source has its own health entry."""
+
+    def __init__(self, config: Config, settings: ModelsyncConfig) -> None:
+        self.settings = settings
+        self.syncer = Syncer(config, settings, on_health=self._source_health)
+        self.server: grpc.aio.Server | None = None
+        self.health: HealthServicer | None = None
+        self.address = ""
+
+    async def start(self) -> str:
+        """Loads state, starts serving (logs ``serving``), then starts syncing."""
+        self.syncer.open()
+        server = grpc.aio.server()
+        pb_grpc.add_ModelSyncServicer_to_server(ModelSyncService(self.syncer), server)
+        self.health = add_health_and_reflection(server, [SERVICE_NAME])
+        self.address = bind(server, self.settings.listen)
+        await server.start()
+        self.server = server
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, SERVING)
+        for spec in self.syncer.specs:
+            await self.health.set(health_name(spec), NOT_SERVING)
+        log.info(
+            "serving",
+            address=self.address,
+            target=self.settings.target,
+            sources=[spec.uri for spec in self.syncer.specs],
+            revision=self.syncer.events.revision,
+        )
+        await self.syncer.start()
+        return self.address
+
+    async def _source_health(self, spec: SourceSpec, healthy: bool) -> None:
+        if self.health is not None:
+            await self.health.set(health_name(spec), SERVING if healthy else NOT_SERVING)
+
+    async def stop(self, force: bool = False) -> None:
+        """Health NOT_SERVING, stop syncing (transfers are abandoned), end streams, stop serving."""
+        log.info("stopping", forced=force)
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
+        await self.syncer.stop()
+        if self.server is not None:
+            await self.server.stop(0 if force else SHUTDOWN_GRACE)
+        log.info("stopped")
+
+
+def settings_from(config: Config, args: argparse.Namespace) -> ModelsyncConfig:
+    """The config's modelsync section with the command-line flags applied over it."""
+    base = config.modelsync
+    listen = getattr(args, "listen", None) or base.listen
+    target = getattr(args, "target", None)
+    return dataclasses.replace(
+        base, listen=listen, target=os.path.abspath(target) if target else base.target
+    )
+
+
+async def serve(config: Config, settings: ModelsyncConfig) -> int:
+    daemon = Daemon(config, settings)
+    try:
+        await daemon.start()
+    except BaseException:
+        await daemon.stop(force=True)
+        raise
+    await run_until_signal(stop=daemon.stop)
+    return 0
+
+
+async def sync_once(config: Config, settings: ModelsyncConfig) -> int:
+    """Mirrors every source once and exits: 0 when all succeeded, 1 when a source failed."""
+    syncer = Syncer(config, settings)
+    syncer.open()
+    try:
+        ok = await syncer.sync_once()
+    finally:
+        await syncer.stop()
+    failed = [r.spec.id for r in syncer.runners if r.health.healthy is False]
+    log.info(
+        "sync_once_done",
+        ok=ok,
+        failed_sources=failed,
+        published=len(syncer.publisher.published),
+        revision=syncer.events.revision,
+    )
+    return 0 if ok else 1
+
+
+def main(args: argparse.Namespace) -> int:
+    config = load(args.config)
+    settings = settings_from(config, args)
+    logs.configure(level=settings.log_level)
+    try:
+        if getattr(args, "once", False):
+            return asyncio.run(sync_once(config, settings))
+        return asyncio.run(serve(config, settings))
+    except StateError as exc:
+        log.error("state_unusable", reason=str(exc), hint="move the state file away to start over")
+        return 2
