@@ -47,6 +47,7 @@ class Daemon:
         self.server: grpc.aio.Server | None = None
         self.health: HealthServicer | None = None
         self.address = ""
+        self._stopped = False
 
     async def start(self) -> str:
         """Loads state, starts serving (logs ``serving``), then starts syncing."""
@@ -77,6 +78,9 @@ class Daemon:
 
     async def stop(self, force: bool = False) -> None:
         """Health NOT_SERVING, stop syncing (transfers are abandoned), end streams, stop serving."""
+        if self._stopped:
+            return
+        self._stopped = True
         log.info("stopping", forced=force)
         if self.health is not None:
             await self.health.enter_graceful_shutdown()

@@ -6,18 +6,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import boto3
+import pytest
 import yaml
 from botocore.config import Config as BotoConfig
 
@@ -25,6 +29,7 @@ from modelmux_common.config import Config, load
 from modelsync.daemon import Daemon
 from modelsync.events import Event, EventKind
 
+ROOT = Path(__file__).resolve().parent.parent
 MOTO = str(Path(sys.executable).with_name("moto_server"))
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -222,6 +227,86 @@ class StallingProxy:
             await dst.drain()
             sent += len(data)
         dst.close()
+
+
+@contextlib.contextmanager
+def aws_env() -> Iterator[None]:
+    """Dummy credentials for the default credential chain of in-process daemons."""
+    mp = pytest.MonkeyPatch()
+    for key, value in AWS_ENV.items():
+        mp.setenv(key, value)
+    try:
+        yield
+    finally:
+        mp.undo()
+
+
+def moto_for_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """Body of a module-scoped fixture: one S3 endpoint, dummy credentials in the environment.
+    Tests isolate themselves with their own bucket."""
+    with aws_env():
+        server = MotoServer(tmp_path_factory.mktemp("moto")).start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+def new_bucket(moto: MotoServer) -> str:
+    name = unique_bucket()
+    moto.client().create_bucket(Bucket=name)
+    return name
+
+
+class SyncProcess:
+    """``modelmux sync`` as a child process, its JSON log lines collected by a reader thread that
+    also closes the pipe at EOF (so no file is left open however the process ends)."""
+
+    def __init__(self, args: list[str], *, env: Mapping[str, str] | None = None) -> None:
+        self.lines: list[dict[str, Any]] = []
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "modelmux_common.cli", *args],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "MODELMUX_LOG_FORMAT": "json", **(env or {})},
+            cwd=ROOT,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stderr is not None
+        with self.popen.stderr as stream:
+            for raw in stream:
+                with contextlib.suppress(ValueError):
+                    self.lines.append(json.loads(raw))
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def logged(self, event: str, **fields: Any) -> dict[str, Any] | None:
+        for line in list(self.lines):
+            if line.get("event") == event and all(line.get(k) == v for k, v in fields.items()):
+                return line
+        return None
+
+    async def serving(self, timeout: float = 60.0) -> str:
+        """The address from the ``serving`` line, once the gRPC server accepts calls."""
+        line = await wait_until(lambda: self.logged("serving"), timeout=timeout, what="serving")
+        return str(line["address"])
+
+    def finish(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout)
+        self._reader.join(timeout)
+        return self.popen.returncode
 
 
 # ---- model trees -------------------------------------------------------------------------

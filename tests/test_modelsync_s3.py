@@ -11,14 +11,16 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from modelsync_helpers import (
-    AWS_ENV,
     MotoServer,
     StallingProxy,
     api,
+    aws_env,
     cpu_model,
     delete_prefix,
     events,
     inf_model,
+    moto_for_module,
+    new_bucket,
     object_gets,
     prefixed,
     put_tree,
@@ -36,28 +38,14 @@ from modelsync.daemon import Daemon, health_name
 from modelsync.events import EventKind
 
 
-@pytest.fixture(scope="session")
-def aws_env() -> Iterator[None]:
-    """Dummy credentials for the default chain of in-process daemons."""
-    mp = pytest.MonkeyPatch()
-    for key, value in AWS_ENV.items():
-        mp.setenv(key, value)
-    yield
-    mp.undo()
-
-
-@pytest.fixture(scope="session")
-def moto(tmp_path_factory: pytest.TempPathFactory, aws_env: None) -> Iterator[MotoServer]:
-    server = MotoServer(tmp_path_factory.mktemp("moto")).start()
-    yield server
-    server.stop()
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    yield from moto_for_module(tmp_path_factory)
 
 
 @pytest.fixture
 def bucket(moto: MotoServer) -> str:
-    name = unique_bucket()
-    moto.client().create_bucket(Bucket=name)
-    return name
+    return new_bucket(moto)
 
 
 def expected(prefix: str, files: dict[str, bytes]) -> dict[str, bytes]:
@@ -289,12 +277,13 @@ async def test_restart_downloads_nothing_unchanged(
     assert tree(target) == before | {"m/3/saved_model.pb": b"neuron graph three"}
 
 
-async def test_s3_going_away_and_coming_back(tmp_path: Path, aws_env: None) -> None:
-    moto = MotoServer(tmp_path).start()
-    try:
-        await _away_and_back(tmp_path, moto)
-    finally:
-        moto.stop()
+async def test_s3_going_away_and_coming_back(tmp_path: Path) -> None:
+    with aws_env():
+        moto = MotoServer(tmp_path).start()
+        try:
+            await _away_and_back(tmp_path, moto)
+        finally:
+            moto.stop()
 
 
 async def _away_and_back(tmp_path: Path, moto: MotoServer) -> None:
