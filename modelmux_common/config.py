@@ -76,6 +76,9 @@ class ModelsyncConfig:
     download_attempts: int = 4
     # Quiet time a local folder must have after a change before it is rescanned.
     debounce: Seconds = 0.5
+    # A changed version whose newest file is younger than this (by the source's clock) is judged
+    # on a later tick: an upload in progress is neither published half-done nor reported invalid.
+    settle: Seconds = 2.0
     # How often a long transfer logs its progress.
     progress_interval: Seconds = 5.0
     # Events kept in memory for WatchEvents resumption.

@@ -30,6 +30,9 @@ class ObjectInfo:
     etag: str
     # Local files only: st_mtime_ns when the sha256 was taken (a cache key, not content).
     mtime_ns: int = 0
+    # Last modification on the source's clock (seconds since the epoch); 0 when unknown. Not
+    # content: it only delays publishing a version that is still being written.
+    modified: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,10 @@ class Candidate:
     @property
     def total_bytes(self) -> int:
         return sum(info.size for info in self.files.values())
+
+    @property
+    def modified(self) -> float:
+        return max((info.modified for info in self.files.values()), default=0.0)
 
 
 @dataclass(slots=True)

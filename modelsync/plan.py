@@ -29,6 +29,8 @@ class Plan:
     publish: list[Change] = field(default_factory=list)
     remove: list[Published] = field(default_factory=list)
     rejected: list[Problem] = field(default_factory=list)
+    # Changed (or invalid) versions with a file younger than the settle time: judged next tick.
+    settling: list[Candidate] = field(default_factory=list)
     unchanged: int = 0
 
 
@@ -67,8 +69,13 @@ def make_plan(
     inferentia: bool,
     owner: Callable[[str], str | None],
     source_id: str,
+    young_after: float | None = None,
 ) -> Plan:
-    """``published`` holds this source's versions only; ``owner`` names a model's source."""
+    """``published`` holds this source's versions only; ``owner`` names a model's source.
+
+    A version changed after ``young_after`` (source clock) may still be uploading: it is neither
+    published nor rejected yet, but left to settle.
+    """
     plan = Plan(rejected=list(grouping.problems))
     for key, cand in sorted(grouping.candidates.items()):
         other = owner(cand.model)
@@ -76,12 +83,14 @@ def make_plan(
             reason = f"model {cand.model!r} is already published from source {other!r}"
             plan.rejected.append(Problem(cand.model, cand.version, reason))
             continue
+        young = young_after is not None and cand.modified > young_after
         problems = cand.problems + validate(cand.files, inferentia=inferentia)
-        if problems:
+        change = None if problems else classify(cand, published.get(key))
+        if young and (problems or change is not None):
+            plan.settling.append(cand)
+        elif problems:
             plan.rejected.append(Problem(cand.model, cand.version, "; ".join(problems)))
-            continue
-        change = classify(cand, published.get(key))
-        if change is None:
+        elif change is None:
             plan.unchanged += 1
         else:
             plan.publish.append(change)

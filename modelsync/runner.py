@@ -53,8 +53,12 @@ class SourceRunner:
         publisher: Publisher,
         transfers: Transfers,
         on_health: HealthHook,
+        settle: float = 0.0,
     ) -> None:
         self.spec = spec
+        self.settle = settle
+        # Seconds until a settling version is old enough to be judged; None when none is waiting.
+        self.settle_wait: float | None = None
         self.source = source
         self.publisher = publisher
         self.transfers = transfers
@@ -73,7 +77,10 @@ class SourceRunner:
             await self._next_trigger(stop, poll_interval, debounce)
 
     async def _next_trigger(self, stop: asyncio.Event, interval: float, debounce: float) -> None:
-        """Returns after ``interval``, or once a watched change has been quiet for ``debounce``."""
+        """Returns after ``interval`` (sooner when a version is settling), or once a watched change
+        has been quiet for ``debounce``."""
+        if self.settle_wait is not None:
+            interval = min(interval, self.settle_wait)
         if not await wait_any((stop, self.wake), interval) or stop.is_set():
             return
         while True:
@@ -100,14 +107,17 @@ class SourceRunner:
             return False
         if self.watch is not None:
             self.watch.start()
-        grouping = group(listing, model=self.spec.model)
+        grouping = group(listing.objects, model=self.spec.model)
+        young_after = listing.now - self.settle if listing.now and self.settle > 0 else None
         plan = make_plan(
             grouping,
             published=self.publisher.of_source(self.spec.id),
             inferentia=self.spec.inferentia,
             owner=self.publisher.owner,
             source_id=self.spec.id,
+            young_after=young_after,
         )
+        self._note_settling(plan, young_after)
         self._note_ignored(grouping.ignored)
         for old in plan.remove:
             await self.publisher.remove(old, reason="removed at the source")
@@ -206,6 +216,19 @@ class SourceRunner:
                 version=p.version,
             )
         self.health.reported = current
+
+    def _note_settling(self, plan: Plan, young_after: float | None) -> None:
+        if not plan.settling or young_after is None:
+            self.settle_wait = None
+            return
+        newest = max(c.modified for c in plan.settling)
+        self.settle_wait = max(0.05, newest - young_after + 0.05)
+        log.debug(
+            "versions_settling",
+            source=self.spec.id,
+            versions=[f"{c.model}/{c.version}" for c in plan.settling],
+            seconds=round(self.settle_wait, 2),
+        )
 
     def _note_ignored(self, ignored: list[str]) -> None:
         keys = frozenset(ignored)

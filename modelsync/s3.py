@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from modelsync.layout import ObjectInfo
 from modelsync.sources import (
     CHUNK_BYTES,
     Listing,
+    Objects,
     Source,
     SourceChanged,
     SourceError,
@@ -62,6 +64,15 @@ def split_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
+def _server_time(page: Any) -> float | None:
+    """The Date header of a response: the server's clock, which LastModified also uses."""
+    date = page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    try:
+        return parsedate_to_datetime(date).timestamp() if date else None
+    except (TypeError, ValueError):
+        return None
+
+
 def describe(exc: BaseException) -> str:
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
@@ -80,18 +91,22 @@ class S3Source(Source):
         self._stall_timeout = stall_timeout
 
     def list(self) -> Listing:
-        found: Listing = {}
+        found: Objects = {}
+        now: float | None = None
         try:
             pages = self._client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=self.prefix
             )
             for page in pages:
+                now = _server_time(page) or now
                 for obj in page.get("Contents", ()):
                     rel = obj["Key"][len(self.prefix) :]
-                    found[rel] = ObjectInfo(int(obj["Size"]), str(obj["ETag"]).strip('"'))
+                    etag = str(obj["ETag"]).strip('"')
+                    modified = obj["LastModified"].timestamp() if "LastModified" in obj else 0.0
+                    found[rel] = ObjectInfo(int(obj["Size"]), etag, modified=modified)
         except (BotoCoreError, ClientError) as exc:
             raise SourceError(f"cannot list {self.uri}: {describe(exc)}") from exc
-        return found
+        return Listing(found, now)
 
     def fetch(self, key: str, info: ObjectInfo, dest: Path, *, progress: Transfer) -> None:
         have = dest.stat().st_size if dest.exists() else 0

@@ -7,19 +7,31 @@ in :mod:`modelsync.s3`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import stat
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from modelsync.layout import ObjectInfo
 
 CHUNK_BYTES = 1024 * 1024
-Listing = dict[str, ObjectInfo]
+Objects = dict[str, ObjectInfo]
 OnBytes = Callable[[int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """Every file under a source, by key relative to it."""
+
+    objects: Objects
+    # The source's clock when it was listed (comparable with ObjectInfo.modified); None if unknown.
+    now: float | None = None
 
 
 class SourceError(Exception):
@@ -92,16 +104,17 @@ class LocalSource(Source):
         self.uri = root
         self.root = Path(root)
         self._abort = abort
-        self._known: Listing = {}
+        self._known: Objects = {}
 
-    def prime(self, known: Listing) -> None:
+    def prime(self, known: Objects) -> None:
         """Seeds the sha256 cache (e.g. from the saved state) so a restart does not rehash."""
         self._known = dict(known)
 
     def list(self) -> Listing:
         if not self.root.is_dir():
             raise SourceError(f"{self.root} is not a folder")
-        found: Listing = {}
+        now = time.time()
+        found: Objects = {}
         errors: list[OSError] = []
         for dirpath, dirnames, filenames in os.walk(self.root, onerror=errors.append):
             dirnames.sort()
@@ -114,7 +127,7 @@ class LocalSource(Source):
         if errors:
             raise SourceError(f"cannot read {errors[0].filename}: {errors[0].strerror}")
         self._known = found
-        return found
+        return Listing(found, now)
 
     def _describe(self, path: Path, rel: str) -> ObjectInfo | None:
         try:
@@ -123,8 +136,9 @@ class LocalSource(Source):
                 return None
             known = self._known.get(rel)
             if known and known.mtime_ns == st.st_mtime_ns and known.size == st.st_size:
-                return known
-            return ObjectInfo(st.st_size, sha256_file(path, abort=self._abort), st.st_mtime_ns)
+                return dataclasses.replace(known, modified=st.st_mtime)
+            digest = sha256_file(path, abort=self._abort)
+            return ObjectInfo(st.st_size, digest, st.st_mtime_ns, st.st_mtime)
         except FileNotFoundError:  # removed while listing (or a dangling symlink)
             return None
         except PermissionError as exc:

@@ -25,6 +25,8 @@ log = structlog.get_logger("modelsync")
 
 # Longest sleep of the cleanup loop when nothing is due (it is woken when something is retired).
 _GC_IDLE = 60.0
+# With --once, how many more ticks a source gets while versions are still being uploaded.
+_SETTLE_ROUNDS = 30
 
 
 def source_specs(config: Config) -> list[SourceSpec]:
@@ -119,6 +121,7 @@ class Syncer:
             publisher=self.publisher,
             transfers=self.transfers,
             on_health=self._on_health,
+            settle=self.settings.settle,
         )
         if isinstance(source, LocalSource):
             runner.watch = FolderWatch(source.root, runner.wake)
@@ -150,9 +153,20 @@ class Syncer:
     async def sync_once(self) -> bool:
         """One tick of every source; True when all of them succeeded."""
         await self._drop_unconfigured()
-        results = await asyncio.gather(*(r.tick() for r in self.runners))
+        results = await asyncio.gather(*(self._tick_settled(r) for r in self.runners))
         await self.publisher.collect_garbage()
         return all(results)
+
+    @staticmethod
+    async def _tick_settled(runner: SourceRunner) -> bool:
+        """Ticks until no version of the source is still settling (an upload in progress)."""
+        ok = await runner.tick()
+        for _ in range(_SETTLE_ROUNDS):
+            if runner.settle_wait is None:
+                break
+            await asyncio.sleep(runner.settle_wait)
+            ok = await runner.tick()
+        return ok
 
     async def stop(self) -> None:
         """Stops watching and syncing; transfers in flight are abandoned (staging is cleared at

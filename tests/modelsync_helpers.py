@@ -365,6 +365,7 @@ def write_config(folder: Path, apis: list[dict[str, Any]], **modelsync: Any) -> 
         "poll_interval": "0.2s",
         "removal_grace": "0.5s",
         "debounce": "0.1s",
+        "settle": "0s",
         "stall_timeout": "5s",
         "progress_interval": "0.5s",
         **modelsync,

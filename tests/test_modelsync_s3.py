@@ -366,3 +366,29 @@ async def test_stalled_transfer_is_retried_and_resumed(
             )
     finally:
         await proxy.close()
+
+
+async def test_an_upload_in_progress_settles_before_it_is_judged(
+    tmp_path: Path, moto: MotoServer, bucket: str
+) -> None:
+    s3 = moto.client()
+    _, config = write_config(
+        tmp_path,
+        [api("m", {"path": f"s3://{bucket}/m/"})],
+        s3_endpoint_url=moto.endpoint,
+        settle="2s",
+    )
+    files = cpu_model("one")
+    async with running(config) as daemon:
+        # File by file: first valid but incomplete (a graph alone), then invalid (data, no index).
+        for name in ("saved_model.pb", "variables/variables.data-00000-of-00001"):
+            put_tree(s3, bucket, "m/1/", {name: files[name]})
+            await ticks_pass(daemon, 1)
+            assert events(daemon) == []
+            assert daemon.syncer.runners[0].settle_wait is not None
+        put_tree(
+            s3, bucket, "m/1/", {"variables/variables.index": files["variables/variables.index"]}
+        )
+        added = await wait_event(daemon, EventKind.VERSION_ADDED, model="m", version=1)
+        assert added.files == 3
+        assert [e.kind for e in events(daemon)] == [EventKind.VERSION_ADDED]
