@@ -141,3 +141,6 @@ def main(args: argparse.Namespace) -> int:
     except StateError as exc:
         log.error("state_unusable", reason=str(exc), hint="move the state file away to start over")
         return 2
+    except OSError as exc:  # cannot listen, or the target is not writable
+        log.error("cannot_start", reason=str(exc), target=settings.target, listen=settings.listen)
+        return 1

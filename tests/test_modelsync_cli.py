@@ -166,6 +166,9 @@ async def _kill_and_restart(tmp_path: Path, moto: MotoServer, proxy: StallingPro
         proxy.stall(after_bytes=8 * MIB)  # the kill must land mid-transfer
         put_tree(s3, bucket, "m/2/", cpu_model("two", data=big))
         await wait_until(lambda: staged_bytes(target) >= 4 * MIB, timeout=30, what="a partial file")
+        # A long transfer reports its progress (every progress_interval, 0.5 s here).
+        progress = await wait_until(lambda: proc.logged("transfer_progress", model="m", version=2))
+        assert 0 < progress["bytes_done"] < progress["bytes_total"]
     finally:
         assert proc.finish(signal.SIGKILL) == -signal.SIGKILL
     assert tree(target) == before  # nothing half-done reached the view
@@ -178,6 +181,9 @@ async def _kill_and_restart(tmp_path: Path, moto: MotoServer, proxy: StallingPro
     try:
         await wait_until(lambda: published(proc, "m", 2), timeout=60, what="m/2 published")
         assert proc.logged("state_loaded", staging_litter_removed=1)
+        line = proc.logged("published", model="m", version=2)
+        assert line is not None and line["files"] == 3 and line["seconds"] > 0
+        assert line["bytes"] == sum(len(v) for v in cpu_model("two", data=big).values())
     finally:
         assert proc.finish() == 0
     assert tree(target) == before | prefixed("m/2/", cpu_model("two", data=big))
