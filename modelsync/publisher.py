@@ -102,10 +102,11 @@ class Publisher:
             return event
 
     async def remove(self, old: Published, *, reason: str) -> list[Event]:
-        """Unpublishes a version: the view goes now, the store folder after the grace period."""
+        """Unpublishes a version. Its view link and store folder stay for the grace period, so a
+        backend is not pulled from under while subscribers stop using the version."""
         async with self._lock:
             self.state.published.pop((old.model, old.version), None)
-            self._retire(old)
+            self._retire(old, with_view=True)
             revision = self.state.revision + 1
             events = [self._event(EventKind.VERSION_REMOVED, revision, old, reason=reason)]
             if self.owner(old.model) is None:
@@ -122,7 +123,6 @@ class Publisher:
                     )
                 )
             await self._save(events[-1].revision)
-            self.store.unpoint(old.model, old.version)
             for event in events:
                 self.events.append(event)
             return events
@@ -160,14 +160,21 @@ class Publisher:
             due = [r for r in self.state.pending if r.due <= now]
             if due:
                 for removal in due:
+                    if removal.version is not None:
+                        self.store.unpoint(removal.model, removal.version, removal.view_target)
                     await asyncio.to_thread(self.store.delete, removal.path)
                     log.info("store_folder_deleted", path=removal.path)
                 self.state.pending = [r for r in self.state.pending if r.due > now]
                 await self._save(self.state.revision)
             return min((r.due for r in self.state.pending), default=None)
 
-    def _retire(self, old: Published) -> None:
-        self.state.pending.append(PendingRemoval(old.store_base, time.time() + self.grace))
+    def _retire(self, old: Published, *, with_view: bool = False) -> None:
+        due = time.time() + self.grace
+        if with_view:
+            removal = PendingRemoval(old.store_base, due, old.model, old.version)
+        else:
+            removal = PendingRemoval(old.store_base, due)
+        self.state.pending.append(removal)
         self.gc_wake.set()
 
     async def _save(self, revision: int) -> None:

@@ -71,10 +71,21 @@ class Published:
 
 @dataclass(frozen=True, slots=True)
 class PendingRemoval:
-    """A store folder no view points at any more, deleted once ``due`` (unix time) has passed."""
+    """A store folder (``.store/<model>/r<revision>``) deleted once ``due`` (unix time) has passed.
+
+    For a removed version, ``model``/``version`` name its view link, which goes at the same time
+    (unless the version was published again meanwhile and the link points elsewhere).
+    """
 
     path: str
     due: float
+    model: str = ""
+    version: int | None = None
+
+    @property
+    def view_target(self) -> str:
+        """The store folder the view link of a removed version points at."""
+        return f"{self.path}/{self.version}"
 
 
 @dataclass(slots=True)
@@ -88,7 +99,10 @@ class State:
             "format": FORMAT,
             "revision": self.revision,
             "published": [_published_json(p) for _, p in sorted(self.published.items())],
-            "pending_removals": [{"path": r.path, "due": r.due} for r in self.pending],
+            "pending_removals": [
+                {"path": r.path, "due": r.due, "model": r.model, "version": r.version}
+                for r in self.pending
+            ],
         }
 
     @classmethod
@@ -99,10 +113,18 @@ class State:
         return cls(
             revision=int(raw["revision"]),
             published={(p.model, p.version): p for p in published},
-            pending=[
-                PendingRemoval(str(r["path"]), float(r["due"])) for r in raw["pending_removals"]
-            ],
+            pending=[_pending_from(r) for r in raw["pending_removals"]],
         )
+
+
+def _pending_from(raw: dict[str, Any]) -> PendingRemoval:
+    version = raw.get("version")
+    return PendingRemoval(
+        path=str(raw["path"]),
+        due=float(raw["due"]),
+        model=str(raw.get("model", "")),
+        version=None if version is None else int(version),
+    )
 
 
 def _published_json(p: Published) -> dict[str, Any]:

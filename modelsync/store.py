@@ -109,9 +109,10 @@ class Store:
             raise
         fsync_dir(link.parent)
 
-    def unpoint(self, model: str, version: int) -> None:
+    def unpoint(self, model: str, version: int, rel: str) -> None:
+        """Removes the view link of (model, version) if it still points at ``rel``."""
         link = self.view(model, version)
-        if link.is_symlink():
+        if link.is_symlink() and os.readlink(link) == f"../{rel}":
             link.unlink()
             fsync_dir(link.parent)
         with contextlib.suppress(OSError):  # not empty, or not there
@@ -130,8 +131,9 @@ class Store:
     def reconcile(self, wanted: Mapping[tuple[str, int], str]) -> list[str]:
         """Makes the views match ``wanted`` ((model, version) -> store rel) after a restart.
 
-        Removes view symlinks of versions no longer published (a removal cut short) and temporary
-        links; leaves anything that is not a symlink alone. Returns what it changed.
+        ``wanted`` holds the published versions and the removed ones still in their grace period.
+        Other view symlinks (a crash mid-publish or mid-removal) and temporary links go; anything
+        that is not a symlink is left alone. Returns what it changed.
         """
         changed: list[str] = []
         for folder in sorted(self.target.iterdir()):

@@ -83,7 +83,13 @@ class Syncer:
         orphans = self.store.orphans(keep)
         for rel in orphans:
             self.store.delete(rel)
-        repaired = self.store.reconcile({k: p.store for k, p in saved.published.items()})
+        views = {
+            (r.model, r.version): r.view_target
+            for r in saved.pending
+            if r.version is not None and self.store.path(r.view_target).is_dir()
+        }
+        views.update({k: p.store for k, p in saved.published.items()})
+        repaired = self.store.reconcile(views)
         self.events = EventLog(capacity=self.settings.event_log_size, revision=saved.revision)
         self.publisher = Publisher(
             self.store, saved, self.events, grace=self.settings.removal_grace

@@ -53,9 +53,32 @@ async def test_watched_folder_triggers(tmp_path: Path) -> None:
         shutil.rmtree(source / "2")
         await wait_event(daemon, EventKind.VERSION_REMOVED, model="m", version=2)
         assert [e.kind for e in events(daemon, after=before)] == [EventKind.VERSION_REMOVED]
+        await wait_until(lambda: not (target / "m" / "2").is_symlink(), what="grace over")
         assert sorted(tree(target)) == sorted(
             prefixed("m/1/", cpu_model("one") | {"assets/vocab.txt": b""})
         )
+
+
+async def test_a_removed_version_stays_served_for_the_grace_across_a_restart(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "models"
+    write_tree(source / "1", inf_model("one"))
+    write_tree(source / "2", inf_model("two"))
+    _, config = write_config(tmp_path, [api("m", {"path": str(source)})], removal_grace="1.5s")
+    target = Path(config.modelsync.target)
+    async with running(config) as daemon:
+        await wait_event(daemon, EventKind.VERSION_ADDED, model="m", version=2)
+        await wait_event(daemon, EventKind.VERSION_ADDED, model="m", version=1)
+        shutil.rmtree(source / "2")
+        removed = await wait_event(daemon, EventKind.VERSION_REMOVED, model="m", version=2)
+    # Stopped within the grace: the next start keeps serving it until the grace is over.
+    async with running(config) as daemon:
+        assert daemon.syncer.events.revision == removed.revision
+        assert (target / "m" / "2" / "saved_model.pb").read_bytes() == b"neuron graph two"
+        await wait_until(lambda: not Path(removed.store_base_path).exists(), what="grace over")
+        assert sorted(tree(target)) == ["m/1/saved_model.pb"]
+        assert events(daemon, after=removed.revision) == []
 
 
 async def test_debounce_publishes_a_version_written_file_by_file_once(tmp_path: Path) -> None:

@@ -193,18 +193,20 @@ async def test_four_triggers_and_an_unchanged_tick(
         await wait_until(lambda: not Path(changed.store_base_path).exists(), what="grace cleanup")
         assert not Path(first.store_base_path).exists()
 
-        # 4. A version removed: the view goes with the event, the store folder after the grace.
+        # 4. A version removed: announced at once, still served for the grace period, then gone.
         delete_prefix(s3, bucket, "m/2/")
         removed = await wait_event(daemon, EventKind.VERSION_REMOVED, model="m", version=2)
         assert removed.store_path == v2.store_path
-        assert not (target / "m" / "2").exists()
-        await wait_until(lambda: not Path(v2.store_base_path).exists(), what="store cleanup")
+        assert ("m", 2) not in daemon.syncer.publisher.published
+        assert (target / "m" / "2" / "saved_model.pb").read_bytes() == b"graph two"
+        await wait_until(lambda: not (target / "m" / "2").is_symlink(), what="view cleanup")
+        assert not Path(v2.store_base_path).exists()
 
         # ... and the model removed.
         delete_prefix(s3, bucket, "m/")
         gone = await wait_event(daemon, EventKind.MODEL_REMOVED, model="m")
         assert gone.revision == removed.revision + 2
-        assert not (target / "m").exists()
+        await wait_until(lambda: not (target / "m").exists(), what="model folder cleanup")
         revisions = [e.revision for e in events(daemon)]
         assert revisions == list(range(1, len(revisions) + 1))
 

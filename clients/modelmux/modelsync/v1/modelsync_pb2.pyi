@@ -30,11 +30,14 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     EVENT_KIND_VERSION_ADDED: _EventKind.ValueType  # 1
     """A version that was not published is now published."""
     EVENT_KIND_VERSION_REMOVED: _EventKind.ValueType  # 2
-    """A published version left its source (or its source left the config). Its view symlink is
-    gone already; its store folder stays for the removal grace period.
+    """A published version left its source (or its source left the config). Subscribers stop using
+    it now; its view symlink and store folder stay for the removal grace period, so a backend
+    still serving it is not pulled from under, and then go.
     """
     EVENT_KIND_MODEL_REMOVED: _EventKind.ValueType  # 3
-    """A model's last version was removed (sent after that version's VERSION_REMOVED)."""
+    """A model's last version was removed (sent right after that version's VERSION_REMOVED). Its
+    view folder goes with the last link, after the removal grace period.
+    """
     EVENT_KIND_STRUCTURE_CHANGED: _EventKind.ValueType  # 4
     """Files were added to or removed from a published version: it was republished under a new
     store folder. previous_store_path is the content it replaces.
@@ -61,11 +64,14 @@ EVENT_KIND_UNSPECIFIED: EventKind.ValueType  # 0
 EVENT_KIND_VERSION_ADDED: EventKind.ValueType  # 1
 """A version that was not published is now published."""
 EVENT_KIND_VERSION_REMOVED: EventKind.ValueType  # 2
-"""A published version left its source (or its source left the config). Its view symlink is
-gone already; its store folder stays for the removal grace period.
+"""A published version left its source (or its source left the config). Subscribers stop using
+it now; its view symlink and store folder stay for the removal grace period, so a backend
+still serving it is not pulled from under, and then go.
 """
 EVENT_KIND_MODEL_REMOVED: EventKind.ValueType  # 3
-"""A model's last version was removed (sent after that version's VERSION_REMOVED)."""
+"""A model's last version was removed (sent right after that version's VERSION_REMOVED). Its
+view folder goes with the last link, after the removal grace period.
+"""
 EVENT_KIND_STRUCTURE_CHANGED: EventKind.ValueType  # 4
 """Files were added to or removed from a published version: it was republished under a new
 store folder. previous_store_path is the content it replaces.
