@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,6 +39,7 @@ class Proc:
     popen: subprocess.Popen[str]
     address: str
     lines: list[dict[str, object]] = field(default_factory=list)
+    drain: threading.Thread | None = None
 
     @property
     def pid(self) -> int:
@@ -50,6 +53,8 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(timeout)
+        if self.drain is not None:
+            self.drain.join(timeout)
         return self.popen.returncode
 
 
@@ -88,21 +93,20 @@ def start_daemon(
     except BaseException:
         popen.kill()
         popen.wait()
+        popen.stderr.close()
         raise
-    proc = Proc(popen, address, lines)
-    # Keep draining the log so the child never blocks on a full pipe.
-    import threading
 
+    # Keep draining the log so the child never blocks on a full pipe; close it at EOF.
     def drain() -> None:
         assert popen.stderr is not None
-        for raw in popen.stderr:
-            try:
-                lines.append(json.loads(raw))
-            except ValueError:
-                pass
+        with popen.stderr:
+            for raw in popen.stderr:
+                with contextlib.suppress(ValueError):
+                    lines.append(json.loads(raw))
 
-    threading.Thread(target=drain, daemon=True).start()
-    return proc
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    return Proc(popen, address, lines, thread)
 
 
 @pytest.fixture(scope="session")

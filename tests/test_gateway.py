@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -18,13 +19,10 @@ from grpc_health.v1 import health_pb2
 
 from gateway.server import Gateway
 from modelmux.v1 import inference_pb2, inference_pb2_grpc, models_pb2, models_pb2_grpc, tensor_pb2
-from modelmux_common.tfserving import (
-    get_model_metadata_pb2,
-    get_model_status_pb2,
-    model_service_pb2,
-    predict_pb2,
-    prediction_service_pb2,
-)
+from modelmux_common.tfserving import get_model_metadata_pb2, get_model_status_pb2, predict_pb2
+
+# The official TF Serving stubs (their message modules are already loaded, without TensorFlow).
+from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc  # isort: skip
 
 GRPCURL = shutil.which("grpcurl") or str(Path(ROOT, ".venv", "bin", "grpcurl"))
 X = [1.0, 2.0, 5.0]
@@ -57,8 +55,10 @@ async def channel(gateway: Gateway) -> AsyncIterator[grpc.aio.Channel]:
         yield ch
 
 
-def grpcurl(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+async def grpcurl(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    """Runs the real grpcurl binary off the event loop (the gateway under test shares the loop)."""
+    return await asyncio.to_thread(
+        subprocess.run,
         [GRPCURL, "-plaintext", "-max-time", "10", *args],
         capture_output=True,
         text=True,
@@ -93,7 +93,7 @@ def y_of(response: Any) -> list[float]:
 
 
 async def test_grpcurl_lists_every_service(gateway: Gateway) -> None:
-    out = grpcurl(gateway.address, "list")
+    out = await grpcurl(gateway.address, "list")
     assert out.returncode == 0, out.stderr
     services = set(out.stdout.split())
     assert {
@@ -106,7 +106,7 @@ async def test_grpcurl_lists_every_service(gateway: Gateway) -> None:
 
 
 async def test_grpcurl_describes_tf_serving_messages(gateway: Gateway) -> None:
-    out = grpcurl(gateway.address, "describe", "tensorflow.serving.PredictRequest")
+    out = await grpcurl(gateway.address, "describe", "tensorflow.serving.PredictRequest")
     assert out.returncode == 0, out.stderr
     assert "model_spec" in out.stdout and "inputs" in out.stdout
 
@@ -123,19 +123,19 @@ async def test_grpcurl_predict_json(
     gateway: Gateway, extra: dict[str, str], version: int, expected: list[float]
 ) -> None:
     body = json.dumps({"model": "half_plus_two", "json_inputs": {"x": X}, **extra})
-    out = grpcurl("-d", body, gateway.address, "modelmux.v1.Inference/Predict")
+    out = await grpcurl("-d", body, gateway.address, "modelmux.v1.Inference/Predict")
     assert out.returncode == 0, out.stderr
     reply = json.loads(out.stdout)
-    assert reply["jsonOutputs"]["y"] == expected
+    assert reply["json_outputs"]["y"] == expected
     assert reply["version"] == str(version)
     assert reply["model"] == "half_plus_two"
 
 
 async def test_grpcurl_health_serving(gateway: Gateway) -> None:
-    out = grpcurl(gateway.address, "grpc.health.v1.Health/Check")
+    out = await grpcurl(gateway.address, "grpc.health.v1.Health/Check")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["status"] == "SERVING"
-    model = grpcurl(
+    model = await grpcurl(
         "-d", '{"service":"modelmux.v1.Model/iris"}', gateway.address, "grpc.health.v1.Health/Check"
     )
     assert json.loads(model.stdout)["status"] == "SERVING"
@@ -143,7 +143,9 @@ async def test_grpcurl_health_serving(gateway: Gateway) -> None:
 
 async def test_grpcurl_facade_get_model_status(gateway: Gateway) -> None:
     body = json.dumps({"model_spec": {"name": "half_plus_two"}})
-    out = grpcurl("-d", body, gateway.address, "tensorflow.serving.ModelService/GetModelStatus")
+    out = await grpcurl(
+        "-d", body, gateway.address, "tensorflow.serving.ModelService/GetModelStatus"
+    )
     assert out.returncode == 0, out.stderr
     states = {s["version"]: s["state"] for s in json.loads(out.stdout)["model_version_status"]}
     assert states == {"1": "AVAILABLE", "2": "AVAILABLE"}
@@ -220,8 +222,8 @@ async def test_list_and_get_models(channel: grpc.aio.Channel, backend: Proc) -> 
 async def test_facade_matches_backend(channel: grpc.aio.Channel, backend: Proc) -> None:
     async with grpc.aio.insecure_channel(backend.address) as direct:
         via, own = (
-            prediction_service_pb2.PredictionServiceStub(channel),
-            prediction_service_pb2.PredictionServiceStub(direct),
+            prediction_service_pb2_grpc.PredictionServiceStub(channel),
+            prediction_service_pb2_grpc.PredictionServiceStub(direct),
         )
         for kwargs in (
             {},
@@ -237,13 +239,13 @@ async def test_facade_matches_backend(channel: grpc.aio.Channel, backend: Proc) 
         assert await via.GetModelMetadata(meta) == await own.GetModelMetadata(meta)
         status = get_model_status_pb2.GetModelStatusRequest()
         status.model_spec.name = "half_plus_two"
-        assert await model_service_pb2.ModelServiceStub(channel).GetModelStatus(
+        assert await model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(
             status
-        ) == await model_service_pb2.ModelServiceStub(direct).GetModelStatus(status)
+        ) == await model_service_pb2_grpc.ModelServiceStub(direct).GetModelStatus(status)
 
 
 async def test_facade_numbers(channel: grpc.aio.Channel) -> None:
-    stub = prediction_service_pb2.PredictionServiceStub(channel)
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     latest = await stub.Predict(tf_predict("half_plus_two", X))
     assert y_of(latest) == [3.5, 4.0, 5.5] and latest.model_spec.version.value == 2
     assert y_of(await stub.Predict(tf_predict("half_plus_two", X, version=1))) == [2.5, 3.0, 4.5]
@@ -272,7 +274,7 @@ async def still_serving(channel: grpc.aio.Channel) -> None:
 
 async def test_unknown_model_version_label(channel: grpc.aio.Channel) -> None:
     own = inference_pb2_grpc.InferenceStub(channel)
-    tf = prediction_service_pb2.PredictionServiceStub(channel)
+    tf = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     nf = grpc.StatusCode.NOT_FOUND
     await expect_error(
         own.Predict(inference_pb2.PredictRequest(model="nope", inputs={"x": typed(X)})),
@@ -337,7 +339,7 @@ async def test_wrong_input_name_dtype_shape(channel: grpc.aio.Channel) -> None:
     ragged = inference_pb2.PredictRequest(model="half_plus_two")
     ragged.json_inputs.update({"x": [[1.0], [1.0, 2.0]]})
     await expect_error(own.Predict(ragged), bad, "'x'", "ragged")
-    tf = prediction_service_pb2.PredictionServiceStub(channel)
+    tf = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     request = tf_predict("half_plus_two", X)
     request.inputs["x"].dtype = 3  # DT_INT32 with float bytes
     await expect_error(tf.Predict(request), bad, "x")
@@ -378,7 +380,7 @@ async def test_message_over_limit(channel: grpc.aio.Channel) -> None:
 async def test_reload_config_is_refused(channel: grpc.aio.Channel) -> None:
     from modelmux_common.tfserving import model_management_pb2
 
-    stub = model_service_pb2.ModelServiceStub(channel)
+    stub = model_service_pb2_grpc.ModelServiceStub(channel)
     await expect_error(
         stub.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest()),
         grpc.StatusCode.UNIMPLEMENTED,
