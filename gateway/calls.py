@@ -19,10 +19,10 @@ import structlog
 
 from gateway.errors import GatewayError, Unavailable
 from gateway.pool import Backend, Pool
-from gateway.routing import pick
+from gateway.routing import Target, pick
 from gateway.wire import encode_len_field
 from modelmux_common.grpcutil import remaining
-from modelmux_common.tfserving import model_pb2
+from modelmux_common.tfserving import inference_pb2, model_pb2
 
 log = structlog.get_logger("modelmux.gateway")
 
@@ -92,15 +92,41 @@ def edge(rpc: str, handler: Handler, *, log_requests: bool) -> RawHandler:
     return run
 
 
-def _pin(version: int) -> bytes:
-    spec = model_pb2.ModelSpec()
-    spec.version.value = version
-    return encode_len_field(1, spec.SerializeToString())
+# where the model spec sits in each forwarded method's response
+_RESPONSE_SPEC_FIELD = {"Predict": 2, "Classify": 2, "Regress": 2, "GetModelMetadata": 1}
+
+
+def _spec(name: str, version: int | None = None) -> bytes:
+    spec = model_pb2.ModelSpec(name=name)
+    if version is not None:
+        spec.version.value = version
+    return bytes(spec.SerializeToString())
+
+
+def _multi_inference(data: bytes, servable: str, version: int) -> bytes:
+    request = inference_pb2.MultiInferenceRequest.FromString(data)
+    for task in request.tasks:
+        task.model_spec.name = servable
+        task.model_spec.version.value = version
+    return bytes(request.SerializeToString())
+
+
+def _multi_inference_reply(data: bytes, model: str) -> bytes:
+    response = inference_pb2.MultiInferenceResponse.FromString(data)
+    for result in response.results:
+        result.model_spec.name = model
+    return bytes(response.SerializeToString())
 
 
 class Forwarder:
     """Sends one request to a backend that holds the resolved version, retrying once elsewhere
-    when the first backend provably never ran it."""
+    when the first backend provably never ran it.
+
+    The request's model spec is overridden when the backend must see something else than the
+    client sent: the resolved version (for "latest" and labels) and the servable's name. The
+    override is a second model spec appended to the bytes, which a parser merges over the first,
+    so the tensors are never decoded. Responses get the client's model name back the same way.
+    """
 
     def __init__(self, pool: Pool, timeout: float) -> None:
         self.pool = pool
@@ -116,57 +142,68 @@ class Forwarder:
         label: str | None,
         context: grpc.aio.ServicerContext[Any, Any],
         call: Call,
-        pin_latest: bool = False,
     ) -> bytes:
-        """Forwards ``data`` (a serialized TF Serving request whose model spec is field 1).
-
-        With ``pin_latest``, a request for the latest version gets a model spec naming the version
-        routing resolved put in front of its own (the original merges over it and names no
-        version), so the backend runs exactly the version that was checked to be AVAILABLE.
-        """
+        """Forwards ``data``, a serialized TF Serving request for ``model`` asking for
+        ``version`` / ``label`` / latest (both None)."""
         call.model = model
         resolved, candidates = self.pool.table.resolve(model, version, label)
         call.version = resolved
-        if pin_latest and version is None and label is None:
-            data = _pin(resolved) + data
-        backend = pick(candidates)
-        assert isinstance(backend, Backend)
+        target = pick(candidates)
+        assert target is not None
         try:
-            return await self._once(backend, method, data, context, call)
+            return await self._once(target, method, data, model, version, resolved, context, call)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
-            self.pool.poke(backend)
-            other = pick(candidates, exclude=backend)
+            first = target.backend
+            assert isinstance(first, Backend)
+            self.pool.poke(first)
+            other = pick(candidates, exclude=target)
             if other is None or remaining(context, self.timeout) <= 0:
                 raise Unavailable(
-                    f"backend {backend.name} ({backend.address}) is unavailable: {exc.details()}"
+                    f"backend {first.name} ({first.address}) is unavailable: {exc.details()}"
                 ) from None
-            assert isinstance(other, Backend)
             try:
-                return await self._once(other, method, data, context, call)
+                return await self._once(
+                    other, method, data, model, version, resolved, context, call
+                )
             except grpc.aio.AioRpcError as again:
                 if again.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
-                self.pool.poke(other)
+                assert isinstance(other.backend, Backend)
+                self.pool.poke(other.backend)
                 raise Unavailable(
-                    f"backends {backend.name} and {other.name} are unavailable: {again.details()}"
+                    f"backends {first.name} and {other.backend.name} are unavailable: {again.details()}"
                 ) from None
 
     async def _once(
         self,
-        backend: Backend,
+        target: Target,
         method: str,
         data: bytes,
+        model: str,
+        asked: int | None,
+        resolved: int,
         context: grpc.aio.ServicerContext[Any, Any],
         call: Call,
     ) -> bytes:
+        backend = target.backend
+        assert isinstance(backend, Backend)
+        renamed = target.servable != model
+        if method == "MultiInference":
+            data = _multi_inference(data, target.servable, resolved)
+        elif renamed or asked != resolved:
+            data = data + encode_len_field(1, _spec(target.servable, resolved))
         call.backend = backend.name
         backend.outstanding += 1
         try:
-            result: bytes = await backend.calls[method](
+            reply: bytes = await backend.calls[method](
                 data, timeout=remaining(context, self.timeout)
             )
-            return result
         finally:
             backend.outstanding -= 1
+        if renamed:
+            if method == "MultiInference":
+                return _multi_inference_reply(reply, model)
+            reply = reply + encode_len_field(_RESPONSE_SPEC_FIELD[method], _spec(model))
+        return reply

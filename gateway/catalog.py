@@ -1,4 +1,12 @@
-"""Which models the gateway serves, where their files are, and on which backends they belong."""
+"""Which models the gateway serves, where their files are, and on which backends they belong.
+
+A *servable* is one entry of a backend's ModelServerConfig. Read from local folders (no modelsync),
+a model is one servable named after it that holds all its versions. Followed from modelsync, every
+published content of a version is its own servable, ``<model>@r<revision>``, whose base path is
+modelsync's immutable store folder holding just that version. Rewriting a version in place then
+publishes a new servable that loads beside the old one, and routing switches only once it is
+AVAILABLE: no request ever meets a version that is being swapped.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +18,35 @@ from modelmux_common.config import NAME_RE, BackendConfig, Config, ConfigError
 
 
 @dataclass(frozen=True, slots=True)
+class Servable:
+    """One entry of a backend's model config."""
+
+    name: str
+    base_path: str
+    versions: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class DesiredModel:
     """A model as the backends should load it."""
 
     name: str
     api: str
-    # Folder holding <version>/ subfolders, on the volume the backends read.
-    base_path: str
-    versions: tuple[int, ...]
     inferentia: bool
+    # version -> name of the servable that serves it now
+    versions: Mapping[int, str]
+    servables: Mapping[str, Servable]
 
     def placed_on(self, backend: BackendConfig) -> bool:
         """Inferentia APIs go to Inferentia backends only; all others to GPU and CPU backends."""
         return (backend.accelerator == "inferentia") == self.inferentia
+
+
+def single_servable(
+    name: str, api: str, inferentia: bool, base_path: str, versions: tuple[int, ...]
+) -> DesiredModel:
+    servable = Servable(name, base_path, versions)
+    return DesiredModel(name, api, inferentia, {v: name for v in versions}, {name: servable})
 
 
 def version_folders(path: str) -> tuple[int, ...]:
@@ -39,7 +63,7 @@ def version_folders(path: str) -> tuple[int, ...]:
 def static_catalog(config: Config) -> Mapping[str, DesiredModel]:
     """Models read straight from local folders (no modelsync): each must hold version folders."""
     models: dict[str, DesiredModel] = {}
-    for i, source in enumerate(config.sources()):
+    for source in config.sources():
         key = f"apis[{source.api}].models"
         if source.is_s3:
             raise ConfigError(
@@ -66,6 +90,6 @@ def static_catalog(config: Config) -> Mapping[str, DesiredModel]:
                     f"{path} has no integer version folders (serve unversioned models through modelsync)",
                 )
             if name in models:
-                raise ConfigError(config.file, key, f"model {name!r} is defined twice (source {i})")
-            models[name] = DesiredModel(name, source.api, path, versions, source.inferentia)
+                raise ConfigError(config.file, key, f"model {name!r} is defined twice")
+            models[name] = single_servable(name, source.api, source.inferentia, path, versions)
     return models

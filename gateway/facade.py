@@ -1,9 +1,7 @@
 """TF Serving's own gRPC API on the gateway, so existing TF Serving clients work unchanged.
 
-Requests are routed by their model spec and forwarded as the bytes the client sent: tensors are
-never decoded. A request for "latest" is pinned to the version routing chose by putting a model
-spec with that version in front of the original one (the original, parsed later, merges over it
-and sets no version), so the backend runs the version the gateway checked is AVAILABLE.
+Requests are routed by their model spec and forwarded as the bytes the client sent, with at most a
+model spec appended (see :class:`gateway.calls.Forwarder`): tensors are never decoded.
 """
 
 from __future__ import annotations
@@ -68,7 +66,6 @@ class Facade:
                 label=label,
                 context=context,
                 call=call,
-                pin_latest=method != "MultiInference",
             )
 
         return handle
@@ -88,14 +85,12 @@ class Facade:
         if name not in self.pool.models:
             raise NotFound(f"Could not find any versions of model {name}")
         merged: dict[int, VersionStatus] = {}
-        for backend in self.pool.backends:
-            for version, status in backend.models.get(name, {}).items():
-                seen = merged.get(version)
-                if seen is None or (
-                    seen.state != AVAILABLE
-                    and (status.state == AVAILABLE or status.state > seen.state)
-                ):
-                    merged[version] = status
+        for version, entries in self.pool.states(name).items():
+            if entries:
+                available = [st for _, st in entries if st.state == AVAILABLE]
+                merged[version] = (
+                    available[0] if available else max(entries, key=lambda e: e[1].state)[1]
+                )
         if request.model_spec.HasField("version"):
             wanted = request.model_spec.version.value
             call.version = wanted

@@ -31,18 +31,14 @@ class Models:
         )
         model.labels.update(self.pool.labels.get(name, {}))
         versions: dict[int, models_pb2.ModelVersion] = {}
-        for v in desired.versions:
-            versions[v] = models_pb2.ModelVersion(version=v)
-        for backend in self.pool.backends:
-            if not desired.placed_on(backend.config):
-                continue
-            for version, status in backend.models.get(name, {}).items():
-                entry = versions.setdefault(version, models_pb2.ModelVersion(version=version))
+        for version, entries in self.pool.states(name).items():
+            entry = versions.setdefault(version, models_pb2.ModelVersion(version=version))
+            for backend, status in entries:
                 entry.backends.add(
                     backend=backend.name,
                     address=backend.address,
                     accelerator=_ACCELERATOR[backend.accelerator],
-                    state=status.state // 10,  # TF Serving's states are 10, 20, ... 50
+                    state=status.state // 10,  # TF Serving states are 10..50
                     error=status.error,
                 )
         for version, entry in versions.items():

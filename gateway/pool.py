@@ -1,10 +1,12 @@
 """The backend pool: one connection and one reconciler per TF Serving backend.
 
-Each reconciler owns its backend's model configuration (TF Serving replaces the whole config on
+Each reconciler owns its backend's model configuration: TF Serving replaces the whole config on
 every HandleReloadConfigRequest, so it always sends the complete desired config, one reload in
-flight) and polls GetModelStatus; the pool turns the reported states into a routing table.
-Version labels are sent only for versions the backend already reports AVAILABLE, as TF Serving
-refuses labels on versions it has not loaded; the next round after they load adds them.
+flight, then polls GetModelStatus. The pool turns what the backends report into the routing table.
+
+When a version's content is replaced (a new servable for the same model version), the old servable
+stays in a backend's config until the new one is AVAILABLE on that backend, and routing keeps using
+the old one until then; the old one is unloaded only after routing moved away.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from typing import Any
 import grpc
 import structlog
 
-from gateway.catalog import DesiredModel
-from gateway.routing import Route, Table
+from gateway.catalog import DesiredModel, Servable
+from gateway.routing import Route, Table, Target
 from modelmux_common.config import BackendConfig, GatewayConfig
 from modelmux_common.grpcutil import message_size_options
 from modelmux_common.tfserving import (
@@ -53,7 +55,7 @@ def _identity(data: bytes) -> bytes:
 
 
 class Backend:
-    """A TF Serving backend: its channel, raw-bytes call handles and last reported model state."""
+    """A TF Serving backend: its channel, raw-bytes call handles and last reported state."""
 
     def __init__(self, config: BackendConfig, gateway: GatewayConfig) -> None:
         self.config = config
@@ -87,13 +89,17 @@ class Backend:
         )
         self.reachable = False
         self.last_error = ""
-        # model -> version -> status, as last reported
-        self.models: dict[str, dict[int, VersionStatus]] = {}
+        # servable -> version -> status, as last reported
+        self.status: dict[str, dict[int, VersionStatus]] = {}
         # the config last accepted by the backend; None forces a push
         self.pushed: Any = None
 
     def __repr__(self) -> str:
         return f"Backend({self.name}@{self.address})"
+
+    def available(self, servable: str, version: int) -> bool:
+        status = self.status.get(servable, {}).get(version)
+        return status is not None and status.state == AVAILABLE
 
     async def reload(self, config: Any, timeout: float) -> None:
         request = model_management_pb2.ReloadConfigRequest(config=config)
@@ -104,10 +110,10 @@ class Backend:
             )
         self.pushed = config
 
-    async def model_status(self, model: str, timeout: float) -> dict[int, VersionStatus] | None:
-        """The model's versions on this backend; None when the backend does not know the model."""
+    async def servable_status(self, name: str, timeout: float) -> dict[int, VersionStatus] | None:
+        """The servable's versions on this backend; None when the backend does not know it."""
         request = get_model_status_pb2.GetModelStatusRequest()
-        request.model_spec.name = model
+        request.model_spec.name = name
         try:
             response = await self._status(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
@@ -123,22 +129,14 @@ class Backend:
         await self.channel.close(grace=None)
 
 
-def desired_config(
-    backend: Backend, models: Sequence[DesiredModel], labels: Mapping[str, Mapping[str, int]]
-) -> Any:
-    """The complete ModelServerConfig this backend should run (labels only on loaded versions)."""
+def _config(servables: Sequence[Servable]) -> Any:
     config = model_server_config_pb2.ModelServerConfig()
-    for model in models:
+    for servable in servables:
         entry = config.model_config_list.config.add()
-        entry.name = model.name
-        entry.base_path = model.base_path
+        entry.name = servable.name
+        entry.base_path = servable.base_path
         entry.model_platform = "tensorflow"
-        entry.model_version_policy.specific.versions.extend(model.versions)
-        loaded = backend.models.get(model.name, {})
-        for label, version in sorted(labels.get(model.name, {}).items()):
-            status = loaded.get(version)
-            if status is not None and status.state == AVAILABLE:
-                entry.version_labels[label] = version
+        entry.model_version_policy.specific.versions.extend(servable.versions)
     return config
 
 
@@ -156,16 +154,71 @@ class Pool:
     ) -> None:
         self.config = config
         self.backends = [Backend(b, config) for b in backends]
-        self.models = dict(models)
+        self.models: dict[str, DesiredModel] = dict(models)
         self.labels = {m: dict(v) for m, v in labels.items()}
+        # (model, version) -> the servable that served it before its content was replaced
+        self.previous: dict[tuple[str, int], Servable] = {}
         self.table = Table(known=frozenset(self.models))
         self._on_change = on_change
         self._wake = {b.name: asyncio.Event() for b in self.backends}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
 
+    def update(self, models: Mapping[str, DesiredModel]) -> None:
+        """Replace the desired models (e.g. from modelsync); routing moves as backends load them."""
+        for name, model in models.items():
+            old = self.models.get(name)
+            if old is None:
+                continue
+            for version, servable in model.versions.items():
+                before = old.versions.get(version)
+                if before is not None and before != servable:
+                    self.previous[(name, version)] = old.servables[before]
+        self.previous = {
+            key: old
+            for key, old in self.previous.items()
+            if key[0] in models and key[1] in models[key[0]].versions
+        }
+        self.models = dict(models)
+        self._rebuild()
+        for event in self._wake.values():
+            event.set()
+
+    def states(self, name: str) -> dict[int, list[tuple[Backend, VersionStatus]]]:
+        """Each version of a model and its state on every backend it is placed on."""
+        model = self.models[name]
+        out: dict[int, list[tuple[Backend, VersionStatus]]] = {}
+        for version, current in sorted(model.versions.items()):
+            old = self.previous.get((name, version))
+            entries = []
+            for backend in self.backends:
+                if not model.placed_on(backend.config):
+                    continue
+                status = backend.status.get(current, {}).get(version)
+                if old is not None and (status is None or status.state != AVAILABLE):
+                    status = backend.status.get(old.name, {}).get(version) or status
+                if status is not None:
+                    entries.append((backend, status))
+            out[version] = entries
+        return out
+
     def placed(self, backend: Backend) -> list[DesiredModel]:
         return [m for m in self.models.values() if m.placed_on(backend.config)]
+
+    def wanted(self, backend: Backend) -> list[Servable]:
+        """Every servable this backend should hold, old ones included until their successor loaded."""
+        out: list[Servable] = []
+        for model in self.placed(backend):
+            out.extend(model.servables.values())
+            for version, current in model.versions.items():
+                old = self.previous.get((model.name, version))
+                if (
+                    old is not None
+                    and not backend.available(current, version)
+                    and backend.available(old.name, version)
+                ):
+                    out.append(old)
+        return out
 
     def start(self) -> None:
         for backend in self.backends:
@@ -189,6 +242,8 @@ class Pool:
     async def _reconcile(self, backend: Backend) -> None:
         backoff = 0.1
         while not self._stopping.is_set():
+            event = self._wake[backend.name]
+            event.clear()
             try:
                 converged = await self._round(backend)
                 backoff = 0.1
@@ -200,39 +255,53 @@ class Pool:
                 backend.last_error = str(exc)
                 log.warning("backend_reload_failed", backend=backend.name, error=str(exc))
                 wait, backoff = backoff, min(backoff * 2, MAX_BACKOFF)
-            event = self._wake[backend.name]
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), wait)
-            event.clear()
 
     async def _round(self, backend: Backend) -> bool:
         """Push the config if it changed, poll status; True when nothing is still loading."""
         timeout = min(self.config.backend_timeout, 10.0)
-        placed = self.placed(backend)
-        wanted = desired_config(backend, placed, self.labels)
-        if wanted != backend.pushed:
-            log.info("backend_reload", backend=backend.name, models=[m.name for m in placed])
-            await backend.reload(wanted, timeout=max(timeout, self.config.backend_timeout))
-        states: dict[str, dict[int, VersionStatus]] = {}
-        for model in placed:
-            status = await backend.model_status(model.name, timeout)
-            if status is None:
+        wanted = self.wanted(backend)
+        config = _config(wanted)
+        if config != backend.pushed:
+            log.info("backend_reload", backend=backend.name, servables=[s.name for s in wanted])
+            await backend.reload(config, timeout=self.config.backend_timeout)
+        status: dict[str, dict[int, VersionStatus]] = {}
+        for servable in wanted:
+            reported = await backend.servable_status(servable.name, timeout)
+            if reported is None:
                 backend.pushed = None  # the backend lost its config (restarted): push again
                 return False
-            states[model.name] = status
+            status[servable.name] = reported
         if not backend.reachable:
             log.info("backend_reachable", backend=backend.name, address=backend.address)
         backend.reachable, backend.last_error = True, ""
-        if states != backend.models:
-            backend.models = states
+        if status != backend.status:
+            self._log_failures(backend, status)
+            backend.status = status
             self._rebuild()
-        if desired_config(backend, placed, self.labels) != backend.pushed:
+        if _config(self.wanted(backend)) != backend.pushed:
             return False
         return all(
-            states[m.name].get(v, VersionStatus(0)).state in (AVAILABLE, END)
-            for m in placed
-            for v in m.versions
+            status[s.name].get(v, VersionStatus(0)).state in (AVAILABLE, END)
+            for s in wanted
+            for v in s.versions
         )
+
+    def _log_failures(
+        self, backend: Backend, status: Mapping[str, Mapping[int, VersionStatus]]
+    ) -> None:
+        for name, versions in status.items():
+            for version, entry in versions.items():
+                seen = backend.status.get(name, {}).get(version)
+                if entry.error and (seen is None or seen.error != entry.error):
+                    log.warning(
+                        "version_load_failed",
+                        backend=backend.name,
+                        servable=name,
+                        version=version,
+                        error=entry.error,
+                    )
 
     def _mark_unreachable(self, backend: Backend, error: str) -> None:
         if backend.reachable or not backend.last_error:
@@ -240,21 +309,43 @@ class Pool:
                 "backend_unreachable", backend=backend.name, address=backend.address, error=error
             )
         backend.reachable, backend.last_error, backend.pushed = False, error, None
-        if backend.models:
-            backend.models = {}
+        if backend.status:
+            backend.status = {}
             self._rebuild()
+
+    def _targets(self, model: DesiredModel, version: int, current: str) -> list[Target]:
+        old = self.previous.get((model.name, version))
+        targets = []
+        for backend in self.backends:
+            if backend.available(current, version):
+                targets.append(Target(backend, current))
+            elif old is not None and backend.available(old.name, version):
+                targets.append(Target(backend, old.name))
+        return targets
 
     def _rebuild(self) -> None:
         routes: dict[str, Route] = {}
-        for name in self.models:
-            versions: dict[int, list[Backend]] = {}
-            for backend in self.backends:
-                for version, status in backend.models.get(name, {}).items():
-                    if status.state == AVAILABLE:
-                        versions.setdefault(version, []).append(backend)
+        for name, model in self.models.items():
+            versions = {}
+            for version, current in model.versions.items():
+                targets = self._targets(model, version, current)
+                if targets:
+                    versions[version] = tuple(targets)
             if versions:
-                labels = dict(self.labels.get(name, {}))
-                routes[name] = Route(name, {v: tuple(b) for v, b in versions.items()}, labels)
+                routes[name] = Route(name, versions, dict(self.labels.get(name, {})))
+        self.previous = {
+            key: old
+            for key, old in self.previous.items()
+            if any(b.available(old.name, key[1]) for b in self.backends)
+            and not all(
+                b.available(self.models[key[0]].versions[key[1]], key[1])
+                for b in self._placed_backends(key[0])
+            )
+        }
         self.table = Table(routes=routes, known=frozenset(self.models))
         if self._on_change is not None:
             self._on_change(self.table)
+
+    def _placed_backends(self, model: str) -> list[Backend]:
+        desired = self.models[model]
+        return [b for b in self.backends if desired.placed_on(b.config) and b.reachable]

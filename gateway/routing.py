@@ -14,7 +14,7 @@ from typing import Protocol
 from gateway.errors import NotFound, Unavailable
 
 
-class Target(Protocol):
+class Backend(Protocol):
     """What routing needs from a backend."""
 
     name: str
@@ -22,11 +22,23 @@ class Target(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class Target:
+    """A backend and the servable on it that holds the version."""
+
+    backend: Backend
+    servable: str
+
+    @property
+    def outstanding(self) -> int:
+        return self.backend.outstanding
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """One model's routable versions."""
 
     model: str
-    # version -> backends where it is AVAILABLE (only routable versions appear)
+    # version -> where it is AVAILABLE (only routable versions appear)
     versions: Mapping[int, Sequence[Target]]
     labels: Mapping[str, int]
 
@@ -76,7 +88,7 @@ class Table:
 def pick(candidates: Sequence[Target], exclude: Target | None = None) -> Target | None:
     """Least outstanding requests between two random choices (power of two choices)."""
     if exclude is not None:
-        candidates = [c for c in candidates if c is not exclude]
+        candidates = [c for c in candidates if c.backend is not exclude.backend]
     n = len(candidates)
     if n == 0:
         return None

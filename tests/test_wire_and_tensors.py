@@ -43,13 +43,22 @@ def test_multi_inference_uses_first_task() -> None:
     assert model_spec_of("MultiInference", request.SerializeToString()).name == "a"
 
 
-def test_pin_prefix_merges_under_the_original_spec() -> None:
-    pinned = encode_len_field(1, b"\x12\x02\x08\x07") + predict_bytes(
-        "m"
-    )  # ModelSpec{version{value:7}}
-    parsed = predict_pb2.PredictRequest.FromString(pinned)
-    assert parsed.model_spec.name == "m" and parsed.model_spec.version.value == 7
-    assert len(parsed.inputs["x"].tensor_content) == 4000
+def test_appended_spec_overrides_name_and_version() -> None:
+    original = predict_bytes("m")
+    override = predict_pb2.PredictRequest()
+    override.model_spec.name = "m@r7"
+    override.model_spec.version.value = 7
+    labelled = predict_pb2.PredictRequest.FromString(original)
+    labelled.model_spec.version_label = "stable"
+    for data in (original, labelled.SerializeToString()):
+        parsed = predict_pb2.PredictRequest.FromString(
+            data + encode_len_field(1, override.model_spec.SerializeToString())
+        )
+        assert parsed.model_spec.name == "m@r7" and parsed.model_spec.version.value == 7
+        assert parsed.model_spec.WhichOneof("version_choice") == "version"
+        assert len(parsed.inputs["x"].tensor_content) == 4000 and list(parsed.output_filter) == [
+            "y"
+        ]
 
 
 @pytest.mark.parametrize(
