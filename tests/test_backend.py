@@ -23,6 +23,7 @@ from backend_helpers import (
     to_numpy,
     version_states,
     wait_for_states,
+    wait_until,
 )
 from conftest import Proc, start_daemon
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -495,10 +496,16 @@ async def test_inferentia_backend_refuses_models_with_variables(
         (2, end, FAILED_PRECONDITION)
     ]
     assert "variables/" in status[0].status.error_message
-    failed = [line for line in daemons[1].lines if line.get("event") == "version load failed"]
-    assert (
-        failed and failed[0]["model"] == "half_plus_two" and "variables/" in str(failed[0]["error"])
-    )
+
+    def failed() -> list[dict[str, object]]:
+        # the log line is read by another thread: wait for it rather than race it
+        return [line for line in daemons[1].lines if line.get("event") == "version load failed"]
+
+    async def logged() -> bool:
+        return bool(failed())
+
+    await wait_until(logged, timeout=10, what="the load failure log line")
+    assert failed()[0]["model"] == "half_plus_two" and "variables/" in str(failed()[0]["error"])
     assert await predict_y(inf, predict_request(spec("half_plus_two_inf"), x=floats(X))) == (
         V1_Y,
         1,
