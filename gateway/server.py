@@ -14,6 +14,7 @@ import structlog
 from gateway.calls import Forwarder, Handler, edge
 from gateway.catalog import static_catalog
 from gateway.facade import MODEL_SERVICE, PREDICTION_SERVICE, Facade
+from gateway.follower import Follower
 from gateway.inference import Inference
 from gateway.models_api import Models
 from gateway.pool import FORWARDED_METHODS, Pool
@@ -35,6 +36,7 @@ log = structlog.get_logger("modelmux.gateway")
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 MODELS_SERVICE = models_pb2.DESCRIPTOR.services_by_name["Models"].full_name
 MODEL_HEALTH_PREFIX = "modelmux.v1.Model/"
+MODELSYNC_HEALTH = "modelmux.modelsync.v1.ModelSync"
 
 
 def _generic(service: str, methods: dict[str, Any]) -> grpc.GenericRpcHandler:
@@ -50,13 +52,19 @@ class Gateway:
     def __init__(self, config: Config) -> None:
         self.config = config
         gw = config.gateway
+        self.follower: Follower | None = None
+        # models the config names (path / paths): SERVING waits for them
+        self.expected = frozenset(s.name for s in config.sources() if s.kind == "path")
         self.pool = Pool(
             config=gw,
             backends=config.backends,
-            models=static_catalog(config),
+            models={} if gw.modelsync else static_catalog(config),
             labels=config.version_labels,
             on_change=self._on_table,
         )
+        if gw.modelsync:
+            self.follower = Follower(gw.modelsync, self.pool.update)
+            self.follower.on_connection = lambda _: self._on_table(self.pool.table)
         self.server = grpc.aio.server(options=message_size_options(gw.max_message_bytes))
         forwarder = Forwarder(self.pool, gw.backend_timeout)
         facade = Facade(self.pool, forwarder)
@@ -104,11 +112,18 @@ class Gateway:
         self.address = ""
 
     def _on_table(self, table: Table) -> None:
-        wanted = {
-            MODEL_HEALTH_PREFIX + name: SERVING if name in table.routes else NOT_SERVING
-            for name in table.known
+        """Health: one entry per model, modelsync's link, and overall SERVING once every
+        model is routable (and, following modelsync, the first snapshot arrived)."""
+        wanted: dict[str, int] = {
+            name: NOT_SERVING for name in self._health if name.startswith(MODEL_HEALTH_PREFIX)
         }
-        wanted[""] = SERVING if all(name in table.routes for name in table.known) else NOT_SERVING
+        for name in table.known | self.expected:
+            wanted[MODEL_HEALTH_PREFIX + name] = SERVING if name in table.routes else NOT_SERVING
+        ready = all(name in table.routes for name in table.known | self.expected)
+        if self.follower is not None:
+            ready = ready and self.follower.synced.is_set()
+            wanted[MODELSYNC_HEALTH] = SERVING if self.follower.connected else NOT_SERVING
+        wanted[""] = SERVING if ready else NOT_SERVING
         changed = {k: v for k, v in wanted.items() if self._health.get(k) != v}
         if not changed:
             return
@@ -137,6 +152,8 @@ class Gateway:
         self._on_table(self.pool.table)
         await self.server.start()
         self.pool.start()
+        if self.follower is not None:
+            self.follower.start()
         log.info(
             "serving", address=self.address, backends=[b.address for b in self.config.backends]
         )
@@ -146,6 +163,8 @@ class Gateway:
         """Health NOT_SERVING, stop accepting, let in-flight calls finish, close backends."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(0 if force else self.config.gateway.shutdown_grace)
+        if self.follower is not None:
+            await self.follower.close()
         await self.pool.close()
         log.info("stopped", forced=force)
 

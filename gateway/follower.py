@@ -1,0 +1,175 @@
+"""Follows modelsync's event stream and turns what is published into the desired models.
+
+The stream starts with a snapshot (or replays the events after the last revision seen, on a
+reconnect), then carries live events. The follower keeps the published state, rebuilds the
+catalogue from it after every change, and hands it to the pool. While modelsync is unreachable the
+last catalogue stays in force and the follower reconnects with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+
+from gateway.catalog import DesiredModel, Servable
+from modelmux.modelsync.v1 import modelsync_pb2, modelsync_pb2_grpc
+
+log = structlog.get_logger("modelmux.gateway")
+
+K = modelsync_pb2
+_PUBLISHING = (
+    K.EVENT_KIND_VERSION_ADDED,
+    K.EVENT_KIND_STRUCTURE_CHANGED,
+    K.EVENT_KIND_CONTENT_UPDATED,
+)
+MAX_BACKOFF = 5.0
+
+
+@dataclass
+class _Model:
+    api: str
+    inferentia: bool
+    # version -> (servable name, store base path)
+    versions: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+
+def servable_name(model: str, store_base_path: str) -> str:
+    """``<model>@r<revision>``: the store folder's name identifies the published content."""
+    return f"{model}@{os.path.basename(store_base_path.rstrip('/'))}"
+
+
+class Follower:
+    """Keeps a catalogue in step with modelsync."""
+
+    def __init__(
+        self, address: str, on_catalog: Callable[[Mapping[str, DesiredModel]], None]
+    ) -> None:
+        self.address = address
+        self.on_catalog = on_catalog
+        self.revision = 0
+        self.connected = False
+        self.synced = asyncio.Event()  # set once the first snapshot arrived
+        self.on_connection: Callable[[bool], None] | None = None
+        self._models: dict[str, _Model] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="modelsync-follower")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def catalog(self) -> dict[str, DesiredModel]:
+        out = {}
+        for name, model in self._models.items():
+            if not model.versions:
+                continue
+            servables = {s: Servable(s, base, (v,)) for v, (s, base) in model.versions.items()}
+            versions = {v: s for v, (s, _) in model.versions.items()}
+            out[name] = DesiredModel(name, model.api, model.inferentia, versions, servables)
+        return out
+
+    async def _run(self) -> None:
+        backoff = 0.2
+        options = [("grpc.max_receive_message_length", 256 * 1024 * 1024)]
+        async with grpc.aio.insecure_channel(self.address, options=options) as channel:
+            stub = modelsync_pb2_grpc.ModelSyncStub(channel)
+            while True:
+                try:
+                    stream = stub.WatchEvents(
+                        modelsync_pb2.WatchEventsRequest(from_revision=self.revision)
+                    )
+                    async for item in stream:
+                        self._set_connected(True)
+                        backoff = 0.2
+                        self._apply(item)
+                    error = "stream ended"
+                except grpc.aio.AioRpcError as exc:
+                    error = f"{exc.code().name}: {exc.details()}"
+                self._set_connected(False, error)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+
+    def _set_connected(self, connected: bool, error: str = "") -> None:
+        if connected == self.connected:
+            return
+        self.connected = connected
+        if connected:
+            log.info("modelsync_connected", address=self.address, from_revision=self.revision)
+        else:
+            log.warning(
+                "modelsync_disconnected", address=self.address, error=error, revision=self.revision
+            )
+        if self.on_connection is not None:
+            self.on_connection(connected)
+
+    def _apply(self, item: modelsync_pb2.WatchEventsResponse) -> None:
+        if item.HasField("snapshot"):
+            self._snapshot(item.snapshot)
+        else:
+            event = item.event
+            self.revision = max(self.revision, event.revision)
+            if not self._event(event):
+                return
+        self.on_catalog(self.catalog())
+
+    def _snapshot(self, snapshot: modelsync_pb2.Snapshot) -> None:
+        self._models = {}
+        for published in snapshot.models:
+            model = self._models[published.name] = _Model(published.api, published.inferentia)
+            for v in published.versions:
+                model.versions[v.version] = (
+                    servable_name(published.name, v.store_base_path),
+                    v.store_base_path,
+                )
+        self.revision = snapshot.revision
+        log.info(
+            "modelsync_snapshot",
+            revision=snapshot.revision,
+            reason=modelsync_pb2.SnapshotReason.Name(snapshot.reason),
+            models=sorted(self._models),
+        )
+        self.synced.set()
+
+    def _event(self, event: modelsync_pb2.Event) -> bool:
+        """Applies one event; True when the catalogue changed."""
+        kind = event.kind
+        if kind in _PUBLISHING and event.HasField("version"):
+            model = self._models.setdefault(event.model, _Model(event.api, event.inferentia))
+            model.versions[event.version] = (
+                servable_name(event.model, event.store_base_path),
+                event.store_base_path,
+            )
+        elif kind == K.EVENT_KIND_VERSION_REMOVED and event.HasField("version"):
+            known = self._models.get(event.model)
+            if known is None or known.versions.pop(event.version, None) is None:
+                return False
+        elif kind == K.EVENT_KIND_MODEL_REMOVED:
+            if self._models.pop(event.model, None) is None:
+                return False
+        else:
+            log.info(
+                "modelsync_event",
+                kind=modelsync_pb2.EventKind.Name(kind),
+                model=event.model,
+                reason=event.reason,
+                revision=event.revision,
+            )
+            return False
+        log.info(
+            "model_published" if kind in _PUBLISHING else "model_withdrawn",
+            kind=modelsync_pb2.EventKind.Name(kind),
+            model=event.model,
+            version=event.version if event.HasField("version") else None,
+            revision=event.revision,
+        )
+        return True

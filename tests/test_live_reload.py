@@ -1,0 +1,359 @@
+"""Live reloading end to end, every piece a real process on loopback.
+
+moto's S3 server holds the model sources; modelsync mirrors them onto a volume; three embedded
+backends (two cpu/gpu, one inferentia) load from it; the gateway follows modelsync and routes.
+A client keeps calling the gateway throughout, and each reload trigger must cause no failed call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import yaml
+from conftest import Proc, start_daemon
+from gateway_helpers import wait_for
+from modelsync_helpers import MotoServer, aws_env, new_bucket
+
+from modelmux.modelsync.v1 import modelsync_pb2, modelsync_pb2_grpc
+from modelmux.v1 import inference_pb2, inference_pb2_grpc, models_pb2, models_pb2_grpc, tensor_pb2
+from modelmux_common.tfserving import get_model_status_pb2, predict_pb2
+
+from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc  # isort: skip
+
+POLL = 1.0  # modelsync's poll interval in this test
+DEADLINE = POLL + 5.0  # the issue's bound for new content to be served
+X = [1.0, 2.0, 5.0]
+V1_Y = [2.5, 3.0, 4.5]  # 0.5x + 2
+V2_Y = [3.5, 4.0, 5.5]  # 0.5x + 3
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+@dataclass
+class Stack:
+    s3: Any
+    bucket: str
+    models: Path
+    backends: dict[str, Proc]
+    sync: Proc
+    gateway: Proc
+    config: Path
+
+    def put(self, prefix: str, files: dict[str, bytes]) -> None:
+        for rel, body in files.items():
+            self.s3.put_object(Bucket=self.bucket, Key=prefix + rel, Body=body)
+
+    def delete(self, prefix: str) -> None:
+        listed = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=prefix).get("Contents", [])
+        for obj in listed:
+            self.s3.delete_object(Bucket=self.bucket, Key=obj["Key"])
+
+
+@dataclass
+class Load:
+    """A client calling the gateway without pause; every outcome is recorded with its time."""
+
+    address: str
+    results: list[tuple[float, str, int, list[float] | str]] = field(default_factory=list)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self, model: str, api: str) -> None:
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            own = inference_pb2_grpc.InferenceStub(channel)
+            facade = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            while not self.stop.is_set():
+                try:
+                    if api == "own":
+                        reply = await own.Predict(own_request(model), timeout=10)
+                        y = np.frombuffer(reply.outputs["y"].content, dtype="<f4").tolist()
+                        self.results.append((time.monotonic(), model, reply.version, y))
+                    else:
+                        tf_reply = await facade.Predict(tf_request(model), timeout=10)
+                        y = np.frombuffer(
+                            tf_reply.outputs["y"].tensor_content, dtype="<f4"
+                        ).tolist()
+                        self.results.append(
+                            (time.monotonic(), model, tf_reply.model_spec.version.value, y)
+                        )
+                except grpc.aio.AioRpcError as exc:
+                    self.results.append(
+                        (time.monotonic(), model, -1, f"{exc.code().name}: {exc.details()}")
+                    )
+
+    def failures(self, since: float = 0.0) -> list[Any]:
+        return [r for r in self.results if r[0] >= since and r[2] == -1]
+
+    def served(self, model: str, version: int, y: list[float], since: float) -> bool:
+        return any(
+            r[0] >= since and r[1] == model and r[2] == version and r[3] == y for r in self.results
+        )
+
+
+def own_request(model: str) -> inference_pb2.PredictRequest:
+    tensor = tensor_pb2.Tensor(
+        dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=[3], content=np.asarray(X, dtype="<f4").tobytes()
+    )
+    return inference_pb2.PredictRequest(model=model, inputs={"x": tensor})
+
+
+def tf_request(model: str) -> Any:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    request.inputs["x"].dtype = 1
+    request.inputs["x"].tensor_shape.dim.add().size = 3
+    request.inputs["x"].tensor_content = np.asarray(X, dtype="<f4").tobytes()
+    return request
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    with aws_env():
+        server = MotoServer(tmp_path_factory.mktemp("moto")).start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, example_models: Path, moto: MotoServer
+) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("live")
+    s3 = moto.client()
+    bucket = new_bucket(moto)
+    for rel, body in files_of(example_models / "half_plus_two" / "1").items():
+        s3.put_object(Bucket=bucket, Key=f"models/half_plus_two/1/{rel}", Body=body)
+    for rel, body in files_of(example_models / "half_plus_two_inf" / "1").items():
+        s3.put_object(Bucket=bucket, Key=f"inf/half_plus_two_inf/1/{rel}", Body=body)
+    names = {"gpu-0": "gpu", "cpu-1": "cpu", "inf-0": "inferentia"}
+    backends = {
+        name: start_daemon(
+            [
+                "backend",
+                "--listen",
+                "127.0.0.1:0",
+                "--accelerator",
+                accel,
+                "--poll-interval",
+                "200ms",
+            ]
+        )
+        for name, accel in names.items()
+    }
+    config = root / "modelmux.yaml"
+    doc = {
+        "gateway": {"listen": "127.0.0.1:0", "status_interval": "200ms", "log_requests": False},
+        "modelsync": {
+            "listen": "127.0.0.1:0",
+            "target": str(root / "volume"),
+            "poll_interval": f"{POLL}s",
+            "settle": "0s",
+            "removal_grace": "30s",
+            "s3_endpoint_url": moto.endpoint,
+        },
+        "backends": [
+            {"name": n, "address": backends[n].address, "accelerator": a} for n, a in names.items()
+        ],
+        "apis": [
+            {
+                "name": "hpt",
+                "handler": {
+                    "type": "tensorflow",
+                    "models": {
+                        "paths": [
+                            {
+                                "name": "half_plus_two",
+                                "path": f"s3://{bucket}/models/half_plus_two/",
+                            }
+                        ]
+                    },
+                },
+            },
+            {
+                "name": "hpt-inf",
+                "compute": {"inf": 1},
+                "handler": {
+                    "type": "tensorflow",
+                    "models": {
+                        "paths": [
+                            {
+                                "name": "half_plus_two_inf",
+                                "path": f"s3://{bucket}/inf/half_plus_two_inf/",
+                            }
+                        ]
+                    },
+                },
+            },
+        ],
+    }
+    config.write_text(yaml.safe_dump(doc))
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    sync = start_daemon(["sync", "--config", str(config)], env=env)
+    gateway = start_daemon(
+        ["gateway", "--config", str(config)], env={"MODELMUX_GATEWAY_MODELSYNC": sync.address}
+    )
+    yield Stack(s3, bucket, example_models, backends, sync, gateway, config)
+    for proc in (gateway, sync, *backends.values()):
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+async def load(stack: Stack) -> AsyncIterator[Load]:
+    recorder = Load(stack.gateway.address)
+
+    async def both_answer() -> bool:
+        await asyncio.sleep(0)
+        async with grpc.aio.insecure_channel(stack.gateway.address) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            try:
+                for model in ("half_plus_two", "half_plus_two_inf"):
+                    await stub.Predict(own_request(model), timeout=5)
+            except grpc.aio.AioRpcError:
+                return False
+        return True
+
+    await wait_for(both_answer, timeout=90, what="the stack to serve both models")
+    tasks = [
+        asyncio.create_task(recorder.run("half_plus_two", "own")),
+        asyncio.create_task(recorder.run("half_plus_two", "facade")),
+        asyncio.create_task(recorder.run("half_plus_two_inf", "own")),
+    ]
+    yield recorder
+    recorder.stop.set()
+    await asyncio.gather(*tasks)
+
+
+async def published(stack: Stack) -> dict[str, dict[int, str]]:
+    """model -> version -> servable name, as modelsync lists them now."""
+    async with grpc.aio.insecure_channel(stack.sync.address) as channel:
+        reply = await modelsync_pb2_grpc.ModelSyncStub(channel).ListModels(
+            modelsync_pb2.ListModelsRequest(), timeout=5
+        )
+    return {
+        m.name: {v.version: f"{m.name}@{Path(v.store_base_path).name}" for v in m.versions}
+        for m in reply.models
+    }
+
+
+async def servable_state(backend: Proc, servable: str) -> int | None:
+    async with grpc.aio.insecure_channel(backend.address) as channel:
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = servable
+        try:
+            reply = await model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(
+                request, timeout=5
+            )
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.NOT_FOUND
+            return None
+        return int(reply.model_version_status[0].state)
+
+
+async def trigger(load: Load, action: Any, model: str, version: int, y: list[float]) -> float:
+    """Runs ``action`` and waits until the new content is served; returns seconds taken."""
+    started = time.monotonic()
+    action()
+    await wait_for(
+        lambda: load.served(model, version, y, started),
+        timeout=DEADLINE,
+        what=f"{model} v{version} {y}",
+    )
+    took = time.monotonic() - started
+    print(f"propagation: {took:.2f} s")
+    assert not load.failures(started), load.failures(started)[:5]
+    return took
+
+
+async def test_1_version_added(stack: Stack, load: Load) -> None:
+    assert load.served("half_plus_two", 1, V1_Y, 0) or await wait_for(
+        lambda: load.served("half_plus_two", 1, V1_Y, 0), timeout=10, what="v1"
+    )
+    v2 = files_of(stack.models / "half_plus_two" / "2")
+    await trigger(load, lambda: stack.put("models/half_plus_two/2/", v2), "half_plus_two", 2, V2_Y)
+
+
+async def test_2_latest_updated_in_place(stack: Stack, load: Load) -> None:
+    before = (await published(stack))["half_plus_two"][2]
+    v1_content = files_of(stack.models / "half_plus_two" / "1")
+    await trigger(
+        load, lambda: stack.put("models/half_plus_two/2/", v1_content), "half_plus_two", 2, V1_Y
+    )
+    after = (await published(stack))["half_plus_two"][2]
+    assert after != before
+    # the replaced servable is unloaded once routing moved away from it
+    for name in ("gpu-0", "cpu-1"):
+        backend = stack.backends[name]
+
+        async def unloaded(backend: Proc = backend) -> bool:
+            return await servable_state(backend, before) in (
+                None,
+                get_model_status_pb2.ModelVersionStatus.END,
+            )
+
+        await wait_for(unloaded, timeout=10, what=f"{before} unloaded on {name}")
+
+
+async def test_3_structure_changed(stack: Stack, load: Load) -> None:
+    before = (await published(stack))["half_plus_two"][2]
+    started = time.monotonic()
+    stack.put("models/half_plus_two/2/", {"assets/notes.txt": b"structure change"})
+
+    async def moved() -> bool:
+        now = (await published(stack)).get("half_plus_two", {}).get(2)
+        if now in (None, before):
+            return False
+        states = [await servable_state(stack.backends[n], now) for n in ("gpu-0", "cpu-1")]
+        return all(s == get_model_status_pb2.ModelVersionStatus.AVAILABLE for s in states)
+
+    await wait_for(moved, timeout=DEADLINE, what="the restructured version to load everywhere")
+    mark = time.monotonic()
+    await wait_for(
+        lambda: load.served("half_plus_two", 2, V1_Y, mark),
+        timeout=5,
+        what="answers after the move",
+    )
+    assert not load.failures(started), load.failures(started)[:5]
+
+
+async def test_4_version_removed(stack: Stack, load: Load) -> None:
+    await trigger(load, lambda: stack.delete("models/half_plus_two/2/"), "half_plus_two", 1, V1_Y)
+    async with grpc.aio.insecure_channel(stack.gateway.address) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        request = own_request("half_plus_two")
+        request.version = 2
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Predict(request, timeout=5)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_5_placement_respected(stack: Stack, load: Load) -> None:
+    servables = await published(stack)
+    inf = servables["half_plus_two_inf"][1]
+    cpu = servables["half_plus_two"][1]
+    available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    assert await servable_state(stack.backends["inf-0"], inf) == available
+    assert await servable_state(stack.backends["inf-0"], cpu) is None
+    for name in ("gpu-0", "cpu-1"):
+        assert await servable_state(stack.backends[name], cpu) == available
+        assert await servable_state(stack.backends[name], inf) is None
+    async with grpc.aio.insecure_channel(stack.gateway.address) as channel:
+        listing = await models_pb2_grpc.ModelsStub(channel).ListModels(
+            models_pb2.ListModelsRequest(), timeout=5
+        )
+    placed = {m.name: {b.backend for v in m.versions for b in v.backends} for m in listing.models}
+    assert placed == {"half_plus_two": {"gpu-0", "cpu-1"}, "half_plus_two_inf": {"inf-0"}}
+    assert not load.failures(), load.failures()[:5]
