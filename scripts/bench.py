@@ -1,0 +1,462 @@
+#!/usr/bin/env python3
+"""``make bench``: the gateway measured side by side with direct calls, a bare hop and nginx.
+
+One run starts everything it measures on free loopback ports (an embedded backend, the gateway
+with request logging off and a second one with it on, the bare hop of scripts/bench_barehop.py,
+nginx with grpc_pass when nginx is installed, modelsync for its memory and the reload scenario),
+measures each scenario, prints a table and writes JSON to bench-results/bench-<timestamp>.json.
+Every figure is compared with calling the backend directly, and the gateway's costs with the bare
+hop's, always from the same run. Load comes from h2load when it is installed, else from the
+multi-process Python generator of scripts/bench_load.py; the output says which.
+
+    .venv/bin/python scripts/bench.py                       # full run, < 10 minutes on 2 cores
+    .venv/bin/python scripts/bench.py --quick               # a smoke run, < 30 s
+    .venv/bin/python scripts/bench.py --scenarios small --targets facade-latest,barehop-latest
+    .venv/bin/python scripts/bench.py --scenarios small --profile   # + py-spy profiles
+
+Scenarios: small (p50/p99 at concurrency 1, throughput at saturation, CPU per call), large (one
+40 MB float32 tensor per call), memory (RSS of gateway and modelsync), start (gateway start to
+SERVING), workers (gateway --workers 1 vs 2), reload (new version in a modelsync source to the
+first answer from it). See docs/benchmarks.md for what each number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import bench_lifecycle
+import bench_report
+import bench_requests as req
+import grpc
+from bench_load import H2Load, PythonLoad, Sample, median
+from bench_stack import (
+    ROOT,
+    Child,
+    Stack,
+    gateway_config,
+    model_config_file,
+    modelsync_config,
+)
+
+SCENARIOS = ("small", "large", "memory", "start", "workers", "reload")
+MAX_BYTES = 128 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    calls: int = 1000  # measured calls per target and round at concurrency 1
+    sat_calls: int = 3000  # measured calls per target and round at saturation
+    concurrency: int = 16  # calls in flight at saturation
+    rounds: int = 3
+    warmup: int = 50
+    large_mb: int = 40
+    large_calls: int = 5
+    asset_mb: int = 64  # extra file in the version modelsync mirrors while "loaded"
+    start_rounds: int = 3
+    reload_timeout: float = 30.0
+    processes: int = 2  # Python load processes / h2load connections at saturation
+    load: str = "auto"
+    quick: bool = False
+
+
+QUICK = Settings(
+    calls=150,
+    sat_calls=300,
+    rounds=1,
+    warmup=10,
+    large_mb=4,
+    large_calls=1,
+    asset_mb=4,
+    start_rounds=1,
+    reload_timeout=5.0,
+    quick=True,
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One way of calling half_plus_two: through which process, with which request."""
+
+    name: str
+    process: str  # the stack process the call goes to ("backend": direct)
+    kind: str  # request form: tf, typed or json
+    version: int | None  # None: latest
+    base: str  # the direct target it is compared with
+    floor: str = ""  # the bare-hop target whose costs it is compared with
+
+
+TARGETS = (
+    Target("direct-v2", "backend", "tf", 2, "direct-v2"),
+    Target("direct-latest", "backend", "tf", None, "direct-latest"),
+    Target("barehop-v2", "barehop", "tf", 2, "direct-v2", "barehop-v2"),
+    Target("barehop-latest", "barehop", "tf", None, "direct-latest", "barehop-latest"),
+    Target("nginx-v2", "nginx", "tf", 2, "direct-v2", "barehop-v2"),
+    Target("nginx-latest", "nginx", "tf", None, "direct-latest", "barehop-latest"),
+    Target("facade-v2", "gateway", "tf", 2, "direct-v2", "barehop-v2"),
+    Target("facade-latest", "gateway", "tf", None, "direct-latest", "barehop-latest"),
+    Target("facade-latest-logged", "gateway-logged", "tf", None, "direct-latest", "barehop-latest"),
+    Target("own-typed", "gateway", "typed", None, "direct-latest", "barehop-latest"),
+    Target("own-json", "gateway", "json", None, "direct-latest", "barehop-latest"),
+    Target("static-v2", "gateway-static", "tf", 2, "direct-v2", "barehop-v2"),
+    Target("static-latest", "gateway-static", "tf", None, "direct-latest", "barehop-latest"),
+)
+LARGE_TARGETS = (
+    "direct-v2",
+    "direct-latest",
+    "barehop-v2",
+    "nginx-v2",
+    "facade-v2",
+    "facade-latest",
+    "static-v2",
+    "static-latest",
+    "own-typed",
+)
+
+
+def backend_of(process: str) -> str:
+    """The backend behind a process: gateways following modelsync have their own."""
+    if process.startswith("gateway") and not process.startswith("gateway-static"):
+        return "backend-sync"
+    return "backend"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few calls, one round")
+    parser.add_argument("--calls", type=int, help="measured calls per target and round at c=1")
+    parser.add_argument("--sat-calls", type=int, help="measured calls per round at saturation")
+    parser.add_argument("--concurrency", type=int, help="calls in flight at saturation")
+    parser.add_argument("--rounds", type=int, help="rounds of the small scenario (median)")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated")
+    parser.add_argument("--targets", default="", help="small/large targets (default: all)")
+    parser.add_argument("--large-mb", type=int, help="size of the large tensor (default 40)")
+    parser.add_argument("--load", choices=("auto", "python", "h2load"), default="auto")
+    parser.add_argument("--processes", type=int, help="load processes / connections")
+    parser.add_argument("--models", type=Path, default=ROOT / ".modelmux" / "source")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results")
+    parser.add_argument("--profile", action="store_true", help="py-spy profiles (small)")
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    base = QUICK if args.quick else Settings()
+    overrides = {
+        "calls": args.calls,
+        "sat_calls": args.sat_calls,
+        "concurrency": args.concurrency,
+        "rounds": args.rounds,
+        "large_mb": args.large_mb,
+        "processes": args.processes,
+    }
+    changed = {k: v for k, v in overrides.items() if v is not None}
+    return replace(base, load=args.load, **changed)
+
+
+class Bench:
+    """One run: the stack, the load generator, the scenarios and their results."""
+
+    def __init__(self, settings: Settings, args: argparse.Namespace, workdir: Path) -> None:
+        self.settings = settings
+        self.models: Path = args.models
+        self.scenarios = [s for s in args.scenarios.split(",") if s]
+        unknown = set(self.scenarios) - set(SCENARIOS)
+        if unknown:
+            raise SystemExit(f"unknown scenarios: {', '.join(sorted(unknown))}")
+        wanted = {t for t in args.targets.split(",") if t}
+        self.targets = [t for t in TARGETS if not wanted or t.name in wanted]
+        self.profile = args.profile
+        self.out: Path = args.out
+        self.workdir = workdir
+        self.stack = Stack(workdir)
+        self.load: PythonLoad | H2Load = self._load_generator()
+        self.procs: dict[str, Child] = {}
+        self.source = Path()
+        self.results: dict[str, Any] = {"notes": []}
+
+    def note(self, text: str) -> None:
+        print(f"note: {text}", flush=True)
+        self.results["notes"].append(text)
+
+    def _load_generator(self) -> PythonLoad | H2Load:
+        s = self.settings
+        h2 = None if s.load == "python" else H2Load.find(self.workdir, s.processes)
+        if h2 is None and s.load == "h2load":
+            raise SystemExit(
+                "--load h2load: h2load is not on PATH (apt-get install nghttp2-client)"
+            )
+        return h2 if h2 is not None else PythonLoad(s.processes)
+
+    def probe(self) -> dict[str, float]:
+        return {name: child.cpu() for name, child in self.procs.items()}
+
+    # ---- set-up ----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        if not (self.models / "half_plus_two" / "2").is_dir():
+            raise SystemExit(f"no example models in {self.models}: run make models first")
+        wanted = {t.process for t in self.targets}
+        direct = model_config_file(
+            self.workdir / "backend.conf", source=self.models / "half_plus_two", versions=(1, 2)
+        )
+        self.procs.update(self.stack.backends({"backend": direct, "backend-sync": None}))
+        self.source = bench_lifecycle.copy_versions(
+            self.models, self.workdir / "source" / "half_plus_two", (1, 2)
+        )
+        sync = self.stack.modelsync(
+            modelsync_config(
+                self.workdir / "modelsync.yaml",
+                source=self.source,
+                target=self.workdir / "volume",
+                settle="2s",
+                debounce="500ms",
+            )
+        )
+        self.procs["modelsync"] = sync
+        self._gateways(wanted)
+        backend = self.procs["backend"]
+        self.procs["barehop"] = self.stack.barehop(backend=backend.address, max_bytes=MAX_BYTES)
+        nginx = self.stack.nginx(backend=backend.address, max_bytes=MAX_BYTES)
+        if nginx is None:
+            self.note("nginx is not on PATH: the nginx targets are skipped")
+        else:
+            self.procs["nginx"] = nginx
+        self.targets = [t for t in self.targets if t.process in self.procs]
+        if (
+            bench_lifecycle.first_answer(backend.address, version=2, timeout=120, latest=False)
+            is None
+        ):
+            raise RuntimeError(f"the direct backend did not answer version 2:\n{backend.tail()}")
+        print(f"load generator: {self.load.name}", flush=True)
+
+    def _gateways(self, wanted: set[str]) -> None:
+        """The modelsync-following gateway (first: its start includes loading the models), the
+        same with request logging on, and one reading local folders with its own backend."""
+        gw = self.stack.gateway("gateway", self.config("gateway"))
+        self.procs["gateway"] = gw
+        self.results["gateway_first_start"] = {
+            "listening_s": gw.listening,
+            "serving_s": gw.ready,
+            "note": "includes the backend loading both versions of half_plus_two",
+        }
+        self.results["gateway_idle"] = {
+            "rss_mib": gw.rss(),
+            "backend_rss_mib": self.procs["backend-sync"].rss(),
+            "modelsync_rss_mib": self.procs["modelsync"].rss(),
+        }
+        if "gateway-logged" in wanted:
+            self.procs["gateway-logged"] = self.stack.gateway(
+                "gateway-logged", self.config("gateway-logged", log_requests=True)
+            )
+        if "gateway-static" in wanted:
+            static = self.stack.gateway("gateway-static", self.config("gateway-static"))
+            self.procs["gateway-static"] = static
+            self.results["gateway_idle"]["static_rss_mib"] = static.rss()
+
+    def config(self, name: str, *, log_requests: bool = False, **extra: Any) -> Path:
+        """A gateway config: following modelsync, or reading local folders (``-static`` names).
+
+        The two kinds need a backend each: each gateway sends its backends their complete model
+        config, and the servables differ (``half_plus_two`` with both versions when read from
+        local folders, one ``half_plus_two@r<revision>`` per version when following modelsync).
+        The direct, bare-hop and nginx targets use the local-folder backend, which knows the
+        model by its own name.
+        """
+        static = name.startswith("gateway-static")
+        if not static:
+            extra.setdefault("modelsync", self.procs["modelsync"].address)
+        return gateway_config(
+            self.workdir / f"{name}.yaml",
+            backend=self.procs[backend_of(name)].address,
+            source=self.models / "half_plus_two" if static else self.source,
+            max_bytes=MAX_BYTES,
+            log_requests=log_requests,
+            extra=extra,
+        )
+
+    def address(self, target: Target) -> str:
+        return self.procs[target.process].address
+
+    def check_targets(self) -> None:
+        """One real gRPC call per target, its answer checked (h2load cannot see grpc-status)."""
+        x = req.SMALL
+        for target in self.targets:
+            with grpc.insecure_channel(self.address(target)) as channel:
+                call = channel.unary_unary(req.METHODS[target.kind])
+                raw = call(req.build(target.kind, x, target.version), timeout=30)
+            req.check(target.kind, raw, x, target.version or req.LATEST)
+
+    # ---- small Predict ---------------------------------------------------------------------
+
+    def _run(self, target: Target, payload: bytes, *, calls: int, concurrency: int) -> Sample:
+        sample = self.load.run(
+            address=self.address(target),
+            method=req.METHODS[target.kind],
+            payload=payload,
+            calls=calls,
+            concurrency=concurrency,
+            warmup=self.settings.warmup,
+            probe=self.probe,
+        )
+        if sample.errors:
+            raise RuntimeError(f"{target.name}: {sample.errors} failed calls: {sample.first_error}")
+        return sample
+
+    def small_round(self, target: Target) -> dict[str, float]:
+        s = self.settings
+        payload = req.build(target.kind, req.SMALL, target.version)
+        one = self._run(target, payload, calls=s.calls, concurrency=1)
+        sat = self._run(target, payload, calls=s.sat_calls, concurrency=s.concurrency)
+        hop = target.process if target.process != "backend" else ""
+        backend = backend_of(target.process)
+        return {
+            "p50_us": one.percentile(50),
+            "p90_us": one.percentile(90),
+            "p99_us": one.percentile(99),
+            "rps_c1": one.throughput,
+            "hop_cpu_us_c1": one.cpu_us_per_call(hop) if hop else math.nan,
+            "backend_cpu_us_c1": one.cpu_us_per_call(backend),
+            "rps": sat.throughput,
+            "sat_p50_us": sat.percentile(50),
+            "sat_p99_us": sat.percentile(99),
+            "hop_cpu_us": sat.cpu_us_per_call(hop) if hop else math.nan,
+            "backend_cpu_us": sat.cpu_us_per_call(backend),
+        }
+
+    def small(self) -> None:
+        s = self.settings
+        rounds: dict[str, list[dict[str, float]]] = {t.name: [] for t in self.targets}
+        for r in range(s.rounds):
+            shift = r % len(self.targets)
+            order = self.targets[shift:] + self.targets[:shift]  # no target always goes first
+            for target in order:
+                rounds[target.name].append(self.small_round(target))
+            print(f"small: round {r + 1}/{s.rounds} done", flush=True)
+        summary = {}
+        for target in self.targets:
+            keys = rounds[target.name][0].keys()
+            figures = {k: median([row[k] for row in rounds[target.name]]) for k in keys}
+            summary[target.name] = {**figures, "rounds": rounds[target.name]}
+        bench_report.add_ratios(summary, {t.name: (t.base, t.floor) for t in self.targets})
+        gw = self.procs["gateway"]
+        self.results["gateway_after_small"] = {"rss_mib": gw.rss(), "peak_rss_mib": gw.rss("VmHWM")}
+        self.results["small"] = {
+            "calls_c1": s.calls,
+            "calls_saturation": s.sat_calls,
+            "concurrency": s.concurrency,
+            "rounds": s.rounds,
+            "targets": summary,
+        }
+
+    # ---- large Predict ---------------------------------------------------------------------
+
+    def large(self) -> None:
+        s = self.settings
+        count = s.large_mb * 1024 * 1024 // 4
+        x = req.values(count)
+        targets = [t for t in self.targets if t.name in LARGE_TARGETS]
+        times: dict[str, list[float]] = {t.name: [] for t in targets}
+        cpu: dict[str, list[float]] = {t.name: [] for t in targets}
+        with contextlib.ExitStack() as stack:
+            calls = {}
+            for t in targets:
+                channel = stack.enter_context(
+                    grpc.insecure_channel(self.address(t), options=_big_options())
+                )
+                calls[t.name] = (channel.unary_unary(req.METHODS[t.kind]), t)
+            payloads = {t.name: req.build(t.kind, x, t.version) for t in targets}
+            for i in range(s.large_calls + 1):  # the first pass warms up and checks answers
+                for name, (call, t) in calls.items():
+                    before = self.procs[t.process].cpu()
+                    started = time.perf_counter()
+                    raw = call(payloads[name], timeout=120)
+                    elapsed = time.perf_counter() - started
+                    used = self.procs[t.process].cpu() - before
+                    if i == 0:
+                        req.check(t.kind, raw, x, t.version or req.LATEST)
+                        continue
+                    times[name].append(elapsed)
+                    cpu[name].append(used)
+                    del raw
+        self.results["large"] = bench_report.large_summary(
+            targets={t.name: (t.base, t.process) for t in targets},
+            times=times,
+            cpu=cpu,
+            megabytes=s.large_mb,
+        )
+        gw = self.procs["gateway"]
+        self.results["gateway_after_large"] = {"rss_mib": gw.rss(), "peak_rss_mib": gw.rss("VmHWM")}
+
+    # ---- the run ---------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        started = time.time()
+        self.results["meta"] = bench_report.machine(self.load.name)
+        self.results["meta"]["settings"] = asdict(self.settings)
+        self.results["meta"]["scenarios"] = self.scenarios
+        self.setup()
+        self.check_targets()
+        if "small" in self.scenarios:
+            self.small()
+        if self.profile:
+            self.results["profile"] = bench_lifecycle.profile(self)
+        if "large" in self.scenarios:
+            self.large()
+        lifecycle = bench_lifecycle.Lifecycle(self)
+        for name in ("memory", "start", "workers", "reload"):
+            if name in self.scenarios:
+                self.results[name] = getattr(lifecycle, name)()
+        self.results["targets_check"] = bench_report.issue_targets(self.results)
+        self.results["meta"]["duration_s"] = round(time.time() - started, 1)
+        return self.results
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.load.close()
+        self.stack.close()
+
+
+def _big_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+        ("grpc.max_send_message_length", 256 * 1024 * 1024),
+    ]
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = settings_from(args)
+    signal.signal(signal.SIGTERM, _sigterm)
+    with tempfile.TemporaryDirectory(prefix="modelmux-bench-") as tmp:
+        bench = Bench(settings, args, Path(tmp))
+        try:
+            results = bench.run()
+        except KeyboardInterrupt:
+            print("interrupted: stopping every child process", file=sys.stderr)
+            return 130
+        finally:
+            bench.close()
+    results["meta"]["command"] = " ".join(["scripts/bench.py", *(argv or sys.argv[1:])])
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(bench_report.clean(results), indent=2, default=str) + "\n")
+    print(bench_report.table(results))
+    print(f"\nJSON: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

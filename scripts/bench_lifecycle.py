@@ -1,0 +1,330 @@
+"""The benchmark scenarios around the request path: memory, start, workers, reload, profiles.
+
+``Lifecycle`` runs on a ``Bench`` whose stack is up (scripts/bench.py): it starts the extra
+processes each scenario needs (modelsync, more gateways), stops them afterwards, and returns the
+scenario's results. ``profile`` records py-spy profiles of the gateway and the bare hop under
+saturation load.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import bench_requests as req
+import grpc
+from bench_load import median
+from bench_stack import MODELMUX, ROOT, free_port, modelsync_config
+
+if TYPE_CHECKING:
+    from bench import Bench
+
+
+def copy_versions(models: Path, dest: Path, versions: tuple[int, ...]) -> Path:
+    """A fresh local model source holding ``versions`` of half_plus_two."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for version in versions:
+        shutil.copytree(models / "half_plus_two" / str(version), dest / str(version))
+    return dest
+
+
+def publish(source_version: Path, dest: Path, *, extra_mb: int = 0) -> None:
+    """Builds a version next to the source folder and renames it in: watchers see it whole."""
+    staging = dest.parent.parent / f"staging-{dest.parent.name}-{dest.name}"
+    shutil.copytree(source_version, staging)
+    if extra_mb:
+        with (staging / "assets" / "blob.bin").open("wb") as out:
+            for _ in range(extra_mb):
+                out.write(os.urandom(1024 * 1024))
+    os.rename(staging, dest)
+
+
+def _published(version: int) -> Any:
+    return lambda e: e.get("event") == "published" and e.get("version") == version
+
+
+class Lifecycle:
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+        self.stack = bench.stack
+        self.settings = bench.settings
+        self.workdir = bench.workdir
+
+    # ---- memory ------------------------------------------------------------------------------
+
+    def memory(self) -> dict[str, Any]:
+        """modelsync's RSS idle (after mirroring two versions) and after mirroring a large one."""
+        source = copy_versions(
+            self.bench.models, self.workdir / "sync-src" / "half_plus_two", (1, 2)
+        )
+        config = modelsync_config(
+            self.workdir / "modelsync.yaml",
+            source=source,
+            target=self.workdir / "sync-target",
+            settle="200ms",
+            debounce="100ms",
+        )
+        sync = self.stack.modelsync(config, name="modelsync-memory")
+        try:
+            sync.wait_log(_published(2), timeout=60, what="version 2 published")
+            sync.wait_log(_published(1), timeout=60, what="version 1 published")
+            time.sleep(1.0)
+            idle = sync.rss()
+            mb = self.settings.asset_mb
+            started = time.monotonic()
+            publish(source / "2", source / "3", extra_mb=mb)
+            sync.wait_log(_published(3), timeout=120, what="version 3 published")
+            mirrored = time.monotonic() - started
+            loaded, peak = sync.rss(), sync.rss("VmHWM")
+        finally:
+            self.stack.discard(sync)
+        gateway = {
+            key: self.bench.results.get(key)
+            for key in ("gateway_idle", "gateway_after_small", "gateway_after_large")
+        }
+        return {
+            "modelsync": {
+                "idle_rss_mib": idle,
+                "loaded_rss_mib": loaded,
+                "peak_rss_mib": peak,
+                "asset_mb": mb,
+                "mirror_s": mirrored,
+            },
+            "gateway": gateway,
+        }
+
+    # ---- start -------------------------------------------------------------------------------
+
+    def start(self) -> dict[str, Any]:
+        """Fresh gateways against a warm backend: start to serving line and to health SERVING,
+        following modelsync and (when the static gateway runs) reading local folders."""
+        modes = ["gateway-start"]
+        if "gateway-static" in self.bench.procs:
+            modes.append("gateway-static-start")
+        out: dict[str, Any] = {}
+        for mode in modes:
+            rows = []
+            for i in range(self.settings.start_rounds):
+                name = f"{mode}-{i}"
+                gateway = self.stack.gateway(name, self.bench.config(name))
+                rows.append(
+                    {
+                        "listening_s": gateway.listening,
+                        "serving_s": gateway.ready,
+                        "rss_mib": gateway.rss(),
+                    }
+                )
+                self.stack.discard(gateway)
+            out["static" if "static" in mode else "modelsync"] = {
+                "listening_s": median([r["listening_s"] for r in rows]),
+                "serving_s": median([r["serving_s"] for r in rows]),
+                "idle_rss_mib": median([r["rss_mib"] for r in rows]),
+                "rounds": rows,
+            }
+        return out
+
+    # ---- workers -----------------------------------------------------------------------------
+
+    def workers(self) -> dict[str, Any]:
+        """Saturation throughput through one gateway worker and through two."""
+        done = subprocess.run(
+            [*MODELMUX, "gateway", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if "--workers" not in done.stdout:
+            return {
+                "measurable": False,
+                "summary": "not yet measurable: `modelmux gateway` has no --workers option here",
+            }
+        config = self.bench.config("gateway-2w", listen=f"127.0.0.1:{free_port()}")
+        two = self.stack.gateway("gateway-2w", config, extra_args=["--workers", "2"])
+        self.bench.procs["gateway-2w"] = two
+        try:
+            return self._workers_rounds()
+        finally:
+            self.bench.procs.pop("gateway-2w")
+            self.stack.discard(two)
+
+    def _workers_rounds(self) -> dict[str, Any]:
+        from bench import TARGETS
+
+        one = next(t for t in TARGETS if t.name == "facade-latest")
+        two = replace(one, name="facade-latest-2w", process="gateway-2w")
+        payload = req.build("tf", req.SMALL, None)
+        rps: dict[str, list[float]] = {"1": [], "2": []}
+        cpu: dict[str, list[float]] = {"1": [], "2": []}
+        for _ in range(self.settings.rounds):
+            for label, target in (("1", one), ("2", two)):
+                sample = self.bench._run(
+                    target,
+                    payload,
+                    calls=self.settings.sat_calls,
+                    concurrency=self.settings.concurrency,
+                )
+                rps[label].append(sample.throughput)
+                cpu[label].append(sample.cpu_us_per_call(target.process))
+        one_rps, two_rps = median(rps["1"]), median(rps["2"])
+        return {
+            "measurable": True,
+            "rps_1_worker": one_rps,
+            "rps_2_workers": two_rps,
+            "cpu_us_1_worker": median(cpu["1"]),
+            "cpu_us_2_workers": median(cpu["2"]),
+            "connections": self.settings.processes,
+            "summary": f"{one_rps:.0f} rps with 1 worker, {two_rps:.0f} rps with 2"
+            f" ({two_rps / one_rps:.2f}x) over {self.settings.processes} connections",
+        }
+
+    # ---- reload ------------------------------------------------------------------------------
+
+    def reload(self) -> dict[str, Any]:
+        """A new version copied into modelsync's local source folder, timed to modelsync's
+        publish event and to the gateway's first answer from it (Predict for latest)."""
+        sync, gateway = self.bench.procs["modelsync"], self.bench.procs["gateway"]
+        timeout = self.settings.reload_timeout
+        started = time.monotonic()
+        publish(self.bench.source / "2", self.bench.source / "3")
+        sync.wait_log(_published(3), timeout=timeout + 10, what="version 3 published")
+        synced = time.monotonic() - started
+        answered = first_answer(gateway.address, version=3, timeout=timeout)
+        if answered is None:
+            return {
+                "measurable": False,
+                "modelsync_published_s": synced,
+                "summary": f"not yet measurable: modelsync published version 3 after {synced:.2f} s,"
+                f" but the gateway still answered latest with version 2 {timeout:.0f} s later",
+            }
+        return {
+            "measurable": True,
+            "modelsync_published_s": synced,
+            "first_answer_s": answered - started,
+            "s3": "not measured (optional in the issue)",
+            "summary": f"local folder: modelsync published after {synced:.2f} s, first answer from"
+            f" the new version {answered - started:.2f} s after the copy",
+        }
+
+
+def first_answer(
+    address: str, *, version: int, timeout: float, latest: bool = True
+) -> float | None:
+    """Polls Predict (for latest, or for ``version``) until ``version`` answers; the monotonic
+    time it did, or None after ``timeout`` seconds."""
+    payload = req.build("tf", req.SMALL, None if latest else version)
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary(req.METHODS["tf"])
+        while time.monotonic() < deadline:
+            with contextlib.suppress(grpc.RpcError):
+                ran, _ = req.answer("tf", call(payload, timeout=5))
+                if ran == version:
+                    return time.monotonic()
+            time.sleep(0.02)
+    return None
+
+
+# ---- profiles ------------------------------------------------------------------------------------
+
+PROFILED = ("facade-latest", "own-typed", "barehop-latest")
+
+
+def _thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread name of ``pid``."""
+    out: dict[str, float] = collections.defaultdict(float)
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            raw = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            fields = raw[raw.rindex(")") + 2 :].split()
+            out[comm] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return dict(out)
+
+
+def _frame(text: str) -> str:
+    """``fn (/long/path/site-packages/pkg/mod.py:12)`` -> ``fn (pkg/mod.py)``."""
+    name, _, where = text.partition(" (")
+    path = where.rstrip(")").rsplit(":", 1)[0]
+    if "site-packages/" in path:
+        path = path.split("site-packages/", 1)[1]
+    elif path.startswith(str(ROOT)):
+        path = os.path.relpath(path, ROOT)
+    elif "/lib/python" in path:
+        path = "stdlib/" + path.rsplit("/", 1)[-1]
+    return f"{name} ({path})" if path else name
+
+
+def summarize(raw: Path, top: int = 15) -> dict[str, Any]:
+    """Self and inclusive shares of the functions in py-spy's collapsed stacks."""
+    own: collections.Counter[str] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = [_frame(f) for f in stack.split(";")]
+        samples += int(count)
+        own[frames[-1]] += int(count)
+        for frame in set(frames):
+            total[frame] += int(count)
+    share = (lambda n: round(100 * n / samples, 1)) if samples else (lambda n: 0.0)
+    return {
+        "samples": samples,
+        "self_pct": [(f, share(n)) for f, n in own.most_common(top)],
+        "total_pct": [(f, share(n)) for f, n in total.most_common(top)],
+    }
+
+
+def profile(bench: Bench) -> dict[str, Any]:
+    """py-spy (on PATH or beside the interpreter) on the gateway and the bare hop under load."""
+    binary = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(binary).exists():
+        bench.note("py-spy is not installed: no profiles (pip install py-spy)")
+        return {"skipped": "py-spy not installed"}
+    out: dict[str, Any] = {}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    bench.out.mkdir(parents=True, exist_ok=True)
+    for target in [t for t in bench.targets if t.name in PROFILED]:
+        proc = bench.procs[target.process]
+        raw = bench.out / f"profile-{stamp}-{target.name}.txt"
+        spy = subprocess.Popen(
+            [
+                *(binary, "record", "--pid", str(proc.pid), "--rate", "250", "--nonblocking"),
+                *("--format", "raw", "--output", str(raw)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            time.sleep(1.0)  # attached
+            before = _thread_cpu(proc.pid)
+            payload = req.build(target.kind, req.SMALL, target.version)
+            sample = bench._run(
+                target,
+                payload,
+                calls=bench.settings.sat_calls,
+                concurrency=bench.settings.concurrency,
+            )
+            after = _thread_cpu(proc.pid)
+        finally:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
+        threads = {k: (after[k] - before.get(k, 0.0)) / sample.calls * 1e6 for k in after}
+        out[target.name] = {
+            "file": raw.name,
+            "cpu_us_per_call": sample.cpu_us_per_call(target.process),
+            "thread_cpu_us_per_call": {k: round(v, 1) for k, v in threads.items() if v > 0},
+            **(summarize(raw) if raw.exists() else {"error": "py-spy wrote nothing"}),
+        }
+    return out

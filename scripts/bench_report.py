@@ -1,0 +1,331 @@
+"""Benchmark results: ratios, the issue's targets checked, the machine, and the printed table."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import shutil
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from bench_load import median
+from bench_stack import ROOT
+
+
+def _div(a: float, b: float) -> float:
+    if b is None or a is None or math.isnan(a) or math.isnan(b) or b == 0:
+        return math.nan
+    return a / b
+
+
+def add_ratios(summary: dict[str, dict[str, Any]], refs: Mapping[str, tuple[str, str]]) -> None:
+    """Adds, per target, figures relative to its direct target and to its bare-hop target."""
+    for name, row in summary.items():
+        base_name, floor_name = refs[name]
+        base = summary.get(base_name)
+        floor = summary.get(floor_name) if floor_name else None
+        if base is not None:
+            row["added_p50_us"] = row["p50_us"] - base["p50_us"]
+            row["added_p99_us"] = row["p99_us"] - base["p99_us"]
+            row["p50_x_direct"] = _div(row["p50_us"], base["p50_us"])
+            row["rps_x_direct"] = _div(row["rps"], base["rps"])
+        if floor is not None and base is not None:
+            floor_added = floor["p50_us"] - base["p50_us"]
+            row["added_p50_x_barehop"] = _div(row["added_p50_us"], floor_added)
+            row["cpu_c1_x_barehop"] = _div(row["hop_cpu_us_c1"], floor["hop_cpu_us_c1"])
+            row["cpu_x_barehop"] = _div(row["hop_cpu_us"], floor["hop_cpu_us"])
+
+
+def large_summary(
+    *,
+    targets: Mapping[str, tuple[str, str]],
+    times: Mapping[str, list[float]],
+    cpu: Mapping[str, list[float]],
+    megabytes: int,
+) -> dict[str, Any]:
+    rows: dict[str, dict[str, Any]] = {}
+    for name, (_, process) in targets.items():
+        rows[name] = {
+            "s_per_call": median(times[name]),
+            "hop_cpu_ms_per_call": median(cpu[name]) * 1000 if process != "backend" else math.nan,
+            "calls": times[name],
+        }
+    for name, (base, _) in targets.items():
+        if base in rows:
+            rows[name]["x_direct"] = _div(rows[name]["s_per_call"], rows[base]["s_per_call"])
+    return {"megabytes": megabytes, "targets": rows}
+
+
+# ---- the issue's targets -------------------------------------------------------------------------
+
+
+def _get(results: Mapping[str, Any], *path: str) -> float:
+    node: Any = results
+    for key in path:
+        if not isinstance(node, Mapping) or key not in node:
+            return math.nan
+        node = node[key]
+    return float(node) if isinstance(node, int | float) else math.nan
+
+
+def issue_targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Each target of the issue with the figure measured in this run (NaN when not measured)."""
+    small = ("small", "targets")
+    checks = [
+        (
+            "facade-latest CPU/call vs bare hop (saturation)",
+            1.15,
+            (*small, "facade-latest", "cpu_x_barehop"),
+        ),
+        (
+            "facade-latest CPU/call vs bare hop (c=1)",
+            1.15,
+            (*small, "facade-latest", "cpu_c1_x_barehop"),
+        ),
+        (
+            "facade-v2 CPU/call vs bare hop (saturation)",
+            1.15,
+            (*small, "facade-v2", "cpu_x_barehop"),
+        ),
+        (
+            "facade-latest added p50 vs bare hop's (c=1)",
+            1.15,
+            (*small, "facade-latest", "added_p50_x_barehop"),
+        ),
+        (
+            "facade-v2 added p50 vs bare hop's (c=1)",
+            1.15,
+            (*small, "facade-v2", "added_p50_x_barehop"),
+        ),
+        (
+            "own-typed CPU/call vs bare hop (saturation)",
+            1.5,
+            (*small, "own-typed", "cpu_x_barehop"),
+        ),
+        ("40 MB facade-v2 time vs direct", 1.25, ("large", "targets", "facade-v2", "x_direct")),
+        (
+            "40 MB facade-latest time vs direct",
+            1.25,
+            ("large", "targets", "facade-latest", "x_direct"),
+        ),
+        ("idle gateway RSS, MiB", 100.0, ("gateway_idle", "rss_mib")),
+        ("gateway start to SERVING, s (warm backend)", 2.0, ("start", "modelsync", "serving_s")),
+    ]
+    out = [
+        {"what": what, "measured": _get(results, *path), "target": limit}
+        for what, limit, path in checks
+    ]
+    rps = _get(results, *small, "facade-latest", "rps_x_direct")
+    out.append(
+        {"what": "facade-latest throughput vs direct (at least)", "measured": rps, "target": 0.9}
+    )
+    for row in out:
+        value, limit = row["measured"], row["target"]
+        at_least = "at least" in row["what"]
+        row["met"] = None if math.isnan(value) else (value >= limit if at_least else value <= limit)
+    return out
+
+
+# ---- machine -------------------------------------------------------------------------------------
+
+
+def _version(argv: list[str]) -> str:
+    if shutil.which(argv[0]) is None:
+        return "not installed"
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    text = (done.stdout + done.stderr).strip().splitlines()
+    return text[0] if text else "?"
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+def _commit() -> str:
+    done = subprocess.run(
+        ["git", "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=10,
+        check=False,
+    )
+    return done.stdout.strip() or "?"
+
+
+def machine(load: str) -> dict[str, Any]:
+    import google.protobuf
+    import grpc
+
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "protobuf": google.protobuf.__version__,
+        "nginx": _version(["nginx", "-v"]),
+        "h2load": _version(["h2load", "--version"]),
+        "load_generator": load,
+        "commit": _commit(),
+    }
+
+
+# ---- the table -----------------------------------------------------------------------------------
+
+
+def _f(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, fmt)
+
+
+def _grid(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            h.rjust(w) if i else h.ljust(w)
+            for i, (h, w) in enumerate(zip(header, widths, strict=True))
+        )
+    ]
+    for row in rows:
+        lines.append(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    return "\n".join(lines)
+
+
+def small_table(small: Mapping[str, Any]) -> str:
+    header = [
+        "target", "p50 ms", "p99 ms", "+p50 ms", "+p50/bare", "rps", "rps/direct",
+        "cpu us c1", "cpu/bare c1", "cpu us sat", "cpu/bare sat", "backend us",
+    ]  # fmt: skip
+    rows = []
+    for name, r in small["targets"].items():
+        rows.append(
+            [
+                name,
+                _f(r["p50_us"] / 1000, ".3f"),
+                _f(r["p99_us"] / 1000, ".3f"),
+                _f(r.get("added_p50_us", math.nan) / 1000, "+.3f"),
+                _f(r.get("added_p50_x_barehop"), ".2f"),
+                _f(r["rps"], ".0f"),
+                _f(r.get("rps_x_direct"), ".2f"),
+                _f(r["hop_cpu_us_c1"], ".0f"),
+                _f(r.get("cpu_c1_x_barehop"), ".2f"),
+                _f(r["hop_cpu_us"], ".0f"),
+                _f(r.get("cpu_x_barehop"), ".2f"),
+                _f(r["backend_cpu_us"], ".0f"),
+            ]
+        )
+    return _grid(header, rows)
+
+
+def large_table(large: Mapping[str, Any]) -> str:
+    header = ["target", "s/call", "x direct", "hop cpu ms/call"]
+    rows = [
+        [
+            name,
+            _f(r["s_per_call"], ".3f"),
+            _f(r.get("x_direct"), ".2f"),
+            _f(r["hop_cpu_ms_per_call"], ".0f"),
+        ]
+        for name, r in large["targets"].items()
+    ]
+    return _grid(header, rows)
+
+
+def _memory_lines(results: Mapping[str, Any]) -> list[str]:
+    lines = []
+    idle = results.get("gateway_idle", {})
+    if idle:
+        lines.append(
+            f"gateway RSS idle after start: {_f(idle.get('rss_mib'), '.1f')} MiB (following"
+            f" modelsync), {_f(idle.get('static_rss_mib'), '.1f')} MiB (local folders)"
+        )
+    for key, label in (("gateway_after_small", "small"), ("gateway_after_large", "large")):
+        entry = results.get(key)
+        if entry:
+            lines.append(
+                f"gateway RSS after the {label} scenario: {_f(entry['rss_mib'], '.1f')} MiB"
+                f" (peak {_f(entry['peak_rss_mib'], '.1f')} MiB)"
+            )
+    sync = results.get("memory", {}).get("modelsync", {})
+    if sync:
+        lines.append(
+            f"modelsync RSS idle: {_f(sync.get('idle_rss_mib'), '.1f')} MiB; after mirroring a"
+            f" {sync.get('asset_mb')} MB version: {_f(sync.get('loaded_rss_mib'), '.1f')} MiB"
+            f" (peak {_f(sync.get('peak_rss_mib'), '.1f')} MiB)"
+        )
+    return lines
+
+
+def _status_lines(results: Mapping[str, Any]) -> list[str]:
+    lines = []
+    first = results.get("gateway_first_start", {})
+    for mode, entry in results.get("start", {}).items():
+        lines.append(
+            f"gateway start ({mode}): serving line {_f(entry['listening_s'], '.2f')} s, health"
+            f" SERVING {_f(entry['serving_s'], '.2f')} s (warm backend, median of"
+            f" {len(entry['rounds'])}), idle RSS {_f(entry['idle_rss_mib'], '.1f')} MiB"
+        )
+    if first:
+        lines.append(
+            f"first gateway start, models loading in the backend: SERVING after"
+            f" {_f(first.get('serving_s'), '.2f')} s"
+        )
+    for key in ("workers", "reload"):
+        entry = results.get(key)
+        if entry:
+            lines.append(f"{key}: {entry.get('summary', entry)}")
+    return lines
+
+
+def table(results: Mapping[str, Any]) -> str:
+    meta = results["meta"]
+    parts = [
+        f"\nmodelmux bench  {meta['commit']}  {meta['nproc']} x {meta['cpu_model']}  Python"
+        f" {meta['python']}  grpcio {meta['grpcio']}  load: {meta['load_generator']}"
+    ]
+    if "small" in results:
+        s = results["small"]
+        parts.append(
+            f"\nsmall Predict (half_plus_two, 3 floats): {s['calls_c1']} calls at c=1 and"
+            f" {s['calls_saturation']} at c={s['concurrency']} per target and round, median of"
+            f" {s['rounds']} rounds; cpu = the hop process's CPU per call\n"
+        )
+        parts.append(small_table(s))
+    if "large" in results:
+        parts.append(f"\nlarge Predict ({results['large']['megabytes']} MB float32 tensor)\n")
+        parts.append(large_table(results["large"]))
+    parts.append("")
+    parts.extend(_memory_lines(results) + _status_lines(results))
+    parts.append("\nissue targets (ratios from this run)")
+    for row in results.get("targets_check", []):
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[row["met"]]
+        parts.append(
+            f"  {row['what']}: {_f(row['measured'], '.2f')} (target {row['target']}) {verdict}"
+        )
+    for text in results.get("notes", []):
+        parts.append(f"note: {text}")
+    return "\n".join(parts)
+
+
+def clean(value: Any) -> Any:
+    """NaN -> None, recursively, so the JSON is strict."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [clean(v) for v in value]
+    return value

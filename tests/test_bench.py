@@ -1,0 +1,56 @@
+"""Smoke test of the benchmark harness (scripts/bench.py) in its quick mode: it starts the stack,
+measures a few targets with few calls, stops every child and writes JSON with the expected keys."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+TARGETS = "direct-latest,barehop-latest,facade-latest,own-typed"
+
+
+def test_quick_run_writes_results(example_models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench.py"),
+            "--quick",
+            "--load",
+            "python",
+            *("--scenarios", "small,large,memory,start,reload"),
+            *("--targets", TARGETS),
+            *("--models", str(example_models), "--out", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "load generator: python" in done.stdout
+    files = list(out.glob("bench-*.json"))
+    assert len(files) == 1
+    results = json.loads(files[0].read_text())
+
+    assert {"meta", "small", "large", "memory", "start", "reload", "targets_check"} <= set(results)
+    assert results["meta"]["load_generator"] == "python"
+    small = results["small"]["targets"]
+    assert set(small) == set(TARGETS.split(","))
+    for name in ("barehop-latest", "facade-latest", "own-typed"):
+        row = small[name]
+        assert row["p50_us"] > 0 and row["p99_us"] >= row["p50_us"]
+        assert row["rps"] > 0 and row["hop_cpu_us"] > 0
+        assert row["cpu_x_barehop"] is not None and row["added_p50_us"] is not None
+    large = results["large"]["targets"]
+    assert large["facade-latest"]["s_per_call"] > 0 and large["facade-latest"]["x_direct"] > 0
+    assert results["memory"]["modelsync"]["idle_rss_mib"] > 0
+    assert results["gateway_idle"]["rss_mib"] > 0
+    assert results["start"]["modelsync"]["serving_s"] > 0
+    assert results["reload"]["measurable"] in (True, False) and results["reload"]["summary"]
+    assert "facade-latest" in done.stdout and "issue targets" in done.stdout
