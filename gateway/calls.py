@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import structlog
 
-from gateway.errors import GatewayError, Unavailable
+from gateway.errors import GatewayError, ResourceExhausted, Unavailable
 from gateway.pool import Backend, Pool
 from gateway.routing import Target, pick
 from gateway.wire import encode_len_field
@@ -53,12 +53,35 @@ def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return _PREFIX + str(next(_ids))
 
 
-def edge(rpc: str, handler: Handler, *, log_requests: bool) -> RawHandler:
+class Lifecycle:
+    """Counts calls in progress and refuses new ones once the server drains."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.draining = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def drained(self, grace: float) -> bool:
+        """Refuse new calls and wait (at most ``grace`` s) for those in progress; True if all ended."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self.idle.wait(), grace)
+        except TimeoutError:
+            return False
+        return True
+
+
+def edge(rpc: str, handler: Handler, *, log_requests: bool, lifecycle: Lifecycle) -> RawHandler:
     async def run(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         call = Call(_request_id(context))
         started = time.perf_counter()
         code = grpc.StatusCode.OK
+        lifecycle.active += 1
+        lifecycle.idle.clear()
         try:
+            if lifecycle.draining:
+                raise Unavailable("the gateway is shutting down; retry on another instance")
             return await handler(request, context, call)
         except GatewayError as exc:
             code = exc.code
@@ -76,6 +99,9 @@ def edge(rpc: str, handler: Handler, *, log_requests: bool) -> RawHandler:
             log.exception("internal_error", rpc=rpc, request_id=call.request_id)
             await context.abort(code, f"internal error (request id {call.request_id})")
         finally:
+            lifecycle.active -= 1
+            if not lifecycle.active:
+                lifecycle.idle.set()
             if log_requests:
                 log.info(
                     "request",
@@ -128,9 +154,14 @@ class Forwarder:
     so the tensors are never decoded. Responses get the client's model name back the same way.
     """
 
-    def __init__(self, pool: Pool, timeout: float) -> None:
+    def __init__(
+        self, pool: Pool, *, timeout: float, max_inflight: int, backend_max_inflight: int
+    ) -> None:
         self.pool = pool
         self.timeout = timeout
+        self.max_inflight = max_inflight
+        self.backend_max_inflight = backend_max_inflight
+        self.inflight = 0
 
     async def send(
         self,
@@ -148,8 +179,37 @@ class Forwarder:
         call.model = model
         resolved, candidates = self.pool.table.resolve(model, version, label)
         call.version = resolved
+        if self.inflight >= self.max_inflight:
+            raise ResourceExhausted(
+                f"the gateway's in-flight limit ({self.max_inflight}, gateway.max_inflight) is reached"
+            )
+        candidates = [c for c in candidates if c.outstanding < self.backend_max_inflight]
         target = pick(candidates)
-        assert target is not None
+        if target is None:
+            raise ResourceExhausted(
+                f"every backend holding {model} version {resolved} is at its in-flight limit "
+                f"({self.backend_max_inflight}, gateway.backend_max_inflight)"
+            )
+        self.inflight += 1
+        try:
+            return await self._with_retry(
+                target, candidates, method, data, model, version, resolved, context, call
+            )
+        finally:
+            self.inflight -= 1
+
+    async def _with_retry(
+        self,
+        target: Target,
+        candidates: list[Target],
+        method: str,
+        data: bytes,
+        model: str,
+        version: int | None,
+        resolved: int,
+        context: grpc.aio.ServicerContext[Any, Any],
+        call: Call,
+    ) -> bytes:
         try:
             return await self._once(target, method, data, model, version, resolved, context, call)
         except grpc.aio.AioRpcError as exc:

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import structlog
 
-from gateway.calls import Forwarder, Handler, edge
+from gateway.calls import Forwarder, Handler, Lifecycle, edge
 from gateway.catalog import static_catalog
 from gateway.facade import MODEL_SERVICE, PREDICTION_SERVICE, Facade
 from gateway.follower import Follower
@@ -52,6 +52,7 @@ class Gateway:
     def __init__(self, config: Config) -> None:
         self.config = config
         gw = config.gateway
+        self.lifecycle = Lifecycle()
         self.follower: Follower | None = None
         # models the config names (path / paths): SERVING waits for them
         self.expected = frozenset(s.name for s in config.sources() if s.kind == "path")
@@ -66,13 +67,20 @@ class Gateway:
             self.follower = Follower(gw.modelsync, self.pool.update)
             self.follower.on_connection = lambda _: self._on_table(self.pool.table)
         self.server = grpc.aio.server(options=message_size_options(gw.max_message_bytes))
-        forwarder = Forwarder(self.pool, gw.backend_timeout)
+        self.forwarder = forwarder = Forwarder(
+            self.pool,
+            timeout=gw.backend_timeout,
+            max_inflight=gw.max_inflight,
+            backend_max_inflight=gw.backend_max_inflight,
+        )
         facade = Facade(self.pool, forwarder)
         inference = Inference(forwarder)
         models = Models(self.pool)
 
         def wrap(service: str, method: str, fn: Handler) -> Any:
-            return edge(f"{service}/{method}", fn, log_requests=gw.log_requests)
+            return edge(
+                f"{service}/{method}", fn, log_requests=gw.log_requests, lifecycle=self.lifecycle
+            )
 
         prediction = {
             m: wrap(PREDICTION_SERVICE, m, facade.forwarding(m)) for m in FORWARDED_METHODS
@@ -162,11 +170,12 @@ class Gateway:
     async def stop(self, force: bool = False) -> None:
         """Health NOT_SERVING, stop accepting, let in-flight calls finish, close backends."""
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(0 if force else self.config.gateway.shutdown_grace)
+        drained = force or await self.lifecycle.drained(self.config.gateway.shutdown_grace)
+        await self.server.stop(0 if force else 1.0)
         if self.follower is not None:
             await self.follower.close()
         await self.pool.close()
-        log.info("stopped", forced=force)
+        log.info("stopped", forced=force, drained=drained)
 
 
 async def serve(config: Config) -> None:

@@ -46,6 +46,11 @@ class GatewayConfig:
     modelsync: str = ""
     # How often each backend's model status is polled once it has converged.
     status_interval: Seconds = 2.0
+    # Calls in flight through the gateway at once (the seeds' max_replica_concurrency); past it a
+    # call fails at once with RESOURCE_EXHAUSTED. Nothing is queued.
+    max_inflight: int = 1024
+    # Calls in flight to one backend at once; a backend at its limit is skipped by routing.
+    backend_max_inflight: int = 256
     # How long in-flight calls may finish after SIGTERM.
     shutdown_grace: Seconds = 10.0
     # One summary log line per request.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -175,3 +176,119 @@ def test_environment_overrides_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("MODELMUX_GATEWAY_LISTEN", "127.0.0.1:2")
     config = load(cfg)
     assert config.gateway.listen == "127.0.0.1:2" and config.gateway.backend_timeout == 3.0
+
+
+async def test_overload_fails_fast_and_recovers(
+    tmp_path: Path, example_models: Path, backend: Proc
+) -> None:
+    cfg = write_config(
+        tmp_path / "modelmux.yaml",
+        models=example_models,
+        backends=[{"name": "cpu-0", "address": backend.address}],
+        gateway={"backend_max_inflight": 1, "max_inflight": 2, "log_requests": False},
+    )
+    gateway = await start_gateway(cfg)
+    big = np.ones(500_000, dtype="<f4")  # 2 MB: each call stays in flight for a while
+    heavy = inference_pb2.PredictRequest(
+        model="half_plus_two",
+        inputs={
+            "x": tensor_pb2.Tensor(
+                dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=[big.size], content=big.tobytes()
+            )
+        },
+    )
+    try:
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            started = time.monotonic()
+            outcomes = await asyncio.gather(
+                *(stub.Predict(heavy, timeout=30) for _ in range(30)), return_exceptions=True
+            )
+            errors = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+            assert errors and all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in errors), (
+                errors[:3]
+            )
+            assert all("in-flight limit" in (e.details() or "") for e in errors)
+            assert len(errors) < len(outcomes)  # the calls within the limits were served
+            assert time.monotonic() - started < 20
+            assert gateway.pool.backends[0].outstanding == 0 and gateway.forwarder.inflight == 0
+            assert (await stub.Predict(request(), timeout=10)).version == 2  # recovered
+    finally:
+        await gateway.stop()
+
+
+async def test_sigterm_drains_calls_in_flight(
+    tmp_path: Path, example_models: Path, backend: Proc
+) -> None:
+    cfg = write_config(
+        tmp_path / "modelmux.yaml",
+        models=example_models,
+        backends=[{"name": "cpu-0", "address": backend.address}],
+        gateway={"log_requests": True, "shutdown_grace": "10s"},
+    )
+    proc = start_daemon(["gateway", "--config", str(cfg)], timeout=60)
+    big = np.ones(250_000, dtype="<f4")
+    heavy = inference_pb2.PredictRequest(
+        model="half_plus_two",
+        inputs={
+            "x": tensor_pb2.Tensor(
+                dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=[big.size], content=big.tobytes()
+            )
+        },
+    )
+    outcomes: list[tuple[float, float, grpc.StatusCode]] = []  # (start, end, code)
+    details: list[str] = []
+    async with grpc.aio.insecure_channel(proc.address) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+
+        async def ready() -> bool:
+            try:
+                return (await stub.Predict(request(), timeout=5)).version == 2
+            except grpc.aio.AioRpcError:
+                return False
+
+        await wait_for(ready, timeout=60, what="the gateway to answer")
+
+        async def client() -> None:
+            for _ in range(2000):
+                begun = time.monotonic()
+                try:
+                    await stub.Predict(heavy, timeout=20)
+                    code = grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code()
+                    details.append(f"{code.name}: {exc.details()}")
+                outcomes.append((begun, time.monotonic(), code))
+                if code != grpc.StatusCode.OK:
+                    return
+
+        clients = [asyncio.create_task(client()) for _ in range(6)]
+        await wait_for(lambda: len(outcomes) >= 30, timeout=30, what="calls to flow")
+        signalled = time.monotonic()
+        proc.popen.terminate()
+        await asyncio.wait_for(asyncio.gather(*clients), 30)
+    assert await asyncio.to_thread(proc.popen.wait, 30) == 0  # exits by itself after the drain
+    proc.stop()
+    failed = [o for o in outcomes if o[2] != grpc.StatusCode.OK]
+    assert failed, "the gateway never stopped accepting calls"
+    # What the gateway accepted it finished: its own summary lines show every call either served
+    # or refused at the door while draining, and the client saw exactly the served ones succeed.
+    logged = [
+        line
+        for line in proc.lines
+        if line.get("event") == "request" and line.get("rpc", "").endswith("Predict")
+    ]
+    statuses = {str(line["status"]) for line in logged}
+    assert statuses <= {"OK", "UNAVAILABLE"}, statuses
+    served = sum(1 for line in logged if line["status"] == "OK")
+    assert (
+        served == sum(1 for o in outcomes if o[2] == grpc.StatusCode.OK) + 1
+    )  # + the readiness call
+    # A call still uploading when the listener closed never reached a handler: the client sees it
+    # refused (UNAVAILABLE) or cancelled by the closing transport, never half-run.
+    assert all(
+        code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) for _, _, code in failed
+    ), details
+    assert any("shutting down" in d for d in details), details
+    # calls under way when the signal came were allowed to finish
+    assert any(end > signalled and code == grpc.StatusCode.OK for _, end, code in outcomes)

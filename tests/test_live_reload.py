@@ -357,3 +357,52 @@ async def test_5_placement_respected(stack: Stack, load: Load) -> None:
     placed = {m.name: {b.backend for v in m.versions for b in v.backends} for m in listing.models}
     assert placed == {"half_plus_two": {"gpu-0", "cpu-1"}, "half_plus_two_inf": {"inf-0"}}
     assert not load.failures(), load.failures()[:5]
+
+
+async def test_6_backend_killed_under_load_then_restarted(stack: Stack, load: Load) -> None:
+    victim = stack.backends["gpu-0"]
+    address = victim.address
+    started = time.monotonic()
+    victim.popen.kill()
+    victim.stop()
+    # calls keep flowing: the other cpu/gpu backend takes them (a call cut mid-way is retried there)
+    mark = time.monotonic()
+    await wait_for(
+        lambda: load.served("half_plus_two", 1, V1_Y, mark), timeout=5, what="answers without gpu-0"
+    )
+    assert not load.failures(started), load.failures(started)[:5]
+    stack.backends["gpu-0"] = start_daemon(
+        ["backend", "--listen", address, "--accelerator", "gpu", "--poll-interval", "200ms"]
+    )
+
+    async def back_in_rotation() -> bool:
+        async with grpc.aio.insecure_channel(stack.gateway.address) as channel:
+            reply = await models_pb2_grpc.ModelsStub(channel).GetModel(
+                models_pb2.GetModelRequest(name="half_plus_two"), timeout=5
+            )
+        available = models_pb2.VERSION_STATE_AVAILABLE
+        return any(
+            b.backend == "gpu-0" and b.state == available
+            for v in reply.model.versions
+            for b in v.backends
+        )
+
+    await wait_for(back_in_rotation, timeout=60, what="gpu-0 reconfigured after its restart")
+    assert not load.failures(started), load.failures(started)[:5]
+
+
+async def test_7_every_backend_down_fails_fast(stack: Stack, load: Load) -> None:
+    load.stop.set()
+    for name in ("gpu-0", "cpu-1"):
+        stack.backends[name].popen.kill()
+        stack.backends[name].stop()
+    async with grpc.aio.insecure_channel(stack.gateway.address) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        for _ in range(3):
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Predict(own_request("half_plus_two"), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+            assert time.monotonic() - started < 2
+        # the other model, on its own backend, is unaffected
+        assert (await stub.Predict(own_request("half_plus_two_inf"), timeout=10)).version == 1
