@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -142,6 +142,27 @@ def _multi_inference_reply(data: bytes, model: str) -> bytes:
     for result in response.results:
         result.model_spec.name = model
     return bytes(response.SerializeToString())
+
+
+def stream_edge(
+    handler: Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[bytes]],
+    *,
+    lifecycle: Lifecycle,
+) -> Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[bytes]]:
+    """The error edge of a server-streaming RPC (long-lived: not counted for draining)."""
+
+    async def run(
+        request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        try:
+            if lifecycle.draining:
+                raise Unavailable("the gateway is shutting down; retry on another instance")
+            async for item in handler(request, context):
+                yield item
+        except GatewayError as exc:
+            await context.abort(exc.code, exc.message)
+
+    return run
 
 
 class Forwarder:

@@ -1,15 +1,20 @@
-"""``modelmux.v1.Models``: what the gateway routes, and each version's state on each backend."""
+"""``modelmux.v1.Models``: what the gateway routes, each version's state on each backend, routing
+changes as a stream, and the admin calls that move labels and split traffic."""
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from gateway.calls import Call
-from gateway.errors import InvalidArgument, NotFound
+from gateway.errors import GatewayError, InvalidArgument, NotFound, ResourceExhausted
 from gateway.pool import Pool
+from gateway.routing import Table
 from modelmux.v1 import models_pb2
 
 _ACCELERATOR = {
@@ -17,11 +22,30 @@ _ACCELERATOR = {
     "gpu": models_pb2.ACCELERATOR_GPU,
     "inferentia": models_pb2.ACCELERATOR_INFERENTIA,
 }
+WATCH_QUEUE = 1000
+
+
+class Unauthenticated(GatewayError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(GatewayError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+def _parse(cls: type[Message], data: bytes) -> Any:
+    try:
+        return cls.FromString(data)
+    except DecodeError as exc:
+        raise InvalidArgument(f"request is not a valid modelmux.v1.{cls.__name__}: {exc}") from None
 
 
 class Models:
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, *, admin_token: str = "") -> None:
         self.pool = pool
+        self.admin_token = admin_token
+        self._watchers: set[asyncio.Queue[models_pb2.WatchModelsResponse | None]] = set()
+        self._last: dict[str, tuple[Any, ...]] = {}
 
     def describe(self, name: str) -> models_pb2.Model:
         desired = self.pool.models[name]
@@ -29,10 +53,16 @@ class Models:
         model = models_pb2.Model(
             name=name, api=desired.api, latest_version=route.latest if route else 0
         )
-        model.labels.update(self.pool.labels.get(name, {}))
-        versions: dict[int, models_pb2.ModelVersion] = {}
+        effective = dict(route.labels) if route else {}
+        model.labels.update(effective)
+        model.pending_labels.update(
+            {lb: v for lb, v in self.pool.labels.get(name, {}).items() if effective.get(lb) != v}
+        )
+        model.traffic_split.update(self.pool.splits.get(name, {}))
         for version, entries in self.pool.states(name).items():
-            entry = versions.setdefault(version, models_pb2.ModelVersion(version=version))
+            entry = model.versions.add(
+                version=version, routable=bool(route and version in route.versions)
+            )
             for backend, status in entries:
                 entry.backends.add(
                     backend=backend.name,
@@ -41,14 +71,17 @@ class Models:
                     state=status.state // 10,  # TF Serving states are 10..50
                     error=status.error,
                 )
-        for version, entry in versions.items():
-            entry.routable = bool(route and version in route.versions)
-        model.versions.extend(versions[v] for v in sorted(versions))
         return model
+
+    def _known(self, name: str) -> None:
+        if name not in self.pool.models:
+            known = ", ".join(sorted(self.pool.models)) or "none"
+            raise NotFound(f"model {name!r} is not served here (models: {known})")
 
     async def list_models(
         self, data: bytes, context: grpc.aio.ServicerContext[Any, Any], call: Call
     ) -> bytes:
+        _parse(models_pb2.ListModelsRequest, data)
         response = models_pb2.ListModelsResponse(
             models=[self.describe(n) for n in sorted(self.pool.models)]
         )
@@ -57,16 +90,119 @@ class Models:
     async def get_model(
         self, data: bytes, context: grpc.aio.ServicerContext[Any, Any], call: Call
     ) -> bytes:
-        try:
-            request = models_pb2.GetModelRequest.FromString(data)
-        except DecodeError as exc:
-            raise InvalidArgument(
-                f"request is not a valid modelmux.v1.GetModelRequest: {exc}"
-            ) from None
+        request = _parse(models_pb2.GetModelRequest, data)
         call.model = request.name
-        if request.name not in self.pool.models:
-            known = ", ".join(sorted(self.pool.models)) or "none"
-            raise NotFound(f"model {request.name!r} is not served here (models: {known})")
+        self._known(request.name)
         return bytes(
             models_pb2.GetModelResponse(model=self.describe(request.name)).SerializeToString()
         )
+
+    # --- admin ----------------------------------------------------------------------------------
+
+    def _authorize(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if not self.admin_token:
+            return
+        sent = dict(context.invocation_metadata() or ()).get("authorization", "")
+        if not sent:
+            raise Unauthenticated("admin calls need metadata 'authorization: Bearer <token>'")
+        token = str(sent).removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(token.encode(), self.admin_token.encode()):
+            raise PermissionDenied("the admin token does not match gateway.admin_token")
+
+    async def set_version_label(
+        self, data: bytes, context: grpc.aio.ServicerContext[Any, Any], call: Call
+    ) -> bytes:
+        self._authorize(context)
+        request = _parse(models_pb2.SetVersionLabelRequest, data)
+        call.model = request.model
+        self._known(request.model)
+        if not request.label:
+            raise InvalidArgument("label is required")
+        versions = self.pool.models[request.model].versions
+        if request.version and request.version not in versions:
+            known = ", ".join(str(v) for v in sorted(versions))
+            raise NotFound(
+                f"model {request.model!r} has no version {request.version} (versions: {known})"
+            )
+        self.pool.set_label(request.model, request.label, request.version)
+        return bytes(
+            models_pb2.SetVersionLabelResponse(
+                model=self.describe(request.model)
+            ).SerializeToString()
+        )
+
+    async def set_traffic_split(
+        self, data: bytes, context: grpc.aio.ServicerContext[Any, Any], call: Call
+    ) -> bytes:
+        self._authorize(context)
+        request = _parse(models_pb2.SetTrafficSplitRequest, data)
+        call.model = request.model
+        self._known(request.model)
+        versions = self.pool.models[request.model].versions
+        unknown = sorted(v for v in request.weights if v not in versions)
+        if unknown:
+            raise NotFound(f"model {request.model!r} has no version {unknown[0]}")
+        if request.weights and not any(request.weights.values()):
+            raise InvalidArgument("every weight is 0: give at least one version a positive weight")
+        self.pool.set_split(request.model, dict(request.weights))
+        return bytes(
+            models_pb2.SetTrafficSplitResponse(
+                model=self.describe(request.model)
+            ).SerializeToString()
+        )
+
+    # --- watch ----------------------------------------------------------------------------------
+
+    def _routing_key(self, name: str, table: Table) -> tuple[Any, ...]:
+        route = table.routes.get(name)
+        return (
+            tuple(sorted(route.versions)) if route else (),
+            tuple(sorted(route.labels.items())) if route else (),
+            tuple(sorted(self.pool.labels.get(name, {}).items())),
+            tuple(sorted(self.pool.splits.get(name, {}).items())),
+        )
+
+    def publish(self, table: Table) -> None:
+        """Called on every routing table change: tells watchers what changed."""
+        changes: list[models_pb2.WatchModelsResponse] = []
+        for name in sorted(table.known):
+            key = self._routing_key(name, table)
+            if self._last.get(name) != key:
+                self._last[name] = key
+                changes.append(models_pb2.WatchModelsResponse(model=self.describe(name)))
+        for name in sorted(set(self._last) - table.known):
+            del self._last[name]
+            changes.append(
+                models_pb2.WatchModelsResponse(model=models_pb2.Model(name=name), removed=True)
+            )
+        for queue in list(self._watchers):
+            for change in changes:
+                if queue.qsize() >= WATCH_QUEUE:
+                    self._watchers.discard(queue)
+                    queue.put_nowait(None)  # tell the stream it fell behind (the slot is reserved)
+                    break
+                queue.put_nowait(change)
+
+    async def watch_models(
+        self, data: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        request = _parse(models_pb2.WatchModelsRequest, data)
+        wanted = set(request.models)
+        queue: asyncio.Queue[models_pb2.WatchModelsResponse | None] = asyncio.Queue(WATCH_QUEUE + 1)
+        self._watchers.add(queue)
+        try:
+            for name in sorted(self.pool.models):
+                if not wanted or name in wanted:
+                    yield models_pb2.WatchModelsResponse(
+                        model=self.describe(name)
+                    ).SerializeToString()
+            while True:
+                change = await queue.get()
+                if change is None:
+                    raise ResourceExhausted(
+                        "this watcher fell behind; reconnect to get the current state"
+                    )
+                if not wanted or change.model.name in wanted:
+                    yield change.SerializeToString()
+        finally:
+            self._watchers.discard(queue)

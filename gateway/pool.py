@@ -155,7 +155,12 @@ class Pool:
         self.config = config
         self.backends = [Backend(b, config) for b in backends]
         self.models: dict[str, DesiredModel] = dict(models)
+        # labels as asked (config or admin RPC) and as in force: a label moves only once its new
+        # target is AVAILABLE on every reachable backend the model is placed on
         self.labels = {m: dict(v) for m, v in labels.items()}
+        self.effective: dict[str, dict[str, int]] = {m: dict(v) for m, v in labels.items()}
+        # model -> version -> weight of "latest" traffic
+        self.splits: dict[str, dict[int, int]] = {}
         # (model, version) -> the servable that served it before its content was replaced
         self.previous: dict[tuple[str, int], Servable] = {}
         self.table = Table(known=frozenset(self.models))
@@ -332,7 +337,8 @@ class Pool:
                 if targets:
                     versions[version] = tuple(targets)
             if versions:
-                routes[name] = Route(name, versions, dict(self.labels.get(name, {})))
+                labels = self._move_labels(name, versions)
+                routes[name] = Route(name, versions, labels, dict(self.splits.get(name, {})))
         self.previous = {
             key: old
             for key, old in self.previous.items()
@@ -345,6 +351,35 @@ class Pool:
         self.table = Table(routes=routes, known=frozenset(self.models))
         if self._on_change is not None:
             self._on_change(self.table)
+
+    def _move_labels(self, name: str, versions: Mapping[int, Sequence[Target]]) -> dict[str, int]:
+        effective = self.effective.setdefault(name, {})
+        reachable = {b.name for b in self._placed_backends(name)}
+        for label, version in self.labels.get(name, {}).items():
+            holders = {t.backend.name for t in versions.get(version, ())}
+            if label not in effective or (holders and reachable <= holders):
+                if effective.get(label) != version:
+                    log.info("label_moved", model=name, label=label, version=version)
+                effective[label] = version
+        for label in [lb for lb in effective if lb not in self.labels.get(name, {})]:
+            del effective[label]
+        return dict(effective)
+
+    def set_label(self, model: str, label: str, version: int) -> None:
+        """Ask a label to point at ``version`` (0 deletes it); it moves when the version is ready."""
+        labels = self.labels.setdefault(model, {})
+        if version:
+            labels[label] = version
+        else:
+            labels.pop(label, None)
+        self._rebuild()
+
+    def set_split(self, model: str, weights: Mapping[int, int]) -> None:
+        if weights:
+            self.splits[model] = dict(weights)
+        else:
+            self.splits.pop(model, None)
+        self._rebuild()
 
     def _placed_backends(self, model: str) -> list[Backend]:
         desired = self.models[model]

@@ -41,10 +41,21 @@ class Route:
     # version -> where it is AVAILABLE (only routable versions appear)
     versions: Mapping[int, Sequence[Target]]
     labels: Mapping[str, int]
+    # version -> weight of "latest" traffic; empty for plain latest
+    split: Mapping[int, int] = field(default_factory=dict)
 
     @property
     def latest(self) -> int:
         return max(self.versions, default=0)
+
+    def pick_latest(self) -> int:
+        """The highest routable version, or a weighted choice when a traffic split is set."""
+        if self.split:
+            choices = [(v, w) for v, w in self.split.items() if w > 0 and v in self.versions]
+            if choices:
+                chosen: int = random.choices([v for v, _ in choices], [w for _, w in choices])[0]
+                return chosen
+        return self.latest
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +81,7 @@ class Table:
                 raise NotFound(f"model {model!r} has no version label {label!r} (labels: {labels})")
             version = target
         elif version is None or version == 0:
-            version = route.latest
+            version = route.pick_latest()
         backends = route.versions.get(version)
         if not backends:
             versions = ", ".join(str(v) for v in sorted(route.versions)) or "none"

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import structlog
 
-from gateway.calls import Forwarder, Handler, Lifecycle, edge
+from gateway.calls import Forwarder, Handler, Lifecycle, edge, stream_edge
 from gateway.catalog import static_catalog
 from gateway.facade import MODEL_SERVICE, PREDICTION_SERVICE, Facade
 from gateway.follower import Follower
@@ -40,10 +40,7 @@ MODELSYNC_HEALTH = "modelmux.modelsync.v1.ModelSync"
 
 
 def _generic(service: str, methods: dict[str, Any]) -> grpc.GenericRpcHandler:
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
-        name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in methods.items()
-    }
-    return grpc.method_handlers_generic_handler(service, handlers)
+    return grpc.method_handlers_generic_handler(service, methods)
 
 
 class Gateway:
@@ -75,11 +72,16 @@ class Gateway:
         )
         facade = Facade(self.pool, forwarder)
         inference = Inference(forwarder)
-        models = Models(self.pool)
+        self.models_api = models = Models(self.pool, admin_token=gw.admin_token)
 
         def wrap(service: str, method: str, fn: Handler) -> Any:
-            return edge(
-                f"{service}/{method}", fn, log_requests=gw.log_requests, lifecycle=self.lifecycle
+            return grpc.unary_unary_rpc_method_handler(
+                edge(
+                    f"{service}/{method}",
+                    fn,
+                    log_requests=gw.log_requests,
+                    lifecycle=self.lifecycle,
+                )
             )
 
         prediction = {
@@ -96,6 +98,15 @@ class Gateway:
                     {
                         "ListModels": wrap(MODELS_SERVICE, "ListModels", models.list_models),
                         "GetModel": wrap(MODELS_SERVICE, "GetModel", models.get_model),
+                        "SetVersionLabel": wrap(
+                            MODELS_SERVICE, "SetVersionLabel", models.set_version_label
+                        ),
+                        "SetTrafficSplit": wrap(
+                            MODELS_SERVICE, "SetTrafficSplit", models.set_traffic_split
+                        ),
+                        "WatchModels": grpc.unary_stream_rpc_method_handler(
+                            stream_edge(models.watch_models, lifecycle=self.lifecycle)
+                        ),
                     },
                 ),
                 _generic(PREDICTION_SERVICE, prediction),
@@ -132,6 +143,8 @@ class Gateway:
             ready = ready and self.follower.synced.is_set()
             wanted[MODELSYNC_HEALTH] = SERVING if self.follower.connected else NOT_SERVING
         wanted[""] = SERVING if ready else NOT_SERVING
+        if hasattr(self, "models_api"):
+            self.models_api.publish(table)
         changed = {k: v for k, v in wanted.items() if self._health.get(k) != v}
         if not changed:
             return

@@ -51,6 +51,9 @@ class GatewayConfig:
     max_inflight: int = 1024
     # Calls in flight to one backend at once; a backend at its limit is skipped by routing.
     backend_max_inflight: int = 256
+    # Token the admin RPCs (SetVersionLabel, SetTrafficSplit) require as 'authorization: Bearer
+    # <token>' metadata; empty leaves them open (bind to loopback then).
+    admin_token: str = ""
     # How long in-flight calls may finish after SIGTERM.
     shutdown_grace: Seconds = 10.0
     # One summary log line per request.

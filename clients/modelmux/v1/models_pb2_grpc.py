@@ -45,6 +45,21 @@ class ModelsStub:
                 request_serializer=modelmux_dot_v1_dot_models__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=modelmux_dot_v1_dot_models__pb2.GetModelResponse.FromString,
                 _registered_method=True)
+        self.WatchModels = channel.unary_stream(
+                '/modelmux.v1.Models/WatchModels',
+                request_serializer=modelmux_dot_v1_dot_models__pb2.WatchModelsRequest.SerializeToString,
+                response_deserializer=modelmux_dot_v1_dot_models__pb2.WatchModelsResponse.FromString,
+                _registered_method=True)
+        self.SetVersionLabel = channel.unary_unary(
+                '/modelmux.v1.Models/SetVersionLabel',
+                request_serializer=modelmux_dot_v1_dot_models__pb2.SetVersionLabelRequest.SerializeToString,
+                response_deserializer=modelmux_dot_v1_dot_models__pb2.SetVersionLabelResponse.FromString,
+                _registered_method=True)
+        self.SetTrafficSplit = channel.unary_unary(
+                '/modelmux.v1.Models/SetTrafficSplit',
+                request_serializer=modelmux_dot_v1_dot_models__pb2.SetTrafficSplitRequest.SerializeToString,
+                response_deserializer=modelmux_dot_v1_dot_models__pb2.SetTrafficSplitResponse.FromString,
+                _registered_method=True)
 
 
 class ModelsServicer:
@@ -65,6 +80,31 @@ class ModelsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchModels(self, request, context):
+        """Streams routing changes: first every model as it is now, then a model each time its routable
+        versions, labels or traffic split change, or it is removed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetVersionLabel(self, request, context):
+        """Points a version label at a version (admin; needs the admin token when one is configured).
+        The label moves once the version is AVAILABLE on every reachable backend it is placed on;
+        until then the label keeps its old version and the model shows the pending target.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTrafficSplit(self, request, context):
+        """Splits the traffic of "latest" calls between versions by weight (admin). Calls that name a
+        version or a label are not affected. An empty split restores plain "latest".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +117,21 @@ def add_ModelsServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=modelmux_dot_v1_dot_models__pb2.GetModelRequest.FromString,
                     response_serializer=modelmux_dot_v1_dot_models__pb2.GetModelResponse.SerializeToString,
+            ),
+            'WatchModels': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchModels,
+                    request_deserializer=modelmux_dot_v1_dot_models__pb2.WatchModelsRequest.FromString,
+                    response_serializer=modelmux_dot_v1_dot_models__pb2.WatchModelsResponse.SerializeToString,
+            ),
+            'SetVersionLabel': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetVersionLabel,
+                    request_deserializer=modelmux_dot_v1_dot_models__pb2.SetVersionLabelRequest.FromString,
+                    response_serializer=modelmux_dot_v1_dot_models__pb2.SetVersionLabelResponse.SerializeToString,
+            ),
+            'SetTrafficSplit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTrafficSplit,
+                    request_deserializer=modelmux_dot_v1_dot_models__pb2.SetTrafficSplitRequest.FromString,
+                    response_serializer=modelmux_dot_v1_dot_models__pb2.SetTrafficSplitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +189,87 @@ class Models:
             '/modelmux.v1.Models/GetModel',
             modelmux_dot_v1_dot_models__pb2.GetModelRequest.SerializeToString,
             modelmux_dot_v1_dot_models__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/modelmux.v1.Models/WatchModels',
+            modelmux_dot_v1_dot_models__pb2.WatchModelsRequest.SerializeToString,
+            modelmux_dot_v1_dot_models__pb2.WatchModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetVersionLabel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelmux.v1.Models/SetVersionLabel',
+            modelmux_dot_v1_dot_models__pb2.SetVersionLabelRequest.SerializeToString,
+            modelmux_dot_v1_dot_models__pb2.SetVersionLabelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTrafficSplit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelmux.v1.Models/SetTrafficSplit',
+            modelmux_dot_v1_dot_models__pb2.SetTrafficSplitRequest.SerializeToString,
+            modelmux_dot_v1_dot_models__pb2.SetTrafficSplitResponse.FromString,
             options,
             channel_credentials,
             insecure,

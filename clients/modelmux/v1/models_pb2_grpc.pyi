@@ -37,6 +37,19 @@ class ModelsStub:
     """Lists every configured model with its versions, labels and per-backend state."""
     GetModel: _grpc.UnaryUnaryMultiCallable[_models_pb2.GetModelRequest, _models_pb2.GetModelResponse]
     """Describes one model; NOT_FOUND when the gateway does not know it."""
+    WatchModels: _grpc.UnaryStreamMultiCallable[_models_pb2.WatchModelsRequest, _models_pb2.WatchModelsResponse]
+    """Streams routing changes: first every model as it is now, then a model each time its routable
+    versions, labels or traffic split change, or it is removed.
+    """
+    SetVersionLabel: _grpc.UnaryUnaryMultiCallable[_models_pb2.SetVersionLabelRequest, _models_pb2.SetVersionLabelResponse]
+    """Points a version label at a version (admin; needs the admin token when one is configured).
+    The label moves once the version is AVAILABLE on every reachable backend it is placed on;
+    until then the label keeps its old version and the model shows the pending target.
+    """
+    SetTrafficSplit: _grpc.UnaryUnaryMultiCallable[_models_pb2.SetTrafficSplitRequest, _models_pb2.SetTrafficSplitResponse]
+    """Splits the traffic of "latest" calls between versions by weight (admin). Calls that name a
+    version or a label are not affected. An empty split restores plain "latest".
+    """
 
 @_typing.type_check_only
 class ModelsAsyncStub(ModelsStub):
@@ -47,6 +60,19 @@ class ModelsAsyncStub(ModelsStub):
     """Lists every configured model with its versions, labels and per-backend state."""
     GetModel: _aio.UnaryUnaryMultiCallable[_models_pb2.GetModelRequest, _models_pb2.GetModelResponse]  # type: ignore[assignment]
     """Describes one model; NOT_FOUND when the gateway does not know it."""
+    WatchModels: _aio.UnaryStreamMultiCallable[_models_pb2.WatchModelsRequest, _models_pb2.WatchModelsResponse]  # type: ignore[assignment]
+    """Streams routing changes: first every model as it is now, then a model each time its routable
+    versions, labels or traffic split change, or it is removed.
+    """
+    SetVersionLabel: _aio.UnaryUnaryMultiCallable[_models_pb2.SetVersionLabelRequest, _models_pb2.SetVersionLabelResponse]  # type: ignore[assignment]
+    """Points a version label at a version (admin; needs the admin token when one is configured).
+    The label moves once the version is AVAILABLE on every reachable backend it is placed on;
+    until then the label keeps its old version and the model shows the pending target.
+    """
+    SetTrafficSplit: _aio.UnaryUnaryMultiCallable[_models_pb2.SetTrafficSplitRequest, _models_pb2.SetTrafficSplitResponse]  # type: ignore[assignment]
+    """Splits the traffic of "latest" calls between versions by weight (admin). Calls that name a
+    version or a label are not affected. An empty split restores plain "latest".
+    """
 
 class ModelsServicer(metaclass=_abc_1.ABCMeta):
     """Lists the models the gateway routes and where each version is loaded."""
@@ -66,5 +92,36 @@ class ModelsServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_models_pb2.GetModelResponse, _abc.Awaitable[_models_pb2.GetModelResponse]]:
         """Describes one model; NOT_FOUND when the gateway does not know it."""
+
+    @_abc_1.abstractmethod
+    def WatchModels(
+        self,
+        request: _models_pb2.WatchModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_models_pb2.WatchModelsResponse], _abc.AsyncIterator[_models_pb2.WatchModelsResponse]]:
+        """Streams routing changes: first every model as it is now, then a model each time its routable
+        versions, labels or traffic split change, or it is removed.
+        """
+
+    @_abc_1.abstractmethod
+    def SetVersionLabel(
+        self,
+        request: _models_pb2.SetVersionLabelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_models_pb2.SetVersionLabelResponse, _abc.Awaitable[_models_pb2.SetVersionLabelResponse]]:
+        """Points a version label at a version (admin; needs the admin token when one is configured).
+        The label moves once the version is AVAILABLE on every reachable backend it is placed on;
+        until then the label keeps its old version and the model shows the pending target.
+        """
+
+    @_abc_1.abstractmethod
+    def SetTrafficSplit(
+        self,
+        request: _models_pb2.SetTrafficSplitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_models_pb2.SetTrafficSplitResponse, _abc.Awaitable[_models_pb2.SetTrafficSplitResponse]]:
+        """Splits the traffic of "latest" calls between versions by weight (admin). Calls that name a
+        version or a label are not affected. An empty split restores plain "latest".
+        """
 
 def add_ModelsServicer_to_server(servicer: ModelsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
