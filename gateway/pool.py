@@ -153,7 +153,8 @@ class Pool:
         on_change: Callable[[Table], None] | None = None,
     ) -> None:
         self.config = config
-        self.backends = [Backend(b, config) for b in backends]
+        # dns:///name:port entries are expanded by gateway.discovery into one backend per address
+        self.backends = [Backend(b, config) for b in backends if not b.address.startswith("dns:")]
         self.models: dict[str, DesiredModel] = dict(models)
         # labels as asked (config or admin RPC) and as in force: a label moves only once its new
         # target is AVAILABLE on every reachable backend the model is placed on
@@ -166,7 +167,8 @@ class Pool:
         self.table = Table(known=frozenset(self.models))
         self._on_change = on_change
         self._wake = {b.name: asyncio.Event() for b in self.backends}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._started = False
         self._stopping = asyncio.Event()
 
     def update(self, models: Mapping[str, DesiredModel]) -> None:
@@ -226,10 +228,38 @@ class Pool:
         return out
 
     def start(self) -> None:
+        self._started = True
         for backend in self.backends:
-            self._tasks.append(
-                asyncio.create_task(self._reconcile(backend), name=f"reconcile-{backend.name}")
-            )
+            self._start(backend)
+
+    def _start(self, backend: Backend) -> None:
+        task = asyncio.create_task(self._reconcile(backend), name=f"reconcile-{backend.name}")
+        self._tasks[backend.name] = task
+
+    def add(self, config: BackendConfig) -> None:
+        """A backend appeared (discovery): it gets its full config from its own reconciler."""
+        backend = Backend(config, self.config)
+        self.backends.append(backend)
+        self._wake[backend.name] = asyncio.Event()
+        log.info("backend_added", backend=backend.name, address=backend.address)
+        if self._started:
+            self._start(backend)
+
+    async def remove(self, name: str) -> None:
+        """A backend went away (discovery): routing drops it before its channel closes."""
+        backend = next((b for b in self.backends if b.name == name), None)
+        if backend is None:
+            return
+        self.backends.remove(backend)
+        self._rebuild()
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._wake.pop(name, None)
+        await backend.close()
+        log.info("backend_removed", backend=name, address=backend.address)
 
     def poke(self, backend: Backend) -> None:
         """Ask a reconciler to look at its backend now (e.g. after a failed call)."""
@@ -237,9 +267,9 @@ class Pool:
 
     async def close(self) -> None:
         self._stopping.set()
-        for task in self._tasks:
+        for task in self._tasks.values():
             task.cancel()
-        for task in self._tasks:
+        for task in self._tasks.values():
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await asyncio.gather(*(b.close() for b in self.backends))

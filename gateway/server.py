@@ -13,6 +13,7 @@ import structlog
 
 from gateway.calls import Forwarder, Handler, Lifecycle, edge, stream_edge
 from gateway.catalog import static_catalog
+from gateway.discovery import Discovery
 from gateway.facade import MODEL_SERVICE, PREDICTION_SERVICE, Facade
 from gateway.follower import Follower
 from gateway.inference import Inference
@@ -60,6 +61,7 @@ class Gateway:
             labels=config.version_labels,
             on_change=self._on_table,
         )
+        self.discovery = Discovery(self.pool, config.backends, interval=gw.dns_refresh)
         if gw.modelsync:
             self.follower = Follower(gw.modelsync, self.pool.update)
             self.follower.on_connection = lambda _: self._on_table(self.pool.table)
@@ -173,6 +175,8 @@ class Gateway:
         self._on_table(self.pool.table)
         await self.server.start()
         self.pool.start()
+        await self.discovery.refresh()
+        self.discovery.start()
         if self.follower is not None:
             self.follower.start()
         log.info(
@@ -187,6 +191,7 @@ class Gateway:
         await self.server.stop(0 if force else 1.0)
         if self.follower is not None:
             await self.follower.close()
+        await self.discovery.close()
         await self.pool.close()
         log.info("stopped", forced=force, drained=drained)
 

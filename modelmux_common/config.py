@@ -24,6 +24,7 @@ ACCELERATORS: tuple[Accelerator, ...] = ("cpu", "gpu", "inferentia")
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DNS_RE = re.compile(r"^dns:(///)?[A-Za-z0-9.\-\[\]:]+:\d+$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
@@ -44,6 +45,8 @@ class GatewayConfig:
     backend_timeout: Seconds = 30.0
     # modelsync's address; empty means a static catalogue read from local model folders.
     modelsync: str = ""
+    # How often dns:///name:port backends are re-resolved.
+    dns_refresh: Seconds = 10.0
     # How often each backend's model status is polled once it has converged.
     status_interval: Seconds = 2.0
     # Calls in flight through the gateway at once (the seeds' max_replica_concurrency); past it a
@@ -269,6 +272,8 @@ class _Reader:
                 raise self.fail(
                     f"{key}.address", "required: host:port, dns:///name:port or unix:path"
                 )
+            if address.startswith("dns:") and not _DNS_RE.match(address):
+                raise self.fail(f"{key}.address", f"{address!r} is not dns:///name:port")
             accel = raw.get("accelerator", "cpu")
             if accel not in ACCELERATORS:
                 raise self.fail(

@@ -14,6 +14,7 @@ import pytest
 from conftest import MODELMUX, ROOT, Proc, start_daemon
 from gateway_helpers import start_gateway, wait_for, write_config
 
+from gateway import discovery
 from modelmux.v1 import inference_pb2, inference_pb2_grpc, tensor_pb2
 from modelmux_common.config import ConfigError, load
 
@@ -292,3 +293,40 @@ async def test_sigterm_drains_calls_in_flight(
     assert any("shutting down" in d for d in details), details
     # calls under way when the signal came were allowed to finish
     assert any(end > signalled and code == grpc.StatusCode.OK for _, end, code in outcomes)
+
+
+async def test_dns_backend_entries_expand_to_every_address(
+    tmp_path: Path, example_models: Path, backend: Proc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = backend.address.rsplit(":", 1)[1]
+    cfg = write_config(
+        tmp_path / "modelmux.yaml",
+        models=example_models,
+        backends=[{"name": "pods", "address": f"dns:///localhost:{port}"}],
+        gateway={"dns_refresh": "200ms"},
+    )
+    gateway = await start_gateway(cfg)
+    try:
+        names = {b.name for b in gateway.pool.backends}
+        assert f"pods/127.0.0.1:{port}" in names, names
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            reply = await inference_pb2_grpc.InferenceStub(channel).Predict(request(), timeout=10)
+        assert reply.version == 2
+
+        # A failing lookup keeps the backends it had. (The resolver failure is simulated: a real
+        # one would need a DNS server off this machine.)
+        async def failing(entry: object) -> dict[str, object]:
+            raise OSError("temporary failure in name resolution")
+
+        monkeypatch.setattr(discovery, "resolve", failing)
+        await gateway.discovery.refresh()
+        assert {b.name for b in gateway.pool.backends} == names
+    finally:
+        await gateway.stop()
+
+
+def test_dns_address_is_validated(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("backends: [{address: 'dns:///pods'}]\n")
+    with pytest.raises(ConfigError, match="dns:///name:port"):
+        load(cfg)

@@ -1,0 +1,79 @@
+"""Backends named by DNS: ``dns:///name:port`` is re-resolved periodically and every address it
+yields is a backend of its own (a Kubernetes headless Service of TF Serving pods, for example)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+from collections.abc import Sequence
+
+import structlog
+
+from gateway.pool import Pool
+from modelmux_common.config import BackendConfig
+
+log = structlog.get_logger("modelmux.gateway")
+
+
+def split_target(address: str) -> tuple[str, int]:
+    """``dns:///name:port`` (or ``dns:name:port``) -> (name, port)."""
+    rest = address.removeprefix("dns:").lstrip("/")
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{address!r} is not dns:///name:port")
+    return host.strip("[]"), int(port)
+
+
+async def resolve(entry: BackendConfig) -> dict[str, BackendConfig]:
+    """The backends an entry stands for now: name -> config with a concrete address."""
+    host, port = split_target(entry.address)
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    out = {}
+    for family, _, _, _, sockaddr in infos:
+        ip = str(sockaddr[0])
+        address = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
+        name = f"{entry.name}/{address}"
+        out[name] = dataclasses.replace(entry, name=name, address=address)
+    return out
+
+
+class Discovery:
+    """Keeps the pool's backends in step with what the DNS entries resolve to."""
+
+    def __init__(self, pool: Pool, entries: Sequence[BackendConfig], *, interval: float) -> None:
+        self.pool = pool
+        self.entries = [e for e in entries if e.address.startswith("dns:")]
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    async def refresh(self) -> None:
+        for entry in self.entries:
+            try:
+                found = await resolve(entry)
+            except OSError as exc:
+                # keep what we have: a resolver hiccup must not empty the pool
+                log.warning(
+                    "dns_resolve_failed", backend=entry.name, address=entry.address, error=str(exc)
+                )
+                continue
+            prefix = f"{entry.name}/"
+            have = {b.name for b in self.pool.backends if b.name.startswith(prefix)}
+            for name in sorted(found.keys() - have):
+                self.pool.add(found[name])
+            for name in sorted(have - found.keys()):
+                await self.pool.remove(name)
+
+    def start(self) -> None:
+        if self.entries:
+            self._task = asyncio.create_task(self._run(), name="dns-discovery")
+
+    async def _run(self) -> None:
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self.interval)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
