@@ -165,6 +165,27 @@ def stream_edge(
     return run
 
 
+# Codes that say the backend itself is in trouble (not the request): they count for ejection.
+_BACKEND_FAULTS = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+EJECT_AFTER = 3
+EJECT_SECONDS = 5.0
+
+
+def _ejected_until(target: Target) -> float:
+    backend = target.backend
+    return backend.ejected_until if isinstance(backend, Backend) else 0.0
+
+
+def _note_fault(backend: Backend) -> None:
+    """Passive outlier ejection: after EJECT_AFTER failed calls in a row, routing avoids the
+    backend for EJECT_SECONDS (unless no other backend holds the version)."""
+    backend.call_failures += 1
+    if backend.call_failures >= EJECT_AFTER:
+        backend.ejected_until = time.monotonic() + EJECT_SECONDS
+        backend.call_failures = 0
+        log.warning("backend_ejected", backend=backend.name, seconds=EJECT_SECONDS)
+
+
 class Forwarder:
     """Sends one request to a backend that holds the resolved version, retrying once elsewhere
     when the first backend provably never ran it.
@@ -204,7 +225,9 @@ class Forwarder:
             raise ResourceExhausted(
                 f"the gateway's in-flight limit ({self.max_inflight}, gateway.max_inflight) is reached"
             )
-        candidates = [c for c in candidates if c.outstanding < self.backend_max_inflight]
+        now = time.monotonic()
+        healthy = [c for c in candidates if _ejected_until(c) <= now]
+        candidates = [c for c in healthy or candidates if c.outstanding < self.backend_max_inflight]
         target = pick(candidates)
         if target is None:
             raise ResourceExhausted(
@@ -281,8 +304,13 @@ class Forwarder:
             reply: bytes = await backend.calls[method](
                 data, timeout=remaining(context, self.timeout)
             )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in _BACKEND_FAULTS:
+                _note_fault(backend)
+            raise
         finally:
             backend.outstanding -= 1
+        backend.call_failures = 0
         if renamed:
             if method == "MultiInference":
                 return _multi_inference_reply(reply, model)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +43,8 @@ _MS = "/tensorflow.serving.ModelService/"
 FORWARDED_METHODS = ("Predict", "Classify", "Regress", "MultiInference", "GetModelMetadata")
 
 CONVERGING_POLL = 0.2
+LOAD_RETRY = 2.0
+MAX_LOAD_RETRY = 120.0
 MAX_BACKOFF = 5.0
 
 
@@ -93,6 +97,11 @@ class Backend:
         self.status: dict[str, dict[int, VersionStatus]] = {}
         # the config last accepted by the backend; None forces a push
         self.pushed: Any = None
+        # (servable, version) that failed to load -> (attempts, monotonic time of the next try)
+        self.failures: dict[tuple[str, int], tuple[int, float]] = {}
+        # passive outlier ejection: consecutive failed calls, and until when routing avoids it
+        self.call_failures = 0
+        self.ejected_until = 0.0
 
     def __repr__(self) -> str:
         return f"Backend({self.name}@{self.address})"
@@ -213,10 +222,20 @@ class Pool:
         return [m for m in self.models.values() if m.placed_on(backend.config)]
 
     def wanted(self, backend: Backend) -> list[Servable]:
-        """Every servable this backend should hold, old ones included until their successor loaded."""
+        """Every servable this backend should hold, old ones included until their successor
+        loaded; a version that failed to load is left out until its retry is due (leaving it out
+        and putting it back is what makes TF Serving try again)."""
         out: list[Servable] = []
+        now = time.monotonic()
         for model in self.placed(backend):
-            out.extend(model.servables.values())
+            for servable in model.servables.values():
+                versions = tuple(
+                    v
+                    for v in servable.versions
+                    if backend.failures.get((servable.name, v), (0, 0.0))[1] <= now
+                )
+                if versions:
+                    out.append(dataclasses.replace(servable, versions=versions))
             for version, current in model.versions.items():
                 old = self.previous.get((model.name, version))
                 if (
@@ -311,6 +330,7 @@ class Pool:
         if not backend.reachable:
             log.info("backend_reachable", backend=backend.name, address=backend.address)
         backend.reachable, backend.last_error = True, ""
+        self._track_failures(backend, status)
         if status != backend.status:
             self._log_failures(backend, status)
             backend.status = status
@@ -322,6 +342,29 @@ class Pool:
             for s in wanted
             for v in s.versions
         )
+
+    def _track_failures(
+        self, backend: Backend, status: Mapping[str, Mapping[int, VersionStatus]]
+    ) -> None:
+        now = time.monotonic()
+        for name, versions in status.items():
+            for version, entry in versions.items():
+                key = (name, version)
+                if entry.state == AVAILABLE:
+                    backend.failures.pop(key, None)
+                elif entry.state == END and entry.error:
+                    attempts, retry_at = backend.failures.get(key, (0, 0.0))
+                    if retry_at <= now:
+                        delay = min(LOAD_RETRY * 2**attempts, MAX_LOAD_RETRY)
+                        backend.failures[key] = (attempts + 1, now + delay)
+                        log.warning(
+                            "version_load_retry_scheduled",
+                            backend=backend.name,
+                            servable=name,
+                            version=version,
+                            attempt=attempts + 1,
+                            seconds=delay,
+                        )
 
     def _log_failures(
         self, backend: Backend, status: Mapping[str, Mapping[int, VersionStatus]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from conftest import MODELMUX, ROOT, Proc, start_daemon
 from gateway_helpers import start_gateway, wait_for, write_config
 
 from gateway import discovery
-from modelmux.v1 import inference_pb2, inference_pb2_grpc, tensor_pb2
+from modelmux.v1 import inference_pb2, inference_pb2_grpc, models_pb2, models_pb2_grpc, tensor_pb2
 from modelmux_common.config import ConfigError, load
 
 
@@ -330,3 +331,57 @@ def test_dns_address_is_validated(tmp_path: Path) -> None:
     cfg.write_text("backends: [{address: 'dns:///pods'}]\n")
     with pytest.raises(ConfigError, match="dns:///name:port"):
         load(cfg)
+
+
+async def test_failed_version_load_is_reported_and_retried(
+    tmp_path: Path, example_models: Path, backend: Proc
+) -> None:
+    model = tmp_path / "models" / "hpt_retry"
+    shutil.copytree(example_models / "half_plus_two" / "1", model / "1")
+    (model / "3").mkdir(parents=True)
+    (model / "3" / "saved_model.pb").write_bytes(b"this is not a SavedModel")
+    api = {
+        "name": "retry",
+        "handler": {
+            "type": "tensorflow",
+            "models": {"paths": [{"name": "hpt_retry", "path": str(model)}]},
+        },
+    }
+    cfg = write_config(
+        tmp_path / "modelmux.yaml",
+        models=example_models,
+        backends=[{"name": "cpu-0", "address": backend.address}],
+        gateway={"status_interval": "200ms"},
+        apis=[api],
+    )
+    gateway = await start_gateway(cfg)  # SERVING: version 1 serves while version 3 fails
+    try:
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            models = models_pb2_grpc.ModelsStub(channel)
+            stub = inference_pb2_grpc.InferenceStub(channel)
+
+            async def version_3() -> models_pb2.ModelVersion | None:
+                reply = await models.GetModel(
+                    models_pb2.GetModelRequest(name="hpt_retry"), timeout=5
+                )
+                return next((v for v in reply.model.versions if v.version == 3), None)
+
+            async def failed() -> bool:
+                v3 = await version_3()
+                return v3 is not None and any(b.error for b in v3.backends) and not v3.routable
+
+            await wait_for(failed, timeout=30, what="version 3 reported as failed")
+            hpt = inference_pb2.PredictRequest(model="hpt_retry", inputs=request().inputs)
+            assert (
+                await stub.Predict(hpt, timeout=10)
+            ).version == 1  # the previous version keeps serving
+            # fix the files in place: the retry (with backoff) loads it without a restart
+            shutil.rmtree(model / "3")
+            shutil.copytree(example_models / "half_plus_two" / "2", model / "3")
+
+            async def serves_3() -> bool:
+                return (await stub.Predict(hpt, timeout=10)).version == 3
+
+            await wait_for(serves_3, timeout=30, what="version 3 loaded on retry")
+    finally:
+        await gateway.stop()
