@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import tempfile
@@ -54,10 +55,10 @@ MAX_BYTES = 128 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Settings:
-    calls: int = 1000  # measured calls per target and round at concurrency 1
-    sat_calls: int = 3000  # measured calls per target and round at saturation
+    calls: int = 400  # measured calls per target and round at concurrency 1
+    sat_calls: int = 1500  # measured calls per target and round at saturation
     concurrency: int = 16  # calls in flight at saturation
-    rounds: int = 3
+    rounds: int = 5
     warmup: int = 50
     large_mb: int = 40
     large_calls: int = 5
@@ -131,7 +132,7 @@ def backend_of(process: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: few calls, one round")
     parser.add_argument("--calls", type=int, help="measured calls per target and round at c=1")
     parser.add_argument("--sat-calls", type=int, help="measured calls per round at saturation")
@@ -344,8 +345,10 @@ class Bench:
         summary = {}
         for target in self.targets:
             keys = rounds[target.name][0].keys()
-            figures = {k: median([row[k] for row in rounds[target.name]]) for k in keys}
-            summary[target.name] = {**figures, "rounds": rounds[target.name]}
+            rows = rounds[target.name]
+            figures = {k: median([row[k] for row in rows]) for k in keys}
+            spread = {k: [min(row[k] for row in rows), max(row[k] for row in rows)] for k in keys}
+            summary[target.name] = {**figures, "min_max": spread, "rounds": rows}
         bench_report.add_ratios(summary, {t.name: (t.base, t.floor) for t in self.targets})
         gw = self.procs["gateway"]
         self.results["gateway_after_small"] = {"rss_mib": gw.rss(), "peak_rss_mib": gw.rss("VmHWM")}
@@ -403,6 +406,7 @@ class Bench:
         self.results["meta"] = bench_report.machine(self.load.name)
         self.results["meta"]["settings"] = asdict(self.settings)
         self.results["meta"]["scenarios"] = self.scenarios
+        self.results["meta"]["loadavg_start"] = os.getloadavg()
         self.setup()
         self.check_targets()
         if "small" in self.scenarios:
@@ -417,6 +421,7 @@ class Bench:
                 self.results[name] = getattr(lifecycle, name)()
         self.results["targets_check"] = bench_report.issue_targets(self.results)
         self.results["meta"]["duration_s"] = round(time.time() - started, 1)
+        self.results["meta"]["loadavg_end"] = os.getloadavg()
         return self.results
 
     def close(self) -> None:

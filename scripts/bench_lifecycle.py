@@ -264,25 +264,74 @@ def _frame(text: str) -> str:
     return f"{name} ({path})" if path else name
 
 
+AREAS = (
+    ("gateway/", "gateway code"),
+    ("modelmux_common/", "gateway code"),
+    ("bench_barehop.py", "bare hop code"),
+    ("structlog/", "structlog"),
+    ("google/protobuf/", "protobuf"),
+    ("grpc/", "grpc python layer"),
+    ("asyncio/", "asyncio event loop"),
+    ("selectors.py", "asyncio event loop"),
+)
+
+
+def _callback(frames: list[str]) -> list[str]:
+    """The part of a stack below the event loop's dispatch (the handler code that ran), or the
+    poller thread's frames."""
+    for marker in ("Handle._run (", "Thread.run ("):
+        for i, frame in enumerate(frames):
+            if frame.startswith(marker):
+                return frames[i:]
+    return frames[-1:]
+
+
+def _area(frames: list[str]) -> str:
+    """What a sample was doing: the project code in the callback (with whatever it called), else
+    the package of the innermost frame; ``Handle._run`` / ``Thread.run`` with nothing below them
+    is grpc's Cython and C code (py-spy does not see into it)."""
+    below = _callback(frames)
+    for frame in below:
+        for marker, area in AREAS[:3]:
+            if marker in frame:
+                return area
+    leaf = below[-1]
+    if leaf.startswith("Handle._run "):
+        return "grpc Cython/C run from asyncio callbacks"
+    if leaf.startswith("Thread.run "):
+        return "grpc Cython/C poller thread"
+    return next((area for marker, area in AREAS if marker in leaf), "other")
+
+
 def summarize(raw: Path, top: int = 15) -> dict[str, Any]:
-    """Self and inclusive shares of the functions in py-spy's collapsed stacks."""
+    """Shares of samples: by area, by function (self), and project functions (inclusive)."""
     own: collections.Counter[str] = collections.Counter()
     total: collections.Counter[str] = collections.Counter()
+    areas: collections.Counter[str] = collections.Counter()
     samples = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         frames = [_frame(f) for f in stack.split(";")]
-        samples += int(count)
-        own[frames[-1]] += int(count)
+        n = int(count)
+        samples += n
+        own[frames[-1]] += n
+        areas[_area(frames)] += n
         for frame in set(frames):
-            total[frame] += int(count)
-    share = (lambda n: round(100 * n / samples, 1)) if samples else (lambda n: 0.0)
+            if any(m in frame for m, _ in AREAS[:3]) and not frame.startswith(
+                ("main ", "<module>")
+            ):
+                total[frame] += n
+
+    def share(n: int) -> float:
+        return round(100 * n / samples, 1) if samples else 0.0
+
     return {
         "samples": samples,
+        "areas_pct": {a: share(n) for a, n in areas.most_common()},
         "self_pct": [(f, share(n)) for f, n in own.most_common(top)],
-        "total_pct": [(f, share(n)) for f, n in total.most_common(top)],
+        "project_total_pct": [(f, share(n)) for f, n in total.most_common(top)],
     }
 
 
@@ -313,7 +362,7 @@ def profile(bench: Bench) -> dict[str, Any]:
             sample = bench._run(
                 target,
                 payload,
-                calls=bench.settings.sat_calls,
+                calls=3 * bench.settings.sat_calls,
                 concurrency=bench.settings.concurrency,
             )
             after = _thread_cpu(proc.pid)
