@@ -36,17 +36,36 @@ class DesiredModel:
     # version -> name of the servable that serves it now
     versions: Mapping[int, str]
     servables: Mapping[str, Servable]
+    # the API asks for GPUs (compute.gpu > 0): GPU backends only
+    gpu_only: bool = False
 
     def placed_on(self, backend: BackendConfig) -> bool:
-        """Inferentia APIs go to Inferentia backends only; all others to GPU and CPU backends."""
-        return (backend.accelerator == "inferentia") == self.inferentia
+        """Inferentia APIs go to Inferentia backends only, APIs that ask for GPUs to GPU backends
+        only, all others to GPU and CPU backends."""
+        if self.inferentia or backend.accelerator == "inferentia":
+            return self.inferentia and backend.accelerator == "inferentia"
+        return backend.accelerator == "gpu" or not self.gpu_only
+
+
+def gpu_apis(config: Config) -> frozenset[str]:
+    """APIs whose compute asks for GPUs."""
+    return frozenset(api.name for api in config.apis if _positive(api.compute.get("gpu", 0)))
+
+
+def _positive(value: object) -> bool:
+    try:
+        return float(str(value)) > 0
+    except ValueError:
+        return False
 
 
 def single_servable(
-    name: str, api: str, inferentia: bool, base_path: str, versions: tuple[int, ...]
+    name: str, api: str, inferentia: bool, base_path: str, versions: tuple[int, ...], gpu_only: bool
 ) -> DesiredModel:
     servable = Servable(name, base_path, versions)
-    return DesiredModel(name, api, inferentia, {v: name for v in versions}, {name: servable})
+    return DesiredModel(
+        name, api, inferentia, {v: name for v in versions}, {name: servable}, gpu_only
+    )
 
 
 def version_folders(path: str) -> tuple[int, ...]:
@@ -63,6 +82,7 @@ def version_folders(path: str) -> tuple[int, ...]:
 def static_catalog(config: Config) -> Mapping[str, DesiredModel]:
     """Models read straight from local folders (no modelsync): each must hold version folders."""
     models: dict[str, DesiredModel] = {}
+    gpu = gpu_apis(config)
     for source in config.sources():
         key = f"apis[{source.api}].models"
         if source.is_s3:
@@ -91,5 +111,7 @@ def static_catalog(config: Config) -> Mapping[str, DesiredModel]:
                 )
             if name in models:
                 raise ConfigError(config.file, key, f"model {name!r} is defined twice")
-            models[name] = single_servable(name, source.api, source.inferentia, path, versions)
+            models[name] = single_servable(
+                name, source.api, source.inferentia, path, versions, source.api in gpu
+            )
     return models

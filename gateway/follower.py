@@ -48,9 +48,14 @@ class Follower:
     """Keeps a catalogue in step with modelsync."""
 
     def __init__(
-        self, address: str, on_catalog: Callable[[Mapping[str, DesiredModel]], None]
+        self,
+        address: str,
+        on_catalog: Callable[[Mapping[str, DesiredModel]], None],
+        *,
+        gpu_apis: frozenset[str] = frozenset(),
     ) -> None:
         self.address = address
+        self.gpu_apis = gpu_apis
         self.on_catalog = on_catalog
         self.revision = 0
         self.connected = False
@@ -75,7 +80,10 @@ class Follower:
                 continue
             servables = {s: Servable(s, base, (v,)) for v, (s, base) in model.versions.items()}
             versions = {v: s for v, (s, _) in model.versions.items()}
-            out[name] = DesiredModel(name, model.api, model.inferentia, versions, servables)
+            gpu_only = model.api in self.gpu_apis
+            out[name] = DesiredModel(
+                name, model.api, model.inferentia, versions, servables, gpu_only
+            )
         return out
 
     async def _run(self) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from gateway.calls import Call
+from gateway.calls import Call, Forwarder
 from gateway.errors import GatewayError, InvalidArgument, NotFound, ResourceExhausted
 from gateway.pool import Pool
 from gateway.routing import Table
@@ -41,8 +41,9 @@ def _parse(cls: type[Message], data: bytes) -> Any:
 
 
 class Models:
-    def __init__(self, pool: Pool, *, admin_token: str = "") -> None:
+    def __init__(self, pool: Pool, forwarder: Forwarder, *, admin_token: str = "") -> None:
         self.pool = pool
+        self.forwarder = forwarder
         self.admin_token = admin_token
         self._watchers: set[asyncio.Queue[models_pb2.WatchModelsResponse | None]] = set()
         self._last: dict[str, tuple[Any, ...]] = {}
@@ -82,8 +83,13 @@ class Models:
         self, data: bytes, context: grpc.aio.ServicerContext[Any, Any], call: Call
     ) -> bytes:
         _parse(models_pb2.ListModelsRequest, data)
+        limits = models_pb2.Limits(
+            max_inflight=self.forwarder.max_inflight,
+            backend_max_inflight=self.forwarder.backend_max_inflight,
+            inflight=self.forwarder.inflight,
+        )
         response = models_pb2.ListModelsResponse(
-            models=[self.describe(n) for n in sorted(self.pool.models)]
+            models=[self.describe(n) for n in sorted(self.pool.models)], limits=limits
         )
         return bytes(response.SerializeToString())
 

@@ -12,7 +12,7 @@ import grpc
 import structlog
 
 from gateway.calls import Forwarder, Handler, Lifecycle, edge, stream_edge
-from gateway.catalog import static_catalog
+from gateway.catalog import gpu_apis, static_catalog
 from gateway.discovery import Discovery
 from gateway.facade import MODEL_SERVICE, PREDICTION_SERVICE, Facade
 from gateway.follower import Follower
@@ -63,7 +63,7 @@ class Gateway:
         )
         self.discovery = Discovery(self.pool, config.backends, interval=gw.dns_refresh)
         if gw.modelsync:
-            self.follower = Follower(gw.modelsync, self.pool.update)
+            self.follower = Follower(gw.modelsync, self.pool.update, gpu_apis=gpu_apis(config))
             self.follower.on_connection = lambda _: self._on_table(self.pool.table)
         self.server = grpc.aio.server(options=message_size_options(gw.max_message_bytes))
         self.forwarder = forwarder = Forwarder(
@@ -74,7 +74,7 @@ class Gateway:
         )
         facade = Facade(self.pool, forwarder)
         inference = Inference(forwarder)
-        self.models_api = models = Models(self.pool, admin_token=gw.admin_token)
+        self.models_api = models = Models(self.pool, forwarder, admin_token=gw.admin_token)
 
         def wrap(service: str, method: str, fn: Handler) -> Any:
             return grpc.unary_unary_rpc_method_handler(

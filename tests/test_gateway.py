@@ -212,6 +212,7 @@ async def test_list_and_get_models(channel: grpc.aio.Channel, backend: Proc) -> 
     assert placement.address == backend.address
     assert placement.state == models_pb2.VERSION_STATE_AVAILABLE
     assert placement.accelerator == models_pb2.ACCELERATOR_CPU
+    assert listing.limits.max_inflight == 1024 and listing.limits.backend_max_inflight == 256
     one = await stub.GetModel(models_pb2.GetModelRequest(name="iris"))
     assert one.model.api == "iris" and one.model.latest_version == 1
 

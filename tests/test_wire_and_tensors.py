@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from gateway.catalog import single_servable
 from gateway.errors import InvalidArgument
 from gateway.facade import model_spec_of
 from gateway.tensors import (
@@ -16,6 +17,7 @@ from gateway.tensors import (
 )
 from gateway.wire import WireError, encode_len_field, field_bytes
 from modelmux.v1 import tensor_pb2
+from modelmux_common.config import BackendConfig
 from modelmux_common.tfserving import inference_pb2, predict_pb2, types_pb2
 from modelmux_common.tfserving import tensor_pb2 as tf_tensor_pb2
 
@@ -142,3 +144,16 @@ def test_typed_fields_without_tensor_content() -> None:
         dtype=types_pb2.DT_HALF, half_val=[np.float16(1.5).view(np.uint16)]
     )
     assert proto_to_json(half) == 1.5
+
+
+@pytest.mark.parametrize(
+    ("inferentia", "gpu_only", "placed"),
+    [(False, False, {"cpu", "gpu"}), (False, True, {"gpu"}), (True, False, {"inferentia"})],
+)
+def test_placement_by_accelerator(inferentia: bool, gpu_only: bool, placed: set[str]) -> None:
+    model = single_servable("m", "api", inferentia, "/v/m", (1,), gpu_only)
+    backends = {
+        a: BackendConfig(name=a, address="127.0.0.1:1", accelerator=a)
+        for a in ("cpu", "gpu", "inferentia")
+    }
+    assert {a for a, b in backends.items() if model.placed_on(b)} == placed

@@ -275,24 +275,60 @@ class ListModelsRequest(_message.Message):
 Global___ListModelsRequest: _TypeAlias = ListModelsRequest  # noqa: Y015
 
 @_typing.final
+class Limits(_message.Message):
+    """Admission limits of the gateway and how much of them is in use."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_INFLIGHT_FIELD_NUMBER: _builtins.int
+    BACKEND_MAX_INFLIGHT_FIELD_NUMBER: _builtins.int
+    INFLIGHT_FIELD_NUMBER: _builtins.int
+    max_inflight: _builtins.int
+    """gateway.max_inflight: calls through the gateway at once before RESOURCE_EXHAUSTED."""
+    backend_max_inflight: _builtins.int
+    """gateway.backend_max_inflight: calls to one backend at once."""
+    inflight: _builtins.int
+    """Calls in flight now."""
+    def __init__(
+        self,
+        *,
+        max_inflight: _builtins.int = ...,
+        backend_max_inflight: _builtins.int = ...,
+        inflight: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend_max_inflight", b"backend_max_inflight", "inflight", b"inflight", "max_inflight", b"max_inflight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Limits: _TypeAlias = Limits  # noqa: Y015
+
+@_typing.final
 class ListModelsResponse(_message.Message):
     """Response of Models.ListModels."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     MODELS_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___Model]:
         """Models sorted by name."""
+
+    @_builtins.property
+    def limits(self) -> Global___Limits:
+        """Admission limits."""
 
     def __init__(
         self,
         *,
         models: _abc.Iterable[Global___Model] | None = ...,
+        limits: Global___Limits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "models", b"models"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
