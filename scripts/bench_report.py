@@ -37,6 +37,13 @@ def add_ratios(summary: dict[str, dict[str, Any]], refs: Mapping[str, tuple[str,
             row["added_p50_x_barehop"] = _div(row["added_p50_us"], floor_added)
             row["cpu_c1_x_barehop"] = _div(row["hop_cpu_us_c1"], floor["hop_cpu_us_c1"])
             row["cpu_x_barehop"] = _div(row["hop_cpu_us"], floor["hop_cpu_us"])
+            paired = [
+                _div(mine["hop_cpu_us"], theirs["hop_cpu_us"])
+                for mine, theirs in zip(
+                    row.get("rounds", []), floor.get("rounds", []), strict=False
+                )
+            ]
+            row["cpu_x_barehop_per_round"] = paired
 
 
 def large_summary(
