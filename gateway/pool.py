@@ -102,6 +102,8 @@ class Backend:
         # passive outlier ejection: consecutive failed calls, and until when routing avoids it
         self.call_failures = 0
         self.ejected_until = 0.0
+        # (servable, version) -> monotonic time it was first seen AVAILABLE
+        self.available_since: dict[tuple[str, int], float] = {}
 
     def __repr__(self) -> str:
         return f"Backend({self.name}@{self.address})"
@@ -160,8 +162,14 @@ class Pool:
         models: Mapping[str, DesiredModel],
         labels: Mapping[str, Mapping[str, int]],
         on_change: Callable[[Table], None] | None = None,
+        manage: bool = True,
     ) -> None:
         self.config = config
+        # False in gateway workers other than the first: they watch backends, never configure them
+        self.manage = manage
+        # With several workers, a replaced servable stays loaded this long after its successor is
+        # AVAILABLE, so that every worker (each polling on its own) routes away from it first.
+        self.hold = 2 * config.status_interval + 1.0 if config.workers > 1 else 0.0
         # dns:///name:port entries are expanded by gateway.discovery into one backend per address
         self.backends = [Backend(b, config) for b in backends if not b.address.startswith("dns:")]
         self.models: dict[str, DesiredModel] = dict(models)
@@ -240,7 +248,7 @@ class Pool:
                 old = self.previous.get((model.name, version))
                 if (
                     old is not None
-                    and not backend.available(current, version)
+                    and not self._settled(backend, current, version)
                     and backend.available(old.name, version)
                 ):
                     out.append(old)
@@ -317,12 +325,16 @@ class Pool:
         timeout = min(self.config.backend_timeout, 10.0)
         wanted = self.wanted(backend)
         config = _config(wanted)
-        if config != backend.pushed:
-            log.info("backend_reload", backend=backend.name, servables=[s.name for s in wanted])
+        if not self.manage:
+            backend.pushed = config  # the first worker owns the backends' configuration
+        elif config != backend.pushed:
             await backend.reload(config, timeout=self.config.backend_timeout)
+            log.info("backend_configured", backend=backend.name, servables=[s.name for s in wanted])
         status: dict[str, dict[int, VersionStatus]] = {}
         for servable in wanted:
             reported = await backend.servable_status(servable.name, timeout)
+            if reported is None and not self.manage:
+                continue  # not configured (yet) by the first worker
             if reported is None:
                 backend.pushed = None  # the backend lost its config (restarted): push again
                 return False
@@ -338,10 +350,15 @@ class Pool:
         if _config(self.wanted(backend)) != backend.pushed:
             return False
         return all(
-            status[s.name].get(v, VersionStatus(0)).state in (AVAILABLE, END)
+            status.get(s.name, {}).get(v, VersionStatus(0)).state in (AVAILABLE, END)
             for s in wanted
             for v in s.versions
         )
+
+    def _settled(self, backend: Backend, servable: str, version: int) -> bool:
+        """AVAILABLE for long enough that every gateway worker routes to it by now."""
+        since = backend.available_since.get((servable, version))
+        return since is not None and time.monotonic() - since >= self.hold
 
     def _track_failures(
         self, backend: Backend, status: Mapping[str, Mapping[int, VersionStatus]]
@@ -350,7 +367,10 @@ class Pool:
         for name, versions in status.items():
             for version, entry in versions.items():
                 key = (name, version)
+                if entry.state != AVAILABLE:
+                    backend.available_since.pop(key, None)
                 if entry.state == AVAILABLE:
+                    backend.available_since.setdefault(key, now)
                     backend.failures.pop(key, None)
                 elif entry.state == END and entry.error:
                     attempts, retry_at = backend.failures.get(key, (0, 0.0))
@@ -417,7 +437,7 @@ class Pool:
             for key, old in self.previous.items()
             if any(b.available(old.name, key[1]) for b in self.backends)
             and not all(
-                b.available(self.models[key[0]].versions[key[1]], key[1])
+                self._settled(b, self.models[key[0]].versions[key[1]], key[1])
                 for b in self._placed_backends(key[0])
             )
         }

@@ -20,6 +20,7 @@ from gateway.inference import Inference
 from gateway.models_api import Models
 from gateway.pool import FORWARDED_METHODS, Pool
 from gateway.routing import Table
+from gateway.workers import supervise
 from modelmux.v1 import inference_pb2, models_pb2
 from modelmux_common import logs
 from modelmux_common.config import Config, load
@@ -47,7 +48,7 @@ def _generic(service: str, methods: dict[str, Any]) -> grpc.GenericRpcHandler:
 class Gateway:
     """The gateway's gRPC server and everything it serves."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, manage_backends: bool = True) -> None:
         self.config = config
         gw = config.gateway
         self.lifecycle = Lifecycle()
@@ -60,6 +61,7 @@ class Gateway:
             models={} if gw.modelsync else static_catalog(config),
             labels=config.version_labels,
             on_change=self._on_table,
+            manage=manage_backends,
         )
         self.discovery = Discovery(self.pool, config.backends, interval=gw.dns_refresh)
         if gw.modelsync:
@@ -196,8 +198,8 @@ class Gateway:
         log.info("stopped", forced=force, drained=drained)
 
 
-async def serve(config: Config) -> None:
-    gateway = Gateway(config)
+async def serve(config: Config, *, manage_backends: bool = True) -> None:
+    gateway = Gateway(config, manage_backends=manage_backends)
     await gateway.start()
     await run_until_signal(stop=gateway.stop)
 
@@ -208,6 +210,15 @@ def main(args: argparse.Namespace) -> int:
         config = dataclasses.replace(
             config, gateway=dataclasses.replace(config.gateway, listen=args.listen)
         )
+    if args.workers:
+        config = dataclasses.replace(
+            config, gateway=dataclasses.replace(config.gateway, workers=args.workers)
+        )
     logs.configure(level=config.gateway.log_level)
-    asyncio.run(serve(config))
+    index = args.worker_index
+    if index is None and config.gateway.workers > 1:
+        return supervise(config, args, config.gateway.workers)
+    if index is not None:
+        structlog.contextvars.bind_contextvars(worker=index)
+    asyncio.run(serve(config, manage_backends=not index))
     return 0

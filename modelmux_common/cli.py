@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     gateway = sub.add_parser("gateway", help="the gateway")
     gateway.add_argument("--config", required=True, help="modelmux YAML")
     gateway.add_argument("--listen", help="override gateway.listen")
+    gateway.add_argument(
+        "--workers", type=int, help="override gateway.workers (processes sharing the port)"
+    )
+    gateway.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
 
     sync = sub.add_parser("sync", help="the modelsync daemon")
     sync.add_argument("--config", required=True, help="modelmux YAML")

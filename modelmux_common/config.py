@@ -43,6 +43,8 @@ class GatewayConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     # Upper bound of every backend call; the caller's own deadline wins when it is shorter.
     backend_timeout: Seconds = 30.0
+    # Gateway processes sharing the listening port (SO_REUSEPORT); each keeps its own routing state.
+    workers: int = 1
     # modelsync's address; empty means a static catalogue read from local model folders.
     modelsync: str = ""
     # How often dns:///name:port backends are re-resolved.

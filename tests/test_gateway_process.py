@@ -385,3 +385,40 @@ async def test_failed_version_load_is_reported_and_retried(
             await wait_for(serves_3, timeout=30, what="version 3 loaded on retry")
     finally:
         await gateway.stop()
+
+
+async def test_workers_share_the_port(tmp_path: Path, example_models: Path, backend: Proc) -> None:
+    cfg = write_config(
+        tmp_path / "modelmux.yaml",
+        models=example_models,
+        backends=[{"name": "cpu-0", "address": backend.address}],
+    )
+    proc = start_daemon(["gateway", "--config", str(cfg), "--workers", "2"], timeout=60)
+    try:
+        # The kernel spreads connections, not calls: each channel gets its own connection (gRPC
+        # shares connections between a process's channels unless told not to).
+        for _ in range(16):
+            options = [("grpc.use_local_subchannel_pool", 1)]
+            async with grpc.aio.insecure_channel(proc.address, options=options) as channel:
+                stub = inference_pb2_grpc.InferenceStub(channel)
+
+                async def answers(stub: inference_pb2_grpc.InferenceStub = stub) -> bool:
+                    try:
+                        return (await stub.Predict(request(), timeout=5)).version == 2
+                    except grpc.aio.AioRpcError:
+                        return False
+
+                await wait_for(answers, timeout=60, what="an answer")
+        served: set[object] = set()
+
+        def both() -> bool:
+            served.update(
+                line.get("worker") for line in proc.lines if line.get("event") == "request"
+            )
+            return {0, 1} <= served
+
+        await wait_for(both, timeout=10, what="both workers to serve")
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(children) == 2
+    finally:
+        assert proc.stop() == 0
