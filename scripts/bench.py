@@ -298,7 +298,15 @@ class Bench:
 
     # ---- small Predict ---------------------------------------------------------------------
 
-    def _run(self, target: Target, payload: bytes, *, calls: int, concurrency: int) -> Sample:
+    def _run(
+        self,
+        target: Target,
+        payload: bytes,
+        *,
+        calls: int,
+        concurrency: int,
+        connections: int | None = None,
+    ) -> Sample:
         sample = self.load.run(
             address=self.address(target),
             method=req.METHODS[target.kind],
@@ -307,6 +315,7 @@ class Bench:
             concurrency=concurrency,
             warmup=self.settings.warmup,
             probe=self.probe,
+            connections=connections,
         )
         if sample.errors:
             raise RuntimeError(f"{target.name}: {sample.errors} failed calls: {sample.first_error}")

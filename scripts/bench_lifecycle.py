@@ -23,10 +23,13 @@ from typing import TYPE_CHECKING, Any
 import bench_requests as req
 import grpc
 from bench_load import median
-from bench_stack import MODELMUX, ROOT, free_port, modelsync_config
+from bench_stack import MODELMUX, ROOT, Child, free_port, modelsync_config
 
 if TYPE_CHECKING:
     from bench import Bench
+
+# The kernel spreads connections, not calls, over gateway workers: h2load opens several.
+WORKER_CONNECTIONS = 8
 
 
 def copy_versions(models: Path, dest: Path, versions: tuple[int, ...]) -> Path:
@@ -152,6 +155,7 @@ class Lifecycle:
         two = self.stack.gateway("gateway-2w", config, extra_args=["--workers", "2"])
         self.bench.procs["gateway-2w"] = two
         try:
+            _wait_all_serving(two, count=2, timeout=60)
             return self._workers_rounds()
         finally:
             self.bench.procs.pop("gateway-2w")
@@ -172,19 +176,21 @@ class Lifecycle:
                     payload,
                     calls=self.settings.sat_calls,
                     concurrency=self.settings.concurrency,
+                    connections=WORKER_CONNECTIONS,
                 )
                 rps[label].append(sample.throughput)
                 cpu[label].append(sample.cpu_us_per_call(target.process))
         one_rps, two_rps = median(rps["1"]), median(rps["2"])
+        conns = WORKER_CONNECTIONS if self.bench.load.name == "h2load" else self.settings.processes
         return {
             "measurable": True,
             "rps_1_worker": one_rps,
             "rps_2_workers": two_rps,
             "cpu_us_1_worker": median(cpu["1"]),
             "cpu_us_2_workers": median(cpu["2"]),
-            "connections": self.settings.processes,
+            "connections": conns,
             "summary": f"{one_rps:.0f} rps with 1 worker, {two_rps:.0f} rps with 2"
-            f" ({two_rps / one_rps:.2f}x) over {self.settings.processes} connections",
+            f" ({two_rps / one_rps:.2f}x) over {conns} connections",
         }
 
     # ---- reload ------------------------------------------------------------------------------
@@ -214,6 +220,19 @@ class Lifecycle:
             "summary": f"local folder: modelsync published after {synced:.2f} s, first answer from"
             f" the new version {answered - started:.2f} s after the copy",
         }
+
+
+def _wait_all_serving(child: Child, *, count: int, timeout: float) -> None:
+    """Waits for ``count`` serving lines (one per worker) and for fresh connections, which the
+    kernel spreads over the workers, to be answered."""
+    deadline = time.monotonic() + timeout
+    while sum(1 for e in child.log_lines() if e.get("event") == "serving") < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{child.name}: fewer than {count} workers serving:\n{child.tail()}")
+        time.sleep(0.05)
+    for _ in range(4 * count):
+        if first_answer(child.address, version=2, timeout=deadline - time.monotonic()) is None:
+            raise TimeoutError(f"{child.name}: a worker does not answer:\n{child.tail()}")
 
 
 def first_answer(

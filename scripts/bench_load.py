@@ -212,7 +212,9 @@ class PythonLoad:
         concurrency: int,
         warmup: int,
         probe: Probe,
+        connections: int | None = None,
     ) -> Sample:
+        """``connections`` is h2load's; here each process has one channel (one connection)."""
         self._start()
         used = min(self.processes, concurrency, calls)
         shares = zip(split(calls, used), split(concurrency, used), strict=True)
@@ -271,8 +273,10 @@ class H2Load:
             path.write_bytes(b"\x00" + len(payload).to_bytes(4, "big") + payload)
         return path
 
-    def _h2load(self, url: str, body: Path, calls: int, concurrency: int, log: Path) -> str:
-        conns = min(self.connections, concurrency, calls)
+    def _h2load(
+        self, url: str, body: Path, calls: int, concurrency: int, log: Path, connections: int
+    ) -> str:
+        conns = min(connections, concurrency, calls)
         streams = math.ceil(concurrency / conns)
         argv = [
             self.binary,
@@ -297,15 +301,17 @@ class H2Load:
         concurrency: int,
         warmup: int,
         probe: Probe,
+        connections: int | None = None,
     ) -> Sample:
         url = f"http://{address}{method}"
+        conns = connections or self.connections
         body = self._body(payload)
         log = self.workdir / "h2load.log"
         if warmup:
-            self._h2load(url, body, max(warmup, concurrency), concurrency, log)
+            self._h2load(url, body, max(warmup, concurrency), concurrency, log, conns)
         log.unlink(missing_ok=True)  # h2load appends
         before = probe()
-        out = self._h2load(url, body, calls, concurrency, log)
+        out = self._h2load(url, body, calls, concurrency, log, conns)
         after = probe()
         rows = [line.split("\t") for line in log.read_text().splitlines() if line.strip()]
         starts = [int(r[0]) for r in rows]
