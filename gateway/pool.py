@@ -45,6 +45,7 @@ FORWARDED_METHODS = ("Predict", "Classify", "Regress", "MultiInference", "GetMod
 CONVERGING_POLL = 0.2
 LOAD_RETRY = 2.0
 MAX_LOAD_RETRY = 120.0
+STALE_FAILURE = 10.0
 MAX_BACKOFF = 5.0
 
 
@@ -102,6 +103,8 @@ class Backend:
         # passive outlier ejection: consecutive failed calls, and until when routing avoids it
         self.call_failures = 0
         self.ejected_until = 0.0
+        # failed versions whose retry has been scheduled but not yet seen starting
+        self.retrying: set[tuple[str, int]] = set()
         # (servable, version) -> monotonic time it was first seen AVAILABLE
         self.available_since: dict[tuple[str, int], float] = {}
 
@@ -328,6 +331,7 @@ class Pool:
         if not self.manage:
             backend.pushed = config  # the first worker owns the backends' configuration
         elif config != backend.pushed:
+            self._forget_unwanted(backend, wanted)
             await backend.reload(config, timeout=self.config.backend_timeout)
             log.info("backend_configured", backend=backend.name, servables=[s.name for s in wanted])
         status: dict[str, dict[int, VersionStatus]] = {}
@@ -360,6 +364,19 @@ class Pool:
         since = backend.available_since.get((servable, version))
         return since is not None and time.monotonic() - since >= self.hold
 
+    def _forget_unwanted(self, backend: Backend, wanted: Sequence[Servable]) -> None:
+        """Routing leaves what a config push is about to unload before the push goes out."""
+        keep = {(s.name, v) for s in wanted for v in s.versions}
+        pruned = {
+            name: {
+                v: st for v, st in versions.items() if (name, v) in keep or st.state != AVAILABLE
+            }
+            for name, versions in backend.status.items()
+        }
+        if pruned != backend.status:
+            backend.status = pruned
+            self._rebuild()
+
     def _track_failures(
         self, backend: Backend, status: Mapping[str, Mapping[int, VersionStatus]]
     ) -> None:
@@ -372,11 +389,16 @@ class Pool:
                 if entry.state == AVAILABLE:
                     backend.available_since.setdefault(key, now)
                     backend.failures.pop(key, None)
-                elif entry.state == END and entry.error:
+                elif entry.state != END:
+                    backend.retrying.discard(key)  # the retry is under way
+                elif entry.error:
                     attempts, retry_at = backend.failures.get(key, (0, 0.0))
-                    if retry_at <= now:
+                    # right after a retry was sent the old failure may still be reported
+                    stale = key in backend.retrying and now < retry_at + STALE_FAILURE
+                    if retry_at <= now and not stale:
                         delay = min(LOAD_RETRY * 2**attempts, MAX_LOAD_RETRY)
                         backend.failures[key] = (attempts + 1, now + delay)
+                        backend.retrying.add(key)
                         log.warning(
                             "version_load_retry_scheduled",
                             backend=backend.name,
