@@ -88,21 +88,33 @@ class Follower:
 
     async def _run(self) -> None:
         backoff = 0.2
-        options = [("grpc.max_receive_message_length", 256 * 1024 * 1024)]
+        options = [
+            ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", int(MAX_BACKOFF * 1000)),
+        ]
         async with grpc.aio.insecure_channel(self.address, options=options) as channel:
             stub = modelsync_pb2_grpc.ModelSyncStub(channel)
             while True:
                 try:
                     stream = stub.WatchEvents(
-                        modelsync_pb2.WatchEventsRequest(from_revision=self.revision)
+                        modelsync_pb2.WatchEventsRequest(from_revision=self.revision),
+                        wait_for_ready=True,
                     )
+                    # A resume at the current revision gets no message until the next event:
+                    # being connected is the channel being READY with the stream open.
+                    await asyncio.wait_for(channel.channel_ready(), MAX_BACKOFF)
+                    self._set_connected(True)
+                    backoff = 0.2
                     async for item in stream:
-                        self._set_connected(True)
-                        backoff = 0.2
                         self._apply(item)
                     error = "stream ended"
                 except grpc.aio.AioRpcError as exc:
                     error = f"{exc.code().name}: {exc.details()}"
+                except TimeoutError:
+                    stream.cancel()
+                    error = "modelsync unreachable"
                 self._set_connected(False, error)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)

@@ -406,3 +406,30 @@ async def test_7_every_backend_down_fails_fast(stack: Stack, load: Load) -> None
             assert time.monotonic() - started < 2
         # the other model, on its own backend, is unaffected
         assert (await stub.Predict(own_request("half_plus_two_inf"), timeout=10)).version == 1
+
+
+async def test_8_modelsync_away_then_back(stack: Stack) -> None:
+    """The gateway keeps serving while modelsync is down, says so in health, and resumes."""
+    from gateway_helpers import health_status
+    from grpc_health.v1 import health_pb2
+
+    address = stack.sync.address
+    stack.sync.stop()
+    link = "modelmux.modelsync.v1.ModelSync"
+
+    async def link_is(status: int) -> bool:
+        return await health_status(stack.gateway.address, link) == status
+
+    await wait_for(
+        lambda: link_is(health_pb2.HealthCheckResponse.NOT_SERVING), timeout=10, what="link down"
+    )
+    async with grpc.aio.insecure_channel(stack.gateway.address) as channel:
+        reply = await inference_pb2_grpc.InferenceStub(channel).Predict(
+            own_request("half_plus_two_inf"), timeout=10
+        )
+        assert reply.version == 1  # still serving what it had
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    stack.sync = start_daemon(["sync", "--config", str(stack.config), "--listen", address], env=env)
+    await wait_for(
+        lambda: link_is(health_pb2.HealthCheckResponse.SERVING), timeout=30, what="link back"
+    )
