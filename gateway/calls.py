@@ -165,8 +165,9 @@ def stream_edge(
     return run
 
 
-# Codes that say the backend itself is in trouble (not the request): they count for ejection.
-_BACKEND_FAULTS = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+# Codes that say the backend itself is in trouble, whatever the request: they count for ejection.
+# (INTERNAL is left out: a request can provoke it, and requests must not steer ejection.)
+_BACKEND_FAULTS = (grpc.StatusCode.UNAVAILABLE,)
 EJECT_AFTER = 3
 EJECT_SECONDS = 5.0
 
