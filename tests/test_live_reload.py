@@ -21,7 +21,7 @@ import pytest
 import yaml
 from conftest import Proc, start_daemon
 from gateway_helpers import wait_for
-from modelsync_helpers import MotoServer, aws_env, new_bucket
+from modelsync_helpers import MotoServer, moto_for_module, new_bucket
 
 from modelmux.modelsync.v1 import modelsync_pb2, modelsync_pb2_grpc
 from modelmux.v1 import inference_pb2, inference_pb2_grpc, models_pb2, models_pb2_grpc, tensor_pb2
@@ -120,12 +120,7 @@ def tf_request(model: str) -> Any:
 
 @pytest.fixture(scope="module")
 def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    with aws_env():
-        server = MotoServer(tmp_path_factory.mktemp("moto")).start()
-        try:
-            yield server
-        finally:
-            server.stop()
+    yield from moto_for_module(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
