@@ -8,6 +8,7 @@ goes to the log only), and writes one summary line per request.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
 import time
@@ -122,11 +123,14 @@ def edge(rpc: str, handler: Handler, *, log_requests: bool, lifecycle: Lifecycle
 _RESPONSE_SPEC_FIELD = {"Predict": 2, "Classify": 2, "Regress": 2, "GetModelMetadata": 1}
 
 
-def _spec(name: str, version: int | None = None) -> bytes:
+@functools.lru_cache(maxsize=4096)
+def _spec_field(number: int, name: str, version: int | None = None) -> bytes:
+    """Field ``number`` holding ModelSpec{name, version}: the bytes appended to override a spec
+    (cached: the same few servable/version pairs recur on every call)."""
     spec = model_pb2.ModelSpec(name=name)
     if version is not None:
         spec.version.value = version
-    return bytes(spec.SerializeToString())
+    return encode_len_field(number, spec.SerializeToString())
 
 
 def _multi_inference(data: bytes, servable: str, version: int) -> bytes:
@@ -298,7 +302,7 @@ class Forwarder:
         if method == "MultiInference":
             data = _multi_inference(data, target.servable, resolved)
         elif renamed or asked != resolved:
-            data = data + encode_len_field(1, _spec(target.servable, resolved))
+            data = data + _spec_field(1, target.servable, resolved)
         call.backend = backend.name
         backend.outstanding += 1
         try:
@@ -315,5 +319,5 @@ class Forwarder:
         if renamed:
             if method == "MultiInference":
                 return _multi_inference_reply(reply, model)
-            reply = reply + encode_len_field(_RESPONSE_SPEC_FIELD[method], _spec(model))
+            reply = reply + _spec_field(_RESPONSE_SPEC_FIELD[method], model)
         return reply
