@@ -78,61 +78,31 @@ def _get(results: Mapping[str, Any], *path: str) -> float:
     return float(node) if isinstance(node, int | float) else math.nan
 
 
+_S = ("small", "targets")
+_L = ("large", "targets")
+# (what, limit, where in the results, True when the figure must be at least the limit)
+ISSUE_TARGETS = (
+    ("facade-latest CPU/call vs bare hop (saturation)", 1.15, (*_S, "facade-latest", "cpu_x_barehop"), False),
+    ("facade-latest CPU/call vs bare hop (c=1)", 1.15, (*_S, "facade-latest", "cpu_c1_x_barehop"), False),
+    ("facade-v2 CPU/call vs bare hop (saturation)", 1.15, (*_S, "facade-v2", "cpu_x_barehop"), False),
+    ("facade-latest added p50 vs bare hop's (c=1)", 1.15, (*_S, "facade-latest", "added_p50_x_barehop"), False),
+    ("facade-v2 added p50 vs bare hop's (c=1)", 1.15, (*_S, "facade-v2", "added_p50_x_barehop"), False),
+    ("own-typed CPU/call vs bare hop (saturation)", 1.5, (*_S, "own-typed", "cpu_x_barehop"), False),
+    ("40 MB facade-v2 time vs direct", 1.25, (*_L, "facade-v2", "x_direct"), False),
+    ("40 MB facade-latest time vs direct", 1.25, (*_L, "facade-latest", "x_direct"), False),
+    ("idle gateway RSS, MiB", 100.0, ("gateway_idle", "rss_mib"), False),
+    ("gateway start to SERVING, s (warm backend)", 2.0, ("start", "modelsync", "serving_s"), False),
+    ("facade-latest throughput vs direct (at least)", 0.9, (*_S, "facade-latest", "rps_x_direct"), True),
+)  # fmt: skip
+
+
 def issue_targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Each target of the issue with the figure measured in this run (NaN when not measured)."""
-    small = ("small", "targets")
-    checks = [
-        (
-            "facade-latest CPU/call vs bare hop (saturation)",
-            1.15,
-            (*small, "facade-latest", "cpu_x_barehop"),
-        ),
-        (
-            "facade-latest CPU/call vs bare hop (c=1)",
-            1.15,
-            (*small, "facade-latest", "cpu_c1_x_barehop"),
-        ),
-        (
-            "facade-v2 CPU/call vs bare hop (saturation)",
-            1.15,
-            (*small, "facade-v2", "cpu_x_barehop"),
-        ),
-        (
-            "facade-latest added p50 vs bare hop's (c=1)",
-            1.15,
-            (*small, "facade-latest", "added_p50_x_barehop"),
-        ),
-        (
-            "facade-v2 added p50 vs bare hop's (c=1)",
-            1.15,
-            (*small, "facade-v2", "added_p50_x_barehop"),
-        ),
-        (
-            "own-typed CPU/call vs bare hop (saturation)",
-            1.5,
-            (*small, "own-typed", "cpu_x_barehop"),
-        ),
-        ("40 MB facade-v2 time vs direct", 1.25, ("large", "targets", "facade-v2", "x_direct")),
-        (
-            "40 MB facade-latest time vs direct",
-            1.25,
-            ("large", "targets", "facade-latest", "x_direct"),
-        ),
-        ("idle gateway RSS, MiB", 100.0, ("gateway_idle", "rss_mib")),
-        ("gateway start to SERVING, s (warm backend)", 2.0, ("start", "modelsync", "serving_s")),
-    ]
-    out = [
-        {"what": what, "measured": _get(results, *path), "target": limit}
-        for what, limit, path in checks
-    ]
-    rps = _get(results, *small, "facade-latest", "rps_x_direct")
-    out.append(
-        {"what": "facade-latest throughput vs direct (at least)", "measured": rps, "target": 0.9}
-    )
-    for row in out:
-        value, limit = row["measured"], row["target"]
-        at_least = "at least" in row["what"]
-        row["met"] = None if math.isnan(value) else (value >= limit if at_least else value <= limit)
+    out = []
+    for what, limit, path, at_least in ISSUE_TARGETS:
+        value = _get(results, *path)
+        met = None if math.isnan(value) else (value >= limit if at_least else value <= limit)
+        out.append({"what": what, "measured": value, "target": limit, "met": met})
     return out
 
 
