@@ -35,8 +35,16 @@ MAX_BACKOFF = 5.0
 class _Model:
     api: str
     inferentia: bool
-    # version -> (servable name, store base path)
-    versions: dict[int, tuple[str, str]] = field(default_factory=dict)
+    # modelsync's view folder <target>/<model>, whose <version> entries point at current content
+    view: str
+    # version -> store base path of its current content
+    versions: dict[int, str] = field(default_factory=dict)
+
+
+def view_of(model: str, store_base_path: str) -> str:
+    """``<target>/<model>`` from ``<target>/.store/<model>/r<revision>`` (modelsync's layout)."""
+    target = os.path.dirname(os.path.dirname(os.path.dirname(store_base_path.rstrip("/"))))
+    return os.path.join(target, model)
 
 
 def servable_name(model: str, store_base_path: str) -> str:
@@ -62,6 +70,9 @@ class Follower:
         self.synced = asyncio.Event()  # set once the first snapshot arrived
         self.on_connection: Callable[[bool], None] | None = None
         self._models: dict[str, _Model] = {}
+        # (model, version) -> store base path of the content first seen: while a version keeps it,
+        # it is served from the view under the model's own name (no renaming on the request path)
+        self._first: dict[tuple[str, int], str] = {}
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -74,12 +85,24 @@ class Follower:
                 await self._task
 
     def catalog(self) -> dict[str, DesiredModel]:
+        """Versions still holding the content first seen are one servable named after the model,
+        loaded from the view; a version whose content changed since is its own servable
+        ``<model>@r<revision>`` from the immutable store, so it can load beside the old one."""
         out = {}
         for name, model in self._models.items():
             if not model.versions:
                 continue
-            servables = {s: Servable(s, base, (v,)) for v, (s, base) in model.versions.items()}
-            versions = {v: s for v, (s, _) in model.versions.items()}
+            versions: dict[int, str] = {}
+            servables: dict[str, Servable] = {}
+            for v, base in sorted(model.versions.items()):
+                if self._first.get((name, v)) == base:
+                    versions[v] = name
+                else:
+                    versions[v] = servable_name(name, base)
+                    servables[versions[v]] = Servable(versions[v], base, (v,))
+            plain = tuple(v for v, s in versions.items() if s == name)
+            if plain:
+                servables[name] = Servable(name, model.view, plain)
             gpu_only = model.api in self.gpu_apis
             out[name] = DesiredModel(
                 name, model.api, model.inferentia, versions, servables, gpu_only
@@ -145,12 +168,16 @@ class Follower:
     def _snapshot(self, snapshot: modelsync_pb2.Snapshot) -> None:
         self._models = {}
         for published in snapshot.models:
-            model = self._models[published.name] = _Model(published.api, published.inferentia)
+            model = _Model(published.api, published.inferentia, published.base_path)
+            self._models[published.name] = model
             for v in published.versions:
-                model.versions[v.version] = (
-                    servable_name(published.name, v.store_base_path),
-                    v.store_base_path,
-                )
+                model.versions[v.version] = v.store_base_path
+                self._first.setdefault((published.name, v.version), v.store_base_path)
+        self._first = {
+            key: base
+            for key, base in self._first.items()
+            if key[0] in self._models and key[1] in self._models[key[0]].versions
+        }
         self.revision = snapshot.revision
         log.info(
             "modelsync_snapshot",
@@ -164,18 +191,19 @@ class Follower:
         """Applies one event; True when the catalogue changed."""
         kind = event.kind
         if kind in _PUBLISHING and event.HasField("version"):
-            model = self._models.setdefault(event.model, _Model(event.api, event.inferentia))
-            model.versions[event.version] = (
-                servable_name(event.model, event.store_base_path),
-                event.store_base_path,
-            )
+            view = view_of(event.model, event.store_base_path)
+            model = self._models.setdefault(event.model, _Model(event.api, event.inferentia, view))
+            model.versions[event.version] = event.store_base_path
+            self._first.setdefault((event.model, event.version), event.store_base_path)
         elif kind == K.EVENT_KIND_VERSION_REMOVED and event.HasField("version"):
             known = self._models.get(event.model)
             if known is None or known.versions.pop(event.version, None) is None:
                 return False
+            self._first.pop((event.model, event.version), None)
         elif kind == K.EVENT_KIND_MODEL_REMOVED:
             if self._models.pop(event.model, None) is None:
                 return False
+            self._first = {k: b for k, b in self._first.items() if k[0] != event.model}
         else:
             log.info(
                 "modelsync_event",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -233,20 +232,22 @@ class Pool:
         return [m for m in self.models.values() if m.placed_on(backend.config)]
 
     def wanted(self, backend: Backend) -> list[Servable]:
-        """Every servable this backend should hold, old ones included until their successor
-        loaded; a version that failed to load is left out until its retry is due (leaving it out
-        and putting it back is what makes TF Serving try again)."""
-        out: list[Servable] = []
+        """Every servable this backend should hold, old content included until its successor
+        settled; a version that failed to load is left out until its retry is due (leaving it
+        out and putting it back is what makes TF Serving try again)."""
+        entries: dict[str, tuple[str, set[int]]] = {}
         now = time.monotonic()
+
+        def add(servable: Servable, versions: tuple[int, ...]) -> None:
+            due = {
+                v for v in versions if backend.failures.get((servable.name, v), (0, 0.0))[1] <= now
+            }
+            if due:
+                entries.setdefault(servable.name, (servable.base_path, set()))[1].update(due)
+
         for model in self.placed(backend):
             for servable in model.servables.values():
-                versions = tuple(
-                    v
-                    for v in servable.versions
-                    if backend.failures.get((servable.name, v), (0, 0.0))[1] <= now
-                )
-                if versions:
-                    out.append(dataclasses.replace(servable, versions=versions))
+                add(servable, servable.versions)
             for version, current in model.versions.items():
                 old = self.previous.get((model.name, version))
                 if (
@@ -254,8 +255,8 @@ class Pool:
                     and not self._settled(backend, current, version)
                     and backend.available(old.name, version)
                 ):
-                    out.append(old)
-        return out
+                    add(old, (version,))
+        return [Servable(name, base, tuple(sorted(vs))) for name, (base, vs) in entries.items()]
 
     def start(self) -> None:
         self._started = True

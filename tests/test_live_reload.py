@@ -244,7 +244,9 @@ async def published(stack: Stack) -> dict[str, dict[int, str]]:
     }
 
 
-async def servable_state(backend: Proc, servable: str) -> int | None:
+async def servable_state(backend: Proc, servable: str, version: int | None = None) -> int | None:
+    """State of a servable's version (its first listed one by default) on a backend; None when
+    the backend does not have it."""
     async with grpc.aio.insecure_channel(backend.address) as channel:
         request = get_model_status_pb2.GetModelStatusRequest()
         request.model_spec.name = servable
@@ -255,7 +257,10 @@ async def servable_state(backend: Proc, servable: str) -> int | None:
         except grpc.aio.AioRpcError as exc:
             assert exc.code() == grpc.StatusCode.NOT_FOUND
             return None
-        return int(reply.model_version_status[0].state)
+        states = {s.version: int(s.state) for s in reply.model_version_status}
+        if version is None:
+            return next(iter(states.values()))
+        return states.get(version)
 
 
 async def trigger(load: Load, action: Any, model: str, version: int, y: list[float]) -> float:
@@ -282,24 +287,26 @@ async def test_1_version_added(stack: Stack, load: Load) -> None:
 
 
 async def test_2_latest_updated_in_place(stack: Stack, load: Load) -> None:
-    before = (await published(stack))["half_plus_two"][2]
+    # Versions keep their first content in the servable named after the model (no renaming on the
+    # request path); a rewritten version loads beside it as <model>@r<revision>.
+    available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    assert await servable_state(stack.backends["gpu-0"], "half_plus_two", 2) == available
     v1_content = files_of(stack.models / "half_plus_two" / "1")
     await trigger(
         load, lambda: stack.put("models/half_plus_two/2/", v1_content), "half_plus_two", 2, V1_Y
     )
-    after = (await published(stack))["half_plus_two"][2]
-    assert after != before
-    # the replaced servable is unloaded once routing moved away from it
+    rewritten = (await published(stack))["half_plus_two"][2]
     for name in ("gpu-0", "cpu-1"):
         backend = stack.backends[name]
+        assert await servable_state(backend, rewritten, 2) == available
 
         async def unloaded(backend: Proc = backend) -> bool:
-            return await servable_state(backend, before) in (
-                None,
-                get_model_status_pb2.ModelVersionStatus.END,
-            )
+            # the old content is unloaded once routing moved away from it; version 1 stays
+            state = await servable_state(backend, "half_plus_two", 2)
+            return state in (None, get_model_status_pb2.ModelVersionStatus.END)
 
-        await wait_for(unloaded, timeout=10, what=f"{before} unloaded on {name}")
+        await wait_for(unloaded, timeout=10, what=f"the old version 2 unloaded on {name}")
+        assert await servable_state(backend, "half_plus_two", 1) == available
 
 
 async def test_3_structure_changed(stack: Stack, load: Load) -> None:
@@ -336,9 +343,7 @@ async def test_4_version_removed(stack: Stack, load: Load) -> None:
 
 
 async def test_5_placement_respected(stack: Stack, load: Load) -> None:
-    servables = await published(stack)
-    inf = servables["half_plus_two_inf"][1]
-    cpu = servables["half_plus_two"][1]
+    inf, cpu = "half_plus_two_inf", "half_plus_two"  # version 1 of each never changed
     available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
     assert await servable_state(stack.backends["inf-0"], inf) == available
     assert await servable_state(stack.backends["inf-0"], cpu) is None
