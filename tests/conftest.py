@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -73,6 +75,11 @@ def _read_until_serving(stream: IO[str], lines: list[dict[str, object]], deadlin
     raise RuntimeError(f"process did not report serving; log so far: {lines[-20:]}")
 
 
+def die_with_parent() -> None:
+    """In the child: get SIGTERM when the test process dies, so no daemon outlives a killed run."""
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def start_daemon(
     args: list[str], *, timeout: float = 120.0, env: dict[str, str] | None = None
 ) -> Proc:
@@ -85,6 +92,7 @@ def start_daemon(
         text=True,
         env=full_env,
         cwd=ROOT,
+        preexec_fn=die_with_parent,
     )
     lines: list[dict[str, object]] = []
     assert popen.stderr is not None

@@ -201,8 +201,10 @@ def stack(
     gateway = start_daemon(
         ["gateway", "--config", str(config)], env={"MODELMUX_GATEWAY_MODELSYNC": sync.address}
     )
-    yield Stack(s3, bucket, example_models, backends, sync, gateway, config)
-    for proc in (gateway, sync, *backends.values()):
+    stack = Stack(s3, bucket, example_models, backends, sync, gateway, config)
+    yield stack
+    # tests replace processes they restart: stop what the stack holds now
+    for proc in (stack.gateway, stack.sync, *stack.backends.values()):
         proc.stop()
 
 
