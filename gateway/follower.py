@@ -138,6 +138,9 @@ class Follower:
                 except TimeoutError:
                     stream.cancel()
                     error = "modelsync unreachable"
+                except Exception as exc:  # the edge of a background task: resubscribe, keep going
+                    log.exception("modelsync_follow_failed")
+                    error = f"{type(exc).__name__}: {exc}"
                 self._set_connected(False, error)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)

@@ -321,6 +321,9 @@ class Pool:
                 backend.last_error = str(exc)
                 log.warning("backend_reload_failed", backend=backend.name, error=str(exc))
                 wait, backoff = backoff, min(backoff * 2, MAX_BACKOFF)
+            except Exception:  # the edge of a background task: log, back off, keep converging
+                log.exception("reconcile_failed", backend=backend.name)
+                wait, backoff = backoff, min(backoff * 2, MAX_BACKOFF)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), wait)
 
