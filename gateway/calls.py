@@ -191,6 +191,11 @@ def _note_fault(backend: Backend) -> None:
         log.warning("backend_ejected", backend=backend.name, seconds=EJECT_SECONDS)
 
 
+# Answers proving the backend never ran the call: it was unreachable, or it no longer holds the
+# servable routing chose (a restart or an unload it has not reported yet). Retried elsewhere once.
+_NEVER_RAN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND)
+
+
 class Forwarder:
     """Sends one request to a backend that holds the resolved version, retrying once elsewhere
     when the first backend provably never ran it.
@@ -262,7 +267,7 @@ class Forwarder:
         try:
             return await self._once(target, method, data, model, version, resolved, context, call)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+            if exc.code() not in _NEVER_RAN:
                 raise
             first = target.backend
             assert isinstance(first, Backend)
@@ -270,19 +275,19 @@ class Forwarder:
             other = pick(candidates, exclude=target)
             if other is None or remaining(context, self.timeout) <= 0:
                 raise Unavailable(
-                    f"backend {first.name} ({first.address}) is unavailable: {exc.details()}"
+                    f"backend {first.name} ({first.address}) could not run the call: {exc.details()}"
                 ) from None
             try:
                 return await self._once(
                     other, method, data, model, version, resolved, context, call
                 )
             except grpc.aio.AioRpcError as again:
-                if again.code() != grpc.StatusCode.UNAVAILABLE:
+                if again.code() not in _NEVER_RAN:
                     raise
                 assert isinstance(other.backend, Backend)
                 self.pool.poke(other.backend)
                 raise Unavailable(
-                    f"backends {first.name} and {other.backend.name} are unavailable: {again.details()}"
+                    f"backends {first.name} and {other.backend.name} could not run the call: {again.details()}"
                 ) from None
 
     async def _once(

@@ -51,7 +51,7 @@ class Discovery:
         for entry in self.entries:
             try:
                 found = await resolve(entry)
-            except OSError as exc:
+            except (OSError, UnicodeError, ValueError) as exc:
                 # keep what we have: a resolver hiccup must not empty the pool
                 log.warning(
                     "dns_resolve_failed", backend=entry.name, address=entry.address, error=str(exc)

@@ -47,6 +47,14 @@ def view_of(model: str, store_base_path: str) -> str:
     return os.path.join(target, model)
 
 
+def _kind_name(kind: int) -> str:
+    """The event kind's name; a kind from a newer modelsync is shown by number, not fatal."""
+    try:
+        return str(modelsync_pb2.EventKind.Name(kind))  # type: ignore[arg-type]
+    except ValueError:
+        return f"EVENT_KIND_{kind}"
+
+
 def servable_name(model: str, store_base_path: str) -> str:
     """``<model>@r<revision>``: the store folder's name identifies the published content."""
     return f"{model}@{os.path.basename(store_base_path.rstrip('/'))}"
@@ -185,7 +193,7 @@ class Follower:
         log.info(
             "modelsync_snapshot",
             revision=snapshot.revision,
-            reason=modelsync_pb2.SnapshotReason.Name(snapshot.reason),
+            reason=int(snapshot.reason),
             models=sorted(self._models),
         )
         self.synced.set()
@@ -210,7 +218,7 @@ class Follower:
         else:
             log.info(
                 "modelsync_event",
-                kind=modelsync_pb2.EventKind.Name(kind),
+                kind=_kind_name(kind),
                 model=event.model,
                 reason=event.reason,
                 revision=event.revision,
@@ -218,7 +226,7 @@ class Follower:
             return False
         log.info(
             "model_published" if kind in _PUBLISHING else "model_withdrawn",
-            kind=modelsync_pb2.EventKind.Name(kind),
+            kind=_kind_name(kind),
             model=event.model,
             version=event.version if event.HasField("version") else None,
             revision=event.revision,

@@ -53,7 +53,7 @@ class Inference:
 
     def __init__(self, forwarder: Forwarder) -> None:
         self.forwarder = forwarder
-        # (model, version) -> signature name -> Signature, fetched once from a backend
+        # (servable, version) -> signatures, fetched once from a backend
         self._signatures: dict[tuple[str, int], asyncio.Future[dict[str, Signature]]] = {}
 
     async def predict(
@@ -69,7 +69,7 @@ class Inference:
             raise InvalidArgument("model is required")
         choice = request.WhichOneof("version_choice")
         call.model = request.model
-        version, _ = self.forwarder.pool.table.resolve(
+        version, candidates = self.forwarder.pool.table.resolve(
             request.model,
             request.version if choice == "version" else None,
             request.version_label if choice == "version_label" else None,
@@ -86,8 +86,10 @@ class Inference:
         spec.signature_name = request.signature_name or DEFAULT_SIGNATURE
         backend_request.output_filter.extend(request.output_filter)
         if use_json:
+            # keyed by servable: content rewritten in place may change its signatures
+            servable = candidates[0].servable
             signature = await self._signature(
-                request.model, version, spec.signature_name, context, call
+                request.model, version, servable, spec.signature_name, context, call
             )
             self._json_inputs(request, signature, backend_request)
         else:
@@ -136,22 +138,35 @@ class Inference:
         self,
         model: str,
         version: int,
+        servable: str,
         name: str,
         context: grpc.aio.ServicerContext[Any, Any],
         call: Call,
     ) -> Signature:
-        key = (model, version)
-        future = self._signatures.get(key)
-        if future is None or (future.done() and future.exception() is not None):
-            future = asyncio.get_running_loop().create_future()
-            self._signatures[key] = future
+        """The signature, fetched once per servable version; concurrent callers share the fetch,
+        and if the caller doing it goes away, a waiting caller fetches for itself."""
+        key = (servable, version)
+        while True:
+            future = self._signatures.get(key)
+            if future is None or (future.done() and (future.cancelled() or future.exception())):
+                future = asyncio.get_running_loop().create_future()
+                self._signatures[key] = future
+                try:
+                    future.set_result(await self._fetch(model, version, context, call))
+                except asyncio.CancelledError:
+                    future.cancel()
+                    raise
+                except BaseException as exc:
+                    future.set_exception(exc)
+                    future.exception()  # retrieved: a later caller retries instead
+                    raise
             try:
-                future.set_result(await self._fetch(model, version, context, call))
-            except BaseException as exc:
-                future.set_exception(exc)
-                future.exception()  # retrieved: a later caller retries instead
-                raise
-        signatures = await asyncio.shield(future)
+                signatures = await asyncio.shield(future)
+                break
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not future.cancelled() or (task is not None and task.cancelling()):
+                    raise  # this caller itself was cancelled
         if name not in signatures:
             known = ", ".join(sorted(signatures)) or "none"
             raise InvalidArgument(

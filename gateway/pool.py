@@ -138,8 +138,8 @@ class Backend:
             for s in response.model_version_status
         }
 
-    async def close(self) -> None:
-        await self.channel.close(grace=None)
+    async def close(self, grace: float | None = None) -> None:
+        await self.channel.close(grace=grace)
 
 
 def _config(servables: Sequence[Servable]) -> Any:
@@ -198,7 +198,12 @@ class Pool:
                 continue
             for version, servable in model.versions.items():
                 before = old.versions.get(version)
-                if before is not None and before != servable:
+                if before is None or before == servable:
+                    continue
+                # Keep the content that serves: a second rewrite while the first is still
+                # loading (or failed) must not displace the servable routing still uses.
+                serving = any(b.available(before, version) for b in self.backends)
+                if (name, version) not in self.previous or serving:
                     self.previous[(name, version)] = old.servables[before]
         self.previous = {
             key: old
@@ -289,12 +294,14 @@ class Pool:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._wake.pop(name, None)
-        await backend.close()
+        await backend.close(grace=min(self.config.backend_timeout, 30.0))
         log.info("backend_removed", backend=name, address=backend.address)
 
     def poke(self, backend: Backend) -> None:
         """Ask a reconciler to look at its backend now (e.g. after a failed call)."""
-        self._wake[backend.name].set()
+        event = self._wake.get(backend.name)
+        if event is not None:  # a backend removed by discovery has no reconciler any more
+            event.set()
 
     async def close(self) -> None:
         self._stopping.set()
@@ -315,7 +322,12 @@ class Pool:
                 backoff = 0.1
                 wait = self.config.status_interval if converged else CONVERGING_POLL
             except grpc.aio.AioRpcError as exc:
-                self._mark_unreachable(backend, f"{exc.code().name}: {exc.details()}")
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and backend.reachable:
+                    # busy (a long load), not gone: keep routing what it holds, ask again
+                    backend.pushed = None
+                    log.warning("backend_slow", backend=backend.name, error=str(exc.details()))
+                else:
+                    self._mark_unreachable(backend, f"{exc.code().name}: {exc.details()}")
                 wait, backoff = backoff, min(backoff * 2, MAX_BACKOFF)
             except RuntimeError as exc:
                 backend.last_error = str(exc)
@@ -336,7 +348,10 @@ class Pool:
             backend.pushed = config  # the first worker owns the backends' configuration
         elif config != backend.pushed:
             self._forget_unwanted(backend, wanted)
-            await backend.reload(config, timeout=self.config.backend_timeout)
+            # TF Serving answers a reload adding new model names only once they loaded
+            await backend.reload(
+                config, timeout=max(self.config.backend_timeout, self.config.load_timeout)
+            )
             log.info("backend_configured", backend=backend.name, servables=[s.name for s in wanted])
         status: dict[str, dict[int, VersionStatus]] = {}
         for servable in wanted:
@@ -351,6 +366,9 @@ class Pool:
             log.info("backend_reachable", backend=backend.name, address=backend.address)
         backend.reachable, backend.last_error = True, ""
         self._track_failures(backend, status)
+        keep = {(s.name, v) for s in wanted for v in s.versions} | set(backend.failures)
+        backend.available_since = {k: t for k, t in backend.available_since.items() if k in keep}
+        backend.retrying &= keep
         if status != backend.status:
             self._log_failures(backend, status)
             backend.status = status
@@ -458,16 +476,9 @@ class Pool:
             if versions:
                 labels = self._move_labels(name, versions)
                 routes[name] = Route(name, versions, labels, dict(self.splits.get(name, {})))
-        self.previous = {
-            key: old
-            for key, old in self.previous.items()
-            if any(b.available(old.name, key[1]) for b in self.backends)
-            and not all(
-                self._settled(b, self.models[key[0]].versions[key[1]], key[1])
-                for b in self._placed_backends(key[0])
-            )
-        }
-        self.table = Table(routes=routes, known=frozenset(self.models))
+        self.previous = {key: old for key, old in self.previous.items() if not self._moved_on(key)}
+        configured = {name: frozenset(model.versions) for name, model in self.models.items()}
+        self.table = Table(routes=routes, known=frozenset(self.models), configured=configured)
         if self._on_change is not None:
             self._on_change(self.table)
 
@@ -499,6 +510,12 @@ class Pool:
         else:
             self.splits.pop(model, None)
         self._rebuild()
+
+    def _moved_on(self, key: tuple[str, int]) -> bool:
+        """Every reachable backend holding the model has settled on the version's new content."""
+        placed = self._placed_backends(key[0])
+        current = self.models[key[0]].versions[key[1]]
+        return bool(placed) and all(self._settled(b, current, key[1]) for b in placed)
 
     def _placed_backends(self, model: str) -> list[Backend]:
         desired = self.models[model]

@@ -63,6 +63,8 @@ class Table:
     routes: Mapping[str, Route] = field(default_factory=dict)
     # Every model the gateway is configured to serve, routable or not.
     known: frozenset[str] = frozenset()
+    # model -> versions it is configured to serve (routable or still loading, failed, unreachable)
+    configured: Mapping[str, frozenset[int]] = field(default_factory=dict)
 
     def resolve(
         self, model: str, version: int | None, label: str | None
@@ -83,6 +85,15 @@ class Table:
         elif version is None or version == 0:
             version = route.pick_latest()
         backends = route.versions.get(version)
+        if not backends and version in self.configured.get(model, ()):
+            what = (
+                f"label {label!r} points at version {version}, which"
+                if label
+                else f"version {version}"
+            )
+            raise Unavailable(
+                f"model {model!r}: {what} is configured but not loaded on any reachable backend"
+            )
         if not backends:
             versions = ", ".join(str(v) for v in sorted(route.versions)) or "none"
             what = (

@@ -181,9 +181,7 @@ def json_to_proto(
         _check_rectangular(name, array, value)
         _set_shape(proto, array.shape)
         try:
-            proto.string_val.extend(
-                v.encode() if isinstance(v, str) else bytes(v) for v in array.reshape(-1)
-            )
+            proto.string_val.extend(_utf8(v) for v in array.reshape(-1))
         except TypeError:
             raise InvalidArgument(f"input {name!r}: expected strings for DT_STRING") from None
         return
@@ -214,6 +212,12 @@ def json_to_proto(
         raise InvalidArgument(f"input {name!r}: {exc}") from None
     _set_shape(proto, array.shape)
     proto.tensor_content = array.tobytes()
+
+
+def _utf8(value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise TypeError(value)
+    return value.encode()
 
 
 def _json_kind(array: np.ndarray[Any, Any]) -> str:

@@ -25,6 +25,8 @@ ACCELERATORS: tuple[Accelerator, ...] = ("cpu", "gpu", "inferentia")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DNS_RE = re.compile(r"^dns:(///)?[A-Za-z0-9.\-\[\]:]+:\d+$")
+# durations for which 0 means "none" rather than a busy loop or an instant deadline
+_MAY_BE_ZERO = {"removal_grace", "settle", "debounce", "shutdown_grace"}
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
@@ -49,6 +51,8 @@ class GatewayConfig:
     modelsync: str = ""
     # How often dns:///name:port backends are re-resolved.
     dns_refresh: Seconds = 10.0
+    # Upper bound of a config push that loads new servables (TF Serving answers it after they load).
+    load_timeout: Seconds = 600.0
     # How often each backend's model status is polled once it has converged.
     status_interval: Seconds = 2.0
     # Calls in flight through the gateway at once (the seeds' max_replica_concurrency); past it a
@@ -216,7 +220,10 @@ class _Reader:
     def coerce(self, value: Any, type_: Any, key: str, name: str) -> Any:
         try:
             if type_ == "Seconds":
-                return parse_duration(value)
+                seconds = parse_duration(value)
+                if seconds <= 0 and name not in _MAY_BE_ZERO:
+                    raise ValueError("must be more than zero")
+                return seconds
             if type_ == "bool":
                 if isinstance(value, bool):
                     return value

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -75,9 +75,14 @@ def _read_until_serving(stream: IO[str], lines: list[dict[str, object]], deadlin
     raise RuntimeError(f"process did not report serving; log so far: {lines[-20:]}")
 
 
-def die_with_parent() -> None:
-    """In the child: get SIGTERM when the test process dies, so no daemon outlives a killed run."""
+def _die_with_parent() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn giving the child SIGTERM when the test process dies, so no daemon outlives a
+    killed run. The signal follows the *thread* that forked, so only the main thread asks for it."""
+    return _die_with_parent if threading.current_thread() is threading.main_thread() else None
 
 
 def start_daemon(
@@ -92,7 +97,7 @@ def start_daemon(
         text=True,
         env=full_env,
         cwd=ROOT,
-        preexec_fn=die_with_parent,
+        preexec_fn=die_with_parent(),
     )
     lines: list[dict[str, object]] = []
     assert popen.stderr is not None

@@ -128,6 +128,7 @@ async def test_unix_socket_listen(tmp_path: Path, example_models: Path, backend:
     [
         ("gateway: {listne: x}", "gateway.listne", "unknown key"),
         ("gateway: {backend_timeout: soon}", "gateway.backend_timeout", "not a duration"),
+        ("gateway: {status_interval: 0s}", "gateway.status_interval", "more than zero"),
         ("backends: [{address: 'a:1', accelerator: tpu}]", "backends[0].accelerator", "'tpu'"),
         (
             "apis: [{name: a, handler: {type: tensorflow}}]",
@@ -372,9 +373,14 @@ async def test_failed_version_load_is_reported_and_retried(
 
             await wait_for(failed, timeout=30, what="version 3 reported as failed")
             hpt = inference_pb2.PredictRequest(model="hpt_retry", inputs=request().inputs)
-            assert (
-                await stub.Predict(hpt, timeout=10)
-            ).version == 1  # the previous version keeps serving
+            # the previous version keeps serving
+            assert (await stub.Predict(hpt, timeout=10)).version == 1
+            pinned = inference_pb2.PredictRequest(
+                model="hpt_retry", version=3, inputs=request().inputs
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as info:  # configured, not loaded: retry later
+                await stub.Predict(pinned, timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
             # fix the files in place: the retry (with backoff) loads it without a restart
             shutil.rmtree(model / "3")
             shutil.copytree(example_models / "half_plus_two" / "2", model / "3")
