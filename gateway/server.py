@@ -61,7 +61,7 @@ class Gateway:
             models={} if gw.modelsync else static_catalog(config),
             labels=config.version_labels,
             on_change=self._on_table,
-            manage=manage_backends,
+            manage=manage_backends and gw.manage_backends,
         )
         self.discovery = Discovery(self.pool, config.backends, interval=gw.dns_refresh)
         if gw.modelsync:

@@ -45,6 +45,9 @@ class GatewayConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     # Upper bound of every backend call; the caller's own deadline wins when it is shorter.
     backend_timeout: Seconds = 30.0
+    # False for a gateway that only routes (e.g. a sidecar beside a shared pool): it watches the
+    # backends' model status and leaves their configuration to the one gateway that manages them.
+    manage_backends: bool = True
     # Gateway processes sharing the listening port (SO_REUSEPORT); each keeps its own routing state.
     workers: int = 1
     # modelsync's address; empty means a static catalogue read from local model folders.

@@ -428,3 +428,36 @@ async def test_workers_share_the_port(tmp_path: Path, example_models: Path, back
         assert len(children) == 2
     finally:
         assert proc.stop() == 0
+
+
+async def test_route_only_gateway_leaves_backend_config_alone(
+    tmp_path: Path, example_models: Path, backend: Proc
+) -> None:
+    """A sidecar (manage_backends: false) routes over what the managing gateway configured."""
+    backends = [{"name": "cpu-0", "address": backend.address}]
+
+    def applied() -> int:
+        return sum(1 for line in backend.lines if line.get("event") == "model config applied")
+
+    initial = applied()
+    managing = await start_gateway(
+        write_config(tmp_path / "m.yaml", models=example_models, backends=backends)
+    )
+    # the backend's log is read by another thread: wait for the managing gateway's push to show
+    await wait_for(lambda: applied() > initial, timeout=10, what="the managing gateway's push")
+    await managing.stop()  # the backend keeps the config it was given
+    before = applied()
+    sidecar_cfg = write_config(
+        tmp_path / "s.yaml",
+        models=example_models,
+        backends=backends,
+        gateway={"manage_backends": False},
+    )
+    sidecar = await start_gateway(sidecar_cfg)  # SERVING: it saw the managing gateway's models
+    try:
+        async with grpc.aio.insecure_channel(sidecar.address) as channel:
+            reply = await inference_pb2_grpc.InferenceStub(channel).Predict(request(), timeout=10)
+        assert reply.version == 2
+        assert applied() == before  # the sidecar never pushed a config
+    finally:
+        await sidecar.stop()
