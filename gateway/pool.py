@@ -181,6 +181,8 @@ class Pool:
         self.effective: dict[str, dict[str, int]] = {m: dict(v) for m, v in labels.items()}
         # model -> version -> weight of "latest" traffic
         self.splits: dict[str, dict[int, int]] = {}
+        # (model, version) removed -> (its servable, until when it stays loaded); several workers only
+        self.retired: dict[tuple[str, int], tuple[DesiredModel, Servable, float]] = {}
         # (model, version) -> the servable that served it before its content was replaced
         self.previous: dict[tuple[str, int], Servable] = {}
         self.table = Table(known=frozenset(self.models))
@@ -210,10 +212,21 @@ class Pool:
             for key, old in self.previous.items()
             if key[0] in models and key[1] in models[key[0]].versions
         }
+        if self.hold:
+            self._retire(models)
         self.models = dict(models)
         self._rebuild()
         for event in self._wake.values():
             event.set()
+
+    def _retire(self, models: Mapping[str, DesiredModel]) -> None:
+        """With several workers, a removed version stays loaded for ``hold`` seconds, so that a
+        worker whose modelsync stream lags routes away from it before it is unloaded."""
+        until = time.monotonic() + self.hold
+        for name, old in self.models.items():
+            for version, servable in old.versions.items():
+                if version not in (models[name].versions if name in models else {}):
+                    self.retired[(name, version)] = (old, old.servables[servable], until)
 
     def states(self, name: str) -> dict[int, list[tuple[Backend, VersionStatus]]]:
         """Each version of a model and its state on every backend it is placed on."""
@@ -250,6 +263,11 @@ class Pool:
             if due:
                 entries.setdefault(servable.name, (servable.base_path, set()))[1].update(due)
 
+        self.retired = {k: r for k, r in self.retired.items() if r[2] > now}
+        for (name, version), (gone, retiring, _) in self.retired.items():
+            still = self.models.get(name)
+            if gone.placed_on(backend.config) and (still is None or version not in still.versions):
+                add(retiring, (version,))
         for model in self.placed(backend):
             for servable in model.servables.values():
                 add(servable, servable.versions)

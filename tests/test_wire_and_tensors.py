@@ -200,3 +200,22 @@ async def test_a_second_rewrite_keeps_the_content_that_serves() -> None:
     pool._rebuild()
     assert [t.servable for t in pool.table.resolve("m", 1, None)[1]] == ["m@r9"]
     await pool.close()
+
+
+async def test_with_several_workers_a_removed_version_stays_loaded_for_the_hold() -> None:
+    model = single_servable("m", "api", False, "/v/m", (1, 2), False)
+    pool = Pool(
+        config=GatewayConfig(workers=2, status_interval=0.5),
+        backends=[BackendConfig(name="b", address="127.0.0.1:1")],
+        models={"m": model},
+        labels={},
+    )
+    backend = pool.backends[0]
+    pool.update({"m": single_servable("m", "api", False, "/v/m", (1,), False)})
+    assert (
+        pool.table.routes == {} or 2 not in pool.table.routes["m"].versions
+    )  # routing left at once
+    assert [(s.name, s.versions) for s in pool.wanted(backend)] == [("m", (1, 2))]  # still loaded
+    pool.retired = {k: (m, s, 0.0) for k, (m, s, _) in pool.retired.items()}  # the hold is over
+    assert [(s.name, s.versions) for s in pool.wanted(backend)] == [("m", (1,))]
+    await pool.close()
