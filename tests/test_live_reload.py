@@ -213,7 +213,6 @@ async def load(stack: Stack) -> AsyncIterator[Load]:
     recorder = Load(stack.gateway.address)
 
     async def both_answer() -> bool:
-        await asyncio.sleep(0)
         async with grpc.aio.insecure_channel(stack.gateway.address) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             try:
