@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import os
@@ -60,14 +59,26 @@ class Proc:
         return self.popen.returncode
 
 
+def parse_log_line(raw: str) -> dict[str, object] | None:
+    """One JSON log line. TensorFlow's C++ logging writes to the same stderr in several pieces, so
+    a JSON line can land right after a half-written C++ prefix: parse from the first brace then."""
+    start = raw.find('{"')
+    if start < 0:
+        return None
+    try:
+        entry = json.loads(raw[start:])
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
 def _read_until_serving(stream: IO[str], lines: list[dict[str, object]], deadline: float) -> str:
     while time.monotonic() < deadline:
         raw = stream.readline()
         if not raw:
             break
-        try:
-            entry = json.loads(raw)
-        except ValueError:
+        entry = parse_log_line(raw)
+        if entry is None:
             continue
         lines.append(entry)
         if entry.get("event") == "serving" and entry.get("address"):
@@ -114,8 +125,9 @@ def start_daemon(
         assert popen.stderr is not None
         with popen.stderr:
             for raw in popen.stderr:
-                with contextlib.suppress(ValueError):
-                    lines.append(json.loads(raw))
+                entry = parse_log_line(raw)
+                if entry is not None:
+                    lines.append(entry)
 
     thread = threading.Thread(target=drain, daemon=True)
     thread.start()
