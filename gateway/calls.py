@@ -34,13 +34,21 @@ _PREFIX = f"{os.getpid():x}-"
 class Call:
     """What one request resolved to, for its summary line."""
 
-    __slots__ = ("backend", "model", "request_id", "version")
+    __slots__ = ("_context", "_request_id", "backend", "model", "version")
 
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._context = context
+        self._request_id = ""
         self.model = ""
         self.version = 0
         self.backend = ""
+
+    @property
+    def request_id(self) -> str:
+        """The caller's x-request-id, or one of ours; worked out only when a line needs it."""
+        if not self._request_id:
+            self._request_id = _request_id(self._context)
+        return self._request_id
 
 
 Handler = Callable[[bytes, grpc.aio.ServicerContext[Any, Any], Call], Awaitable[bytes]]
@@ -75,8 +83,8 @@ class Lifecycle:
 
 def edge(rpc: str, handler: Handler, *, log_requests: bool, lifecycle: Lifecycle) -> RawHandler:
     async def run(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-        call = Call(_request_id(context))
-        started = time.perf_counter()
+        call = Call(context)
+        started = time.perf_counter() if log_requests else 0.0
         code = grpc.StatusCode.OK
         lifecycle.active += 1
         lifecycle.idle.clear()

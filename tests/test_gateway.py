@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import structlog.testing
 from conftest import ROOT, Proc
 from gateway_helpers import health_status, start_gateway, write_config
 from grpc_health.v1 import health_pb2
@@ -395,3 +396,24 @@ async def test_health_per_model(gateway: Gateway) -> None:
         == health_pb2.HealthCheckResponse.SERVING
     )
     assert await health_status(gateway.address, "modelmux.v1.Model/nope") == -1
+
+
+async def test_one_summary_line_per_request_with_the_callers_request_id(
+    channel: grpc.aio.Channel,
+) -> None:
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    with structlog.testing.capture_logs() as logged:
+        await stub.Predict(
+            inference_pb2.PredictRequest(model="half_plus_two", version=1, inputs={"x": typed(X)}),
+            metadata=(("x-request-id", "req-42"),),
+        )
+        await expect_error(
+            stub.Predict(inference_pb2.PredictRequest(model="nope", inputs={"x": typed(X)})),
+            grpc.StatusCode.NOT_FOUND,
+        )
+    lines = [entry for entry in logged if entry["event"] == "request"]
+    assert len(lines) == 2
+    ok, missing = lines
+    assert ok["request_id"] == "req-42" and ok["model"] == "half_plus_two" and ok["version"] == 1
+    assert ok["backend"] == "cpu-0" and ok["status"] == "OK" and ok["ms"] > 0
+    assert missing["status"] == "NOT_FOUND" and missing["request_id"] and missing["model"] == "nope"
