@@ -116,7 +116,7 @@ class Inference:
             )
         else:
             for name, tensor in result.outputs.items():
-                response.outputs[name].CopyFrom(proto_to_typed(tensor))
+                proto_to_typed(tensor, response.outputs[name])
         return bytes(response.SerializeToString())
 
     @staticmethod

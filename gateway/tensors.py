@@ -134,31 +134,19 @@ def _fill(array: np.ndarray[Any, Any], count: int) -> np.ndarray[Any, Any]:
     raise InvalidArgument(f"tensor has {array.size} values for {count} elements")
 
 
-def proto_to_typed(proto: TensorProto) -> tensor_pb2.Tensor:
-    """TensorProto -> our Tensor (content bytes copied as they are when packed)."""
+def proto_to_typed(proto: TensorProto, out: tensor_pb2.Tensor) -> None:
+    """TensorProto -> ``out``, our Tensor, filled in place (packed content is copied once)."""
     ours = _FROM_TF.get(proto.dtype)
     if ours is None:
         raise InvalidArgument(f"output dtype {tf_dtype_name(proto.dtype)} has no modelmux dtype")
-    shape = [d.size for d in proto.tensor_shape.dim]
+    out.dtype = ours  # type: ignore[assignment]
+    out.shape.extend(d.size for d in proto.tensor_shape.dim)
     if proto.dtype == DT.DT_STRING:
-        values = proto_to_numpy(proto).reshape(-1).tolist()
-        return tensor_pb2.Tensor(
-            dtype=ours,  # type: ignore[arg-type]
-            shape=shape,
-            string_values=values,
-        )
-    if proto.tensor_content:
-        return tensor_pb2.Tensor(
-            dtype=ours,  # type: ignore[arg-type]
-            shape=shape,
-            content=proto.tensor_content,
-        )
-    array = np.ascontiguousarray(proto_to_numpy(proto))
-    return tensor_pb2.Tensor(
-        dtype=ours,  # type: ignore[arg-type]
-        shape=shape,
-        content=array.tobytes(),
-    )
+        out.string_values.extend(proto_to_numpy(proto).reshape(-1).tolist())
+    elif proto.tensor_content:
+        out.content = proto.tensor_content
+    else:
+        out.content = np.ascontiguousarray(proto_to_numpy(proto)).tobytes()
 
 
 def json_to_proto(

@@ -88,7 +88,9 @@ def test_typed_round_trip_keeps_bytes() -> None:
     proto = tf_tensor_pb2.TensorProto()
     typed_to_proto("x", ours, proto)
     assert proto.dtype == types_pb2.DT_INT64 and proto.tensor_content == values.tobytes()
-    assert proto_to_typed(proto) == ours
+    back = tensor_pb2.Tensor()
+    proto_to_typed(proto, back)
+    assert back == ours
     np.testing.assert_array_equal(proto_to_numpy(proto), values)
 
 
