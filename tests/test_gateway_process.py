@@ -26,6 +26,14 @@ def request() -> inference_pb2.PredictRequest:
     return inference_pb2.PredictRequest(model="half_plus_two", inputs={"x": tensor})
 
 
+async def answers(stub: inference_pb2_grpc.InferenceStub) -> bool:
+    """True once the gateway answers half_plus_two from version 2 (for waits with a deadline)."""
+    try:
+        return (await stub.Predict(request(), timeout=5)).version == 2
+    except grpc.aio.AioRpcError:
+        return False
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -48,13 +56,7 @@ async def test_gateway_process_is_small_and_tensorflow_free(
         async with grpc.aio.insecure_channel(proc.address) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
 
-            async def answers() -> bool:
-                try:
-                    return (await stub.Predict(request(), timeout=5)).version == 2
-                except grpc.aio.AioRpcError:
-                    return False
-
-            await wait_for(answers, timeout=60, what="the gateway process to answer")
+            await wait_for(lambda: answers(stub), timeout=60, what="the gateway process to answer")
             ready = time.monotonic() - started
             for _ in range(200):
                 await stub.Predict(request(), timeout=5)
@@ -244,13 +246,7 @@ async def test_sigterm_drains_calls_in_flight(
     async with grpc.aio.insecure_channel(proc.address) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
 
-        async def ready() -> bool:
-            try:
-                return (await stub.Predict(request(), timeout=5)).version == 2
-            except grpc.aio.AioRpcError:
-                return False
-
-        await wait_for(ready, timeout=60, what="the gateway to answer")
+        await wait_for(lambda: answers(stub), timeout=60, what="the gateway to answer")
 
         async def client() -> None:
             for _ in range(2000):
@@ -407,14 +403,7 @@ async def test_workers_share_the_port(tmp_path: Path, example_models: Path, back
             options = [("grpc.use_local_subchannel_pool", 1)]
             async with grpc.aio.insecure_channel(proc.address, options=options) as channel:
                 stub = inference_pb2_grpc.InferenceStub(channel)
-
-                async def answers(stub: inference_pb2_grpc.InferenceStub = stub) -> bool:
-                    try:
-                        return (await stub.Predict(request(), timeout=5)).version == 2
-                    except grpc.aio.AioRpcError:
-                        return False
-
-                await wait_for(answers, timeout=60, what="an answer")
+                await wait_for(lambda s=stub: answers(s), timeout=60, what="an answer")
         served: set[object] = set()
 
         def both() -> bool:
