@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -73,27 +71,21 @@ def parse_log_line(raw: str) -> dict[str, object] | None:
 
 
 def _read_until_serving(stream: IO[str], lines: list[dict[str, object]], deadline: float) -> str:
+    other: list[str] = []  # the last lines that are not JSON (a traceback, a config error)
     while time.monotonic() < deadline:
         raw = stream.readline()
         if not raw:
             break
         entry = parse_log_line(raw)
         if entry is None:
+            other = [*other[-30:], raw.rstrip()]
             continue
         lines.append(entry)
         if entry.get("event") == "serving" and entry.get("address"):
             return str(entry["address"])
-    raise RuntimeError(f"process did not report serving; log so far: {lines[-20:]}")
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn giving the child SIGTERM when the test process dies, so no daemon outlives a
-    killed run. The signal follows the *thread* that forked, so only the main thread asks for it."""
-    return _die_with_parent if threading.current_thread() is threading.main_thread() else None
+    raise RuntimeError(
+        f"process did not report serving; log so far: {lines[-20:]}; other output: {other[-30:]}"
+    )
 
 
 def start_daemon(
@@ -108,7 +100,6 @@ def start_daemon(
         text=True,
         env=full_env,
         cwd=ROOT,
-        preexec_fn=die_with_parent(),
     )
     lines: list[dict[str, object]] = []
     assert popen.stderr is not None

@@ -24,7 +24,6 @@ import boto3
 import pytest
 import yaml
 from botocore.config import Config as BotoConfig
-from conftest import die_with_parent
 
 from modelmux_common.config import Config, load
 from modelsync.daemon import Daemon
@@ -88,7 +87,6 @@ class MotoServer:
                 [MOTO, "-H", "127.0.0.1", "-p", str(self.port)],
                 stdout=log,
                 stderr=log,
-                preexec_fn=die_with_parent(),
                 env={**os.environ, **AWS_ENV},
             )
         wait_port(self.port)
@@ -273,7 +271,6 @@ class SyncProcess:
             text=True,
             env={**os.environ, "MODELMUX_LOG_FORMAT": "json", **(env or {})},
             cwd=ROOT,
-            preexec_fn=die_with_parent(),
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
