@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import structlog
 
-from gateway.errors import GatewayError, ResourceExhausted, Unavailable
+from gateway.errors import GatewayError, ResourceExhausted, Unavailable, parse
 from gateway.pool import Backend, Pool
 from gateway.routing import Target, pick
 from gateway.wire import encode_len_field
@@ -142,7 +142,7 @@ def _spec_field(number: int, name: str, version: int | None = None) -> bytes:
 
 
 def _multi_inference(data: bytes, servable: str, version: int) -> bytes:
-    request = inference_pb2.MultiInferenceRequest.FromString(data)
+    request = parse(inference_pb2.MultiInferenceRequest, data)
     for task in request.tasks:
         task.model_spec.name = servable
         task.model_spec.version.value = version

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 
 class GatewayError(Exception):
@@ -37,3 +40,11 @@ class FailedPrecondition(GatewayError):
 
 class Unimplemented(GatewayError):
     code = grpc.StatusCode.UNIMPLEMENTED
+
+
+def parse(cls: type[Message], data: bytes) -> Any:
+    """A request message from its bytes; INVALID_ARGUMENT naming the message when they don't parse."""
+    try:
+        return cls.FromString(data)
+    except DecodeError as exc:
+        raise InvalidArgument(f"request is not a valid {cls.DESCRIPTOR.full_name}: {exc}") from None

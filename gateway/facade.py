@@ -12,7 +12,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from gateway.calls import Call, Forwarder, Handler
-from gateway.errors import InvalidArgument, NotFound, Unimplemented
+from gateway.errors import InvalidArgument, NotFound, Unimplemented, parse
 from gateway.pool import AVAILABLE, Pool, VersionStatus
 from gateway.wire import WireError, field_bytes
 from modelmux_common.tfserving import get_model_status_pb2, model_pb2
@@ -74,12 +74,7 @@ class Facade:
         self, data: bytes, context: grpc.aio.ServicerContext[Any, Any], call: Call
     ) -> bytes:
         """The pool's view: a version is AVAILABLE when any backend serves it."""
-        try:
-            request = get_model_status_pb2.GetModelStatusRequest.FromString(data)
-        except DecodeError as exc:
-            raise InvalidArgument(
-                f"request is not a valid tensorflow.serving.GetModelStatusRequest: {exc}"
-            ) from None
+        request = parse(get_model_status_pb2.GetModelStatusRequest, data)
         name = request.model_spec.name
         call.model = name
         if name not in self.pool.models:

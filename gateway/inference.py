@@ -8,10 +8,9 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
-from google.protobuf.message import DecodeError
 
 from gateway.calls import Call, Forwarder
-from gateway.errors import InvalidArgument
+from gateway.errors import InvalidArgument, parse
 from gateway.tensors import (
     json_to_proto,
     proto_to_json,
@@ -59,12 +58,7 @@ class Inference:
     async def predict(
         self, data: bytes, context: grpc.aio.ServicerContext[Any, Any], call: Call
     ) -> bytes:
-        try:
-            request = inference_pb2.PredictRequest.FromString(data)
-        except DecodeError as exc:
-            raise InvalidArgument(
-                f"request is not a valid modelmux.v1.PredictRequest: {exc}"
-            ) from None
+        request = parse(inference_pb2.PredictRequest, data)
         if not request.model:
             raise InvalidArgument("model is required")
         choice = request.WhichOneof("version_choice")

@@ -9,10 +9,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError, Message
 
 from gateway.calls import Call, Forwarder
-from gateway.errors import GatewayError, InvalidArgument, NotFound, ResourceExhausted
+from gateway.errors import GatewayError, InvalidArgument, NotFound, ResourceExhausted, parse
 from gateway.pool import Pool
 from gateway.routing import Table
 from modelmux.v1 import models_pb2
@@ -31,13 +30,6 @@ class Unauthenticated(GatewayError):
 
 class PermissionDenied(GatewayError):
     code = grpc.StatusCode.PERMISSION_DENIED
-
-
-def _parse(cls: type[Message], data: bytes) -> Any:
-    try:
-        return cls.FromString(data)
-    except DecodeError as exc:
-        raise InvalidArgument(f"request is not a valid modelmux.v1.{cls.__name__}: {exc}") from None
 
 
 class Models:
@@ -82,7 +74,7 @@ class Models:
     async def list_models(
         self, data: bytes, context: grpc.aio.ServicerContext[Any, Any], call: Call
     ) -> bytes:
-        _parse(models_pb2.ListModelsRequest, data)
+        parse(models_pb2.ListModelsRequest, data)
         limits = models_pb2.Limits(
             max_inflight=self.forwarder.max_inflight,
             backend_max_inflight=self.forwarder.backend_max_inflight,
@@ -96,7 +88,7 @@ class Models:
     async def get_model(
         self, data: bytes, context: grpc.aio.ServicerContext[Any, Any], call: Call
     ) -> bytes:
-        request = _parse(models_pb2.GetModelRequest, data)
+        request = parse(models_pb2.GetModelRequest, data)
         call.model = request.name
         self._known(request.name)
         return bytes(
@@ -119,7 +111,7 @@ class Models:
         self, data: bytes, context: grpc.aio.ServicerContext[Any, Any], call: Call
     ) -> bytes:
         self._authorize(context)
-        request = _parse(models_pb2.SetVersionLabelRequest, data)
+        request = parse(models_pb2.SetVersionLabelRequest, data)
         call.model = request.model
         self._known(request.model)
         if not request.label:
@@ -141,7 +133,7 @@ class Models:
         self, data: bytes, context: grpc.aio.ServicerContext[Any, Any], call: Call
     ) -> bytes:
         self._authorize(context)
-        request = _parse(models_pb2.SetTrafficSplitRequest, data)
+        request = parse(models_pb2.SetTrafficSplitRequest, data)
         call.model = request.model
         self._known(request.model)
         versions = self.pool.models[request.model].versions
@@ -192,7 +184,7 @@ class Models:
     async def watch_models(
         self, data: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[bytes]:
-        request = _parse(models_pb2.WatchModelsRequest, data)
+        request = parse(models_pb2.WatchModelsRequest, data)
         wanted = set(request.models)
         queue: asyncio.Queue[models_pb2.WatchModelsResponse | None] = asyncio.Queue(WATCH_QUEUE + 1)
         self._watchers.add(queue)
