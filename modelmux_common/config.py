@@ -68,6 +68,14 @@ class GatewayConfig:
     admin_token: str = ""
     # How long in-flight calls may finish after SIGTERM.
     shutdown_grace: Seconds = 10.0
+    # Upper bound of a handler call (Invoke, user-defined services); the caller's deadline wins
+    # when it is shorter.
+    handler_timeout: Seconds = 60.0
+    # How long a handler worker may take to import the handler file and run its __init__.
+    handler_start_timeout: Seconds = 300.0
+    # Where handler workers' sockets and the disk model caches live; empty means a fresh
+    # temporary folder, removed at exit.
+    runtime_dir: str = ""
     # One summary log line per request.
     log_requests: bool = True
     log_level: str = "info"
@@ -124,6 +132,9 @@ class ModelSource:
     uri: str
     # True when the API runs on Inferentia (compute.inf > 0): validated by the Inferentia layout.
     inferentia: bool = False
+    # SavedModels for the backends (tensorflow handlers); False for a python handler's
+    # multi_model_reloading, whose versions may hold any files and never go to a backend.
+    savedmodel: bool = True
 
     @property
     def is_s3(self) -> bool:
@@ -140,6 +151,13 @@ class ApiConfig:
     sources: tuple[ModelSource, ...]
     compute: Mapping[str, Any]
     handler_config: Mapping[str, Any]
+    processes_per_replica: int = 1
+    threads_per_process: int = 1
+    # absolute path of the user's .proto; empty when the API has no service of its own
+    protobuf_path: str = ""
+    # models kept loaded in memory / on local disk per worker; 0 = no limit (all loaded)
+    cache_size: int = 0
+    disk_cache_size: int = 0
 
     @property
     def inferentia(self) -> bool:
@@ -246,7 +264,7 @@ class _Reader:
                 if not isinstance(value, str | int | float) or isinstance(value, bool):
                     raise ValueError(f"expected a string, got {type(value).__name__}")
                 text = str(value)
-                if name == "target":
+                if name in ("target", "runtime_dir"):
                     return str((self.base / text).resolve()) if text else text
                 return text
         except (TypeError, ValueError) as exc:
@@ -384,13 +402,14 @@ class _Reader:
             raise self.fail(mkey, "a tensorflow handler needs one of path, paths, dir")
         if ("cache_size" in models) != ("disk_cache_size" in models):
             raise self.fail(mkey, "set both cache_size and disk_cache_size, or neither")
+        savedmodel = htype == "tensorflow"
         sources: list[ModelSource] = []
+
+        def source(kind: Literal["path", "dir"], model: str, uri: str) -> ModelSource:
+            return ModelSource(name, kind, model, uri, inferentia, savedmodel)
+
         if "path" in models:
-            sources.append(
-                ModelSource(
-                    name, "path", name, self.uri(models["path"], f"{mkey}.path"), inferentia
-                )
-            )
+            sources.append(source("path", name, self.uri(models["path"], f"{mkey}.path")))
         elif "paths" in models:
             paths = models["paths"]
             if not isinstance(paths, list) or not paths:
@@ -401,34 +420,74 @@ class _Reader:
                 mname = self.name(entry.get("name"), f"{pkey}.name")
                 if any(s.name == mname for s in sources):
                     raise self.fail(f"{pkey}.name", f"duplicate model name {mname!r}")
-                sources.append(
-                    ModelSource(
-                        name, "path", mname, self.uri(entry.get("path"), f"{pkey}.path"), inferentia
-                    )
-                )
+                sources.append(source("path", mname, self.uri(entry.get("path"), f"{pkey}.path")))
         elif "dir" in models:
-            sources.append(
-                ModelSource(name, "dir", "", self.uri(models["dir"], f"{mkey}.dir"), inferentia)
-            )
+            sources.append(source("dir", "", self.uri(models["dir"], f"{mkey}.dir")))
         signature_key = models.get("signature_key", "")
         if not isinstance(signature_key, str):
             raise self.fail(f"{mkey}.signature_key", "expected a string")
         hconfig = handler.get("config") or {}
         if not isinstance(hconfig, dict):
             raise self.fail(f"{hkey}.config", "expected a mapping")
-        hpath = handler.get("path", "")
-        if hpath and not isinstance(hpath, str):
-            raise self.fail(f"{hkey}.path", "expected a file path")
+        hpath = self.file_path(handler.get("path"), f"{hkey}.path", ".py")
+        if htype == "python" and not hpath:
+            raise self.fail(f"{hkey}.path", "a python handler needs the path of its .py file")
+        proto = self.file_path(handler.get("protobuf_path"), f"{hkey}.protobuf_path", ".proto")
+        if proto and not hpath:
+            raise self.fail(f"{hkey}.protobuf_path", "a service needs a handler (set handler.path)")
+        counts = {
+            k: self.coerce(handler.get(k, 1), "int", f"{hkey}.{k}", k)
+            for k in ("processes_per_replica", "threads_per_process")
+        }
+        cache = {
+            k: self.coerce(models[k], "int", f"{mkey}.{k}", k) if k in models else 0
+            for k in ("cache_size", "disk_cache_size")
+        }
+        if cache["cache_size"]:
+            if htype == "tensorflow":
+                raise self.fail(
+                    f"{mkey}.cache_size",
+                    "model caching is for python handlers; the backends keep every version "
+                    "of a tensorflow handler's models loaded",
+                )
+            if cache["cache_size"] > cache["disk_cache_size"]:
+                raise self.fail(
+                    f"{mkey}.cache_size",
+                    f"cache_size ({cache['cache_size']}) must not exceed disk_cache_size "
+                    f"({cache['disk_cache_size']})",
+                )
+            if counts["processes_per_replica"] > 1:
+                raise self.fail(
+                    f"{mkey}.cache_size",
+                    "model caching needs processes_per_replica: 1 (each process would hold "
+                    "its own cache, so the limits would not hold for the replica)",
+                )
         return ApiConfig(
             name=name,
             kind=kind,
             handler_type=htype,
-            handler_path=str((self.base / hpath).resolve()) if hpath else "",
+            handler_path=hpath,
             signature_key=signature_key,
             sources=tuple(sources),
             compute=dict(compute),
             handler_config=dict(hconfig),
+            protobuf_path=proto,
+            **counts,
+            **cache,
         )
+
+    def file_path(self, value: Any, key: str, suffix: str) -> str:
+        """An existing file named relative to the config file; empty when not given."""
+        if value is None or value == "":
+            return ""
+        if not isinstance(value, str):
+            raise self.fail(key, "expected a file path")
+        path = (self.base / value).resolve()
+        if path.suffix != suffix:
+            raise self.fail(key, f"{value!r} is not a {suffix} file")
+        if not path.is_file():
+            raise self.fail(key, f"{path} does not exist")
+        return str(path)
 
 
 TOP_LEVEL = {"gateway", "modelsync", "backends", "version_labels", "apis"}
@@ -458,4 +517,10 @@ def load(path: str | os.PathLike[str] | None) -> Config:
         apis=reader.apis(top.get("apis")),
         version_labels=reader.labels(top.get("version_labels")),
     )
+    for i, api in enumerate(config.apis):
+        if api.handler_type == "python" and api.sources and not config.gateway.modelsync:
+            raise reader.fail(
+                f"apis[{i}].handler.multi_model_reloading",
+                "python handlers' models come through modelsync: set gateway.modelsync",
+            )
     return config
