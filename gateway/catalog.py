@@ -80,10 +80,13 @@ def version_folders(path: str) -> tuple[int, ...]:
 
 
 def static_catalog(config: Config) -> Mapping[str, DesiredModel]:
-    """Models read straight from local folders (no modelsync): each must hold version folders."""
+    """Models read straight from local folders (no modelsync): each must hold version folders.
+    Python handlers' sources are not SavedModels for the backends: they are left out."""
     models: dict[str, DesiredModel] = {}
     gpu = gpu_apis(config)
     for source in config.sources():
+        if not source.savedmodel:
+            continue
         key = f"apis[{source.api}].models"
         if source.is_s3:
             raise ConfigError(

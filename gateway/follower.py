@@ -3,7 +3,8 @@
 The stream starts with a snapshot (or replays the events after the last revision seen, on a
 reconnect), then carries live events. The follower keeps the published state, rebuilds the
 catalogue from it after every change, and hands it to the pool. While modelsync is unreachable the
-last catalogue stays in force and the follower reconnects with backoff.
+last catalogue stays in force and the follower reconnects with backoff. Models of the APIs in
+``skip_apis`` (python handlers, whose versions are not SavedModels) never enter the catalogue.
 """
 
 from __future__ import annotations
@@ -69,9 +70,12 @@ class Follower:
         on_catalog: Callable[[Mapping[str, DesiredModel]], None],
         *,
         gpu_apis: frozenset[str] = frozenset(),
+        skip_apis: frozenset[str] = frozenset(),
     ) -> None:
         self.address = address
         self.gpu_apis = gpu_apis
+        # APIs whose models the backends never load (python handlers): left out of the catalogue
+        self.skip_apis = skip_apis
         self.on_catalog = on_catalog
         self.revision = 0
         self.connected = False
@@ -98,7 +102,7 @@ class Follower:
         ``<model>@r<revision>`` from the immutable store, so it can load beside the old one."""
         out = {}
         for name, model in self._models.items():
-            if not model.versions:
+            if not model.versions or model.api in self.skip_apis:
                 continue
             versions: dict[int, str] = {}
             servables: dict[str, Servable] = {}
@@ -201,18 +205,20 @@ class Follower:
     def _event(self, event: modelsync_pb2.Event) -> bool:
         """Applies one event; True when the catalogue changed."""
         kind = event.kind
+        model: _Model | None
         if kind in _PUBLISHING and event.HasField("version"):
             view = view_of(event.model, event.store_base_path)
             model = self._models.setdefault(event.model, _Model(event.api, event.inferentia, view))
             model.versions[event.version] = event.store_base_path
             self._first.setdefault((event.model, event.version), event.store_base_path)
         elif kind == K.EVENT_KIND_VERSION_REMOVED and event.HasField("version"):
-            known = self._models.get(event.model)
-            if known is None or known.versions.pop(event.version, None) is None:
+            model = self._models.get(event.model)
+            if model is None or model.versions.pop(event.version, None) is None:
                 return False
             self._first.pop((event.model, event.version), None)
         elif kind == K.EVENT_KIND_MODEL_REMOVED:
-            if self._models.pop(event.model, None) is None:
+            model = self._models.pop(event.model, None)
+            if model is None:
                 return False
             self._first = {k: b for k, b in self._first.items() if k[0] != event.model}
         else:
@@ -231,4 +237,4 @@ class Follower:
             version=event.version if event.HasField("version") else None,
             revision=event.revision,
         )
-        return True
+        return model.api not in self.skip_apis

@@ -183,12 +183,17 @@ def _group_model(out: Grouping, name: str, items: list[_Entry], *, in_dir: bool)
             cand.files[path] = e.info
 
 
-def validate(files: Mapping[str, ObjectInfo], *, inferentia: bool) -> list[str]:
+def validate(
+    files: Mapping[str, ObjectInfo], *, inferentia: bool, savedmodel: bool = True
+) -> list[str]:
     """Layout problems of one version; empty when it can be published.
 
     CPU/GPU: ``saved_model.pb``, plus ``variables/variables.index`` and every data shard when
     ``variables/`` exists. Inferentia: ``saved_model.pb`` only, so any ``variables/`` is refused.
+    Not a SavedModel (a python handler's model): any files, as long as there is one.
     """
+    if not savedmodel:
+        return [] if files else ["the version folder holds no files"]
     problems: list[str] = []
     graph = files.get("saved_model.pb")
     if graph is None:

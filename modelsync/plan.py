@@ -67,11 +67,13 @@ def make_plan(
     *,
     published: Mapping[tuple[str, int], Published],
     inferentia: bool,
+    savedmodel: bool = True,
     owner: Callable[[str], str | None],
     source_id: str,
     young_after: float | None = None,
 ) -> Plan:
     """``published`` holds this source's versions only; ``owner`` names a model's source.
+    ``savedmodel`` is False for a source whose versions may hold any files (python handlers).
 
     A version changed after ``young_after`` (source clock) may still be uploading: it is neither
     published nor rejected yet, but left to settle.
@@ -84,7 +86,9 @@ def make_plan(
             plan.rejected.append(Problem(cand.model, cand.version, reason))
             continue
         young = young_after is not None and cand.modified > young_after
-        problems = cand.problems + validate(cand.files, inferentia=inferentia)
+        problems = cand.problems + validate(
+            cand.files, inferentia=inferentia, savedmodel=savedmodel
+        )
         change = None if problems else classify(cand, published.get(key))
         if young and (problems or change is not None):
             plan.settling.append(cand)

@@ -35,6 +35,8 @@ class SourceSpec:
     model: str | None
     uri: str
     inferentia: bool
+    # False for a python handler's models: a version may hold any files (no layout check).
+    savedmodel: bool = True
 
 
 class OwnershipConflict(Exception):

@@ -113,6 +113,7 @@ class SourceRunner:
             grouping,
             published=self.publisher.of_source(self.spec.id),
             inferentia=self.spec.inferentia,
+            savedmodel=self.spec.savedmodel,
             owner=self.publisher.owner,
             source_id=self.spec.id,
             young_after=young_after,

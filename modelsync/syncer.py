@@ -37,6 +37,7 @@ def source_specs(config: Config) -> list[SourceSpec]:
             model=s.name if s.kind == "path" else None,
             uri=s.uri,
             inferentia=s.inferentia,
+            savedmodel=s.savedmodel,
         )
         for s in config.sources()
     ]

@@ -129,6 +129,31 @@ def test_inferentia_layout() -> None:
     assert len(problems) == 1 and "Inferentia layout" in problems[0]
 
 
+def test_python_handler_versions_hold_any_files() -> None:
+    assert validate({"model.pkl": info()}, inferentia=False, savedmodel=False) == []
+    assert validate({"data.txt": info(size=0)}, inferentia=True, savedmodel=False) == []
+    assert validate({}, inferentia=False, savedmodel=False) == ["the version folder holds no files"]
+    assert validate({"model.pkl": info()}, inferentia=False)  # a SavedModel source refuses it
+    g = group(
+        listing(["a/model.pkl", "b/1/data.txt", "b/2/x/y.bin", "c/1/ok", "c/1/b\\ad"]), model=None
+    )
+    plan = make_plan(
+        g,
+        published={},
+        inferentia=False,
+        savedmodel=False,
+        owner=lambda m: None,
+        source_id="py/*",
+    )
+    assert [(c.candidate.model, c.candidate.version) for c in plan.publish] == [
+        ("a", 1),
+        ("b", 1),
+        ("b", 2),
+    ]
+    assert [(p.model, p.version) for p in plan.rejected] == [("c", 1)]
+    assert "backslash" in plan.rejected[0].reason
+
+
 def published(files: dict[str, ObjectInfo], *, source: str = "api/m") -> Published:
     from modelsync.layout import content_digest
 

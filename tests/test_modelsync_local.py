@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import pytest
 from modelsync_helpers import (
     api,
     cpu_model,
@@ -20,6 +23,9 @@ from modelsync_helpers import (
     write_tree,
 )
 
+from gateway.catalog import DesiredModel
+from gateway.follower import Follower
+from modelmux_common.config import Config
 from modelsync.events import EventKind
 
 
@@ -112,3 +118,119 @@ async def test_missing_folder_is_a_source_error_until_it_appears(tmp_path: Path)
         await wait_until(lambda: runner.watch is not None and runner.watch.active, what="watch")
         write_tree(source, {"assets/extra.txt": b"x"})
         await wait_event(daemon, EventKind.STRUCTURE_CHANGED, model="m", version=1)
+
+
+def python_api(name: str, models: dict[str, Any], handler: Path) -> dict[str, Any]:
+    return {
+        "name": name,
+        "handler": {"type": "python", "path": str(handler), "multi_model_reloading": models},
+    }
+
+
+def mixed_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
+    """Python handler APIs "solo" (path: models/solo) and "py" (dir: models/py), tensorflow API
+    "tf" (dir: models/tf)."""
+    handler = tmp_path / "handler.py"
+    handler.write_text("class Handler:\n    pass\n")
+    # Python handlers' models only come through modelsync: the gateway must point at one.
+    monkeypatch.setenv("MODELMUX_GATEWAY_MODELSYNC", "127.0.0.1:1")
+    models = tmp_path / "models"
+    apis = [
+        python_api("solo", {"path": str(models / "solo")}, handler),
+        python_api("py", {"dir": str(models / "py")}, handler),
+        api("tf", {"dir": str(models / "tf")}),
+    ]
+    _, config = write_config(tmp_path, apis)
+    write_tree(models / "solo", {"model.pkl": b"pickle solo"})
+    return config
+
+
+def versions(catalogues: list[Mapping[str, DesiredModel]], model: str) -> set[int]:
+    """The versions of ``model`` in the last catalogue pushed."""
+    if not catalogues or model not in catalogues[-1]:
+        return set()
+    return set(catalogues[-1][model].versions)
+
+
+PY_FILES = {
+    "a/model.pkl": b"pickle a",
+    "b/1/data.txt": b"b one",
+    "b/2/model.pkl": b"pickle b2",
+    "b/2/nested/weights.bin": b"b two",
+    "b/notes.md": b"outside any version: ignored",
+}
+
+
+async def test_python_handler_versions_hold_any_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = mixed_config(tmp_path, monkeypatch)
+    models = tmp_path / "models"
+    write_tree(models / "py", PY_FILES | {"e/1/model.pkl": b"e", "e/1/bad\\name": b"x"})
+    # The same layout under a tensorflow API is not a SavedModel.
+    write_tree(models / "tf", {"c/model.pkl": b"pickle c", **prefixed("d/1/", cpu_model("d"))})
+    target = Path(config.modelsync.target)
+    async with running(config) as daemon:
+        for api_name, model, version in (
+            ("solo", "solo", 1),
+            ("py", "a", 1),
+            ("py", "b", 1),
+            ("py", "b", 2),
+            ("tf", "d", 1),
+        ):
+            added = await wait_event(daemon, EventKind.VERSION_ADDED, model=model, version=version)
+            assert added.api == api_name
+        refused = await wait_event(daemon, EventKind.VALIDATION_FAILED, model="c", version=1)
+        assert "saved_model.pb" in refused.reason
+        hostile = await wait_event(daemon, EventKind.VALIDATION_FAILED, model="e", version=1)
+        assert "backslash" in hostile.reason
+        mirrored = {k: v for k, v in tree(target).items() if not k.startswith("d/")}
+        assert mirrored == {
+            "solo/1/model.pkl": b"pickle solo",
+            "a/1/model.pkl": b"pickle a",
+            "b/1/data.txt": b"b one",
+            "b/2/model.pkl": b"pickle b2",
+            "b/2/nested/weights.bin": b"b two",
+        }
+
+
+async def test_follower_leaves_skipped_apis_out_of_the_catalogue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = mixed_config(tmp_path, monkeypatch)
+    models = tmp_path / "models"
+    write_tree(models / "py", PY_FILES)
+    write_tree(models / "tf" / "d" / "1", cpu_model("d1"))
+    seen: dict[str, list[Mapping[str, DesiredModel]]] = {"skip": [], "all": []}
+    async with running(config) as daemon:
+        followers = {
+            "skip": Follower(
+                daemon.address, seen["skip"].append, skip_apis=frozenset({"py", "solo"})
+            ),
+            "all": Follower(daemon.address, seen["all"].append),
+        }
+        for follower in followers.values():
+            follower.start()
+        try:
+            everything = {"solo": {1}, "a": {1}, "b": {1, 2}, "d": {1}}
+            await wait_until(
+                lambda: {m: versions(seen["all"], m) for m in everything} == everything,
+                what="everything in the catalogue without skips",
+            )
+            assert set(seen["all"][-1]) == set(everything)
+            await wait_until(lambda: versions(seen["skip"], "d") == {1}, what="d")
+            assert set(seen["skip"][-1]) == {"d"}
+
+            # Live events: a python version changes nothing; the tensorflow one is followed.
+            pushed = len(seen["skip"])
+            write_tree(models / "py" / "b" / "3", {"model.pkl": b"b three"})
+            await wait_event(daemon, EventKind.VERSION_ADDED, model="b", version=3)
+            write_tree(models / "tf" / "d" / "2", cpu_model("d2"))
+            await wait_until(lambda: versions(seen["skip"], "d") == {1, 2}, what="d/2")
+            assert len(seen["skip"]) == pushed + 1
+            assert set(seen["skip"][-1]) == {"d"}
+            await wait_until(lambda: versions(seen["all"], "d") == {1, 2}, what="d/2 in all")
+            assert versions(seen["all"], "b") == {1, 2, 3}
+        finally:
+            for follower in followers.values():
+                await follower.close()
