@@ -48,3 +48,11 @@ def parse(cls: type[Message], data: bytes) -> Any:
         return cls.FromString(data)
     except DecodeError as exc:
         raise InvalidArgument(f"request is not a valid {cls.DESCRIPTOR.full_name}: {exc}") from None
+
+
+class Status(GatewayError):
+    """A status passed on as it came (e.g. from the gateway to a handler and back)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code

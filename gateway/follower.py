@@ -96,6 +96,14 @@ class Follower:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    def store_paths(self, api: str) -> dict[str, dict[int, str]]:
+        """An API's models: version -> its current content's immutable store folder."""
+        return {
+            name: {v: os.path.join(base, str(v)) for v, base in model.versions.items()}
+            for name, model in self._models.items()
+            if model.api == api and model.versions
+        }
+
     def catalog(self) -> dict[str, DesiredModel]:
         """Versions still holding the content first seen are one servable named after the model,
         loaded from the view; a version whose content changed since is its own servable

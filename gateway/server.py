@@ -5,17 +5,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import grpc
 import structlog
 
-from gateway.calls import Forwarder, Handler, Lifecycle, edge, stream_edge
+from gateway.calls import Call, Forwarder, Handler, Lifecycle, edge, stream_edge
 from gateway.catalog import gpu_apis, static_catalog
 from gateway.discovery import Discovery
 from gateway.facade import MODEL_SERVICE, PREDICTION_SERVICE, Facade
 from gateway.follower import Follower
+from gateway.handlers.pool import Handlers, HandlerStartError
 from gateway.inference import Inference
 from gateway.models_api import Models
 from gateway.pool import FORWARDED_METHODS, Pool
@@ -23,7 +27,7 @@ from gateway.routing import Table
 from gateway.workers import supervise
 from modelmux.v1 import inference_pb2, models_pb2
 from modelmux_common import logs
-from modelmux_common.config import Config, load
+from modelmux_common.config import Config, ConfigError, load
 from modelmux_common.grpcutil import (
     NOT_SERVING,
     SERVING,
@@ -51,10 +55,19 @@ class Gateway:
     def __init__(self, config: Config, *, manage_backends: bool = True) -> None:
         self.config = config
         gw = config.gateway
+        for i, api in enumerate(config.apis):
+            if api.handler_type == "python" and api.sources and not gw.modelsync:
+                raise ConfigError(
+                    config.file,
+                    f"apis[{i}].handler.multi_model_reloading",
+                    "python handlers' models come through modelsync: set gateway.modelsync",
+                )
         self.lifecycle = Lifecycle()
         self.follower: Follower | None = None
-        # models the config names (path / paths): SERVING waits for them
-        self.expected = frozenset(s.name for s in config.sources() if s.kind == "path")
+        # models the config names (path / paths) for the backends: SERVING waits for them
+        self.expected = frozenset(
+            s.name for s in config.sources() if s.kind == "path" and s.savedmodel
+        )
         self.pool = Pool(
             config=gw,
             backends=config.backends,
@@ -65,7 +78,10 @@ class Gateway:
         )
         self.discovery = Discovery(self.pool, config.backends, interval=gw.dns_refresh)
         if gw.modelsync:
-            self.follower = Follower(gw.modelsync, self.pool.update, gpu_apis=gpu_apis(config))
+            python_apis = frozenset(a.name for a in config.apis if a.handler_type == "python")
+            self.follower = Follower(
+                gw.modelsync, self.pool.update, gpu_apis=gpu_apis(config), skip_apis=python_apis
+            )
             self.follower.on_connection = lambda _: self._on_table(self.pool.table)
         self.server = grpc.aio.server(options=message_size_options(gw.max_message_bytes))
         self.forwarder = forwarder = Forwarder(
@@ -77,6 +93,18 @@ class Gateway:
         facade = Facade(self.pool, forwarder)
         inference = Inference(forwarder)
         self.models_api = models = Models(self.pool, forwarder, admin_token=gw.admin_token)
+
+        # handler workers' sockets, compiled user protos and disk model caches
+        self.runtime_dir = ""
+        if any(api.handler_path for api in config.apis):
+            if gw.runtime_dir:
+                self.runtime_dir = os.path.join(gw.runtime_dir, f"gateway-{os.getpid()}")
+                os.makedirs(self.runtime_dir, exist_ok=True)
+            else:
+                self.runtime_dir = tempfile.mkdtemp(prefix="modelmux-")
+        builtin = {INFERENCE_SERVICE, MODELS_SERVICE, PREDICTION_SERVICE, MODEL_SERVICE}
+        self.handlers = handlers = Handlers(config, self.runtime_dir, builtin)
+        self.handlers_ready = not handlers.pools
 
         def wrap(service: str, method: str, fn: Handler) -> Any:
             return grpc.unary_unary_rpc_method_handler(
@@ -95,7 +123,10 @@ class Gateway:
             (
                 _generic(
                     INFERENCE_SERVICE,
-                    {"Predict": wrap(INFERENCE_SERVICE, "Predict", inference.predict)},
+                    {
+                        "Predict": wrap(INFERENCE_SERVICE, "Predict", inference.predict),
+                        "Invoke": wrap(INFERENCE_SERVICE, "Invoke", handlers.invoke),
+                    },
                 ),
                 _generic(
                     MODELS_SERVICE,
@@ -127,9 +158,15 @@ class Gateway:
                 ),
             )
         )
-        self.health = add_health_and_reflection(
-            self.server, [INFERENCE_SERVICE, MODELS_SERVICE, PREDICTION_SERVICE, MODEL_SERVICE]
-        )
+
+        def wrap_unary(rpc: str, fn: Handler) -> Any:
+            return edge(rpc, fn, log_requests=gw.log_requests, lifecycle=self.lifecycle)
+
+        def wrap_stream(rpc: str, fn: Any) -> Any:
+            return stream_edge(lambda r, c: fn(r, c, Call(c)), lifecycle=self.lifecycle)
+
+        self.server.add_generic_rpc_handlers(handlers.method_handlers(wrap_unary, wrap_stream))
+        self.health = add_health_and_reflection(self.server, [*sorted(builtin), *handlers.services])
         self._health: dict[str, int] = {}
         self._health_task: asyncio.Task[None] | None = None
         self.address = ""
@@ -142,7 +179,9 @@ class Gateway:
         }
         for name in table.known | self.expected:
             wanted[MODEL_HEALTH_PREFIX + name] = SERVING if name in table.routes else NOT_SERVING
-        ready = all(name in table.routes for name in table.known | self.expected)
+        ready = self.handlers_ready and all(
+            name in table.routes for name in table.known | self.expected
+        )
         if self.follower is not None:
             ready = ready and self.follower.synced.is_set()
             wanted[MODELSYNC_HEALTH] = SERVING if self.follower.connected else NOT_SERVING
@@ -174,8 +213,17 @@ class Gateway:
 
     async def start(self) -> str:
         self.address = bind(self.server, self.config.gateway.listen)
+        if self.handlers.pools:  # tensorflow_client reaches the gateway here
+            bind(self.server, self.handlers.gateway)
         self._on_table(self.pool.table)
         await self.server.start()
+        try:
+            await self.handlers.start()
+        except HandlerStartError:
+            await self.server.stop(0)
+            self._remove_runtime_dir()
+            raise
+        self.handlers_ready = True
         self.pool.start()
         await self.discovery.refresh()
         self.discovery.start()
@@ -193,14 +241,24 @@ class Gateway:
         await self.server.stop(0 if force else 1.0)
         if self.follower is not None:
             await self.follower.close()
+        await self.handlers.close()
         await self.discovery.close()
         await self.pool.close()
+        self._remove_runtime_dir()
         log.info("stopped", forced=force, drained=drained)
+
+    def _remove_runtime_dir(self) -> None:
+        if self.runtime_dir:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
 
 async def serve(config: Config, *, manage_backends: bool = True) -> None:
     gateway = Gateway(config, manage_backends=manage_backends)
-    await gateway.start()
+    try:
+        await gateway.start()
+    except HandlerStartError as exc:
+        log.error("start_failed", error=str(exc))
+        raise SystemExit(1) from None
     await run_until_signal(stop=gateway.stop)
 
 

@@ -517,10 +517,4 @@ def load(path: str | os.PathLike[str] | None) -> Config:
         apis=reader.apis(top.get("apis")),
         version_labels=reader.labels(top.get("version_labels")),
     )
-    for i, api in enumerate(config.apis):
-        if api.handler_type == "python" and api.sources and not config.gateway.modelsync:
-            raise reader.fail(
-                f"apis[{i}].handler.multi_model_reloading",
-                "python handlers' models come through modelsync: set gateway.modelsync",
-            )
     return config

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from modelmux.v1 import tensor_pb2 as modelmux_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmodelmux/v1/inference.proto\x12\x0bmodelmux.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x18modelmux/v1/tensor.proto\"\xb7\x02\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\x07version\x18\x02 \x01(\x03H\x00\x12\x17\n\rversion_label\x18\x03 \x01(\tH\x00\x12\x16\n\x0esignature_name\x18\x04 \x01(\t\x12\x37\n\x06inputs\x18\x05 \x03(\x0b\x32\'.modelmux.v1.PredictRequest.InputsEntry\x12,\n\x0bjson_inputs\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\routput_filter\x18\x07 \x03(\t\x1a\x42\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.modelmux.v1.Tensor:\x02\x38\x01\x42\x10\n\x0eversion_choice\"\xf9\x01\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x16\n\x0esignature_name\x18\x03 \x01(\t\x12:\n\x07outputs\x18\x04 \x03(\x0b\x32).modelmux.v1.PredictResponse.OutputsEntry\x12-\n\x0cjson_outputs\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x1a\x43\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.modelmux.v1.Tensor:\x02\x38\x01\x32Q\n\tInference\x12\x44\n\x07Predict\x12\x1b.modelmux.v1.PredictRequest\x1a\x1c.modelmux.v1.PredictResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmodelmux/v1/inference.proto\x12\x0bmodelmux.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x18modelmux/v1/tensor.proto\"\xb7\x02\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\x07version\x18\x02 \x01(\x03H\x00\x12\x17\n\rversion_label\x18\x03 \x01(\tH\x00\x12\x16\n\x0esignature_name\x18\x04 \x01(\t\x12\x37\n\x06inputs\x18\x05 \x03(\x0b\x32\'.modelmux.v1.PredictRequest.InputsEntry\x12,\n\x0bjson_inputs\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\routput_filter\x18\x07 \x03(\t\x1a\x42\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.modelmux.v1.Tensor:\x02\x38\x01\x42\x10\n\x0eversion_choice\"\xf9\x01\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x16\n\x0esignature_name\x18\x03 \x01(\t\x12:\n\x07outputs\x18\x04 \x03(\x0b\x32).modelmux.v1.PredictResponse.OutputsEntry\x12-\n\x0cjson_outputs\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x1a\x43\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.modelmux.v1.Tensor:\x02\x38\x01\"\xbf\x02\n\rInvokeRequest\x12\x0b\n\x03\x61pi\x18\x01 \x01(\t\x12&\n\x04json\x18\x02 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12\r\n\x03raw\x18\x03 \x01(\x0cH\x00\x12\x41\n\x0cquery_params\x18\x04 \x03(\x0b\x32+.modelmux.v1.InvokeRequest.QueryParamsEntry\x12\x38\n\x07headers\x18\x05 \x03(\x0b\x32\'.modelmux.v1.InvokeRequest.HeadersEntry\x1a\x32\n\x10QueryParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07payload\"Q\n\x0eInvokeResponse\x12&\n\x04json\x18\x01 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12\r\n\x03raw\x18\x02 \x01(\x0cH\x00\x42\x08\n\x06result2\x94\x01\n\tInference\x12\x44\n\x07Predict\x12\x1b.modelmux.v1.PredictRequest\x1a\x1c.modelmux.v1.PredictResponse\x12\x41\n\x06Invoke\x12\x1a.modelmux.v1.InvokeRequest\x1a\x1b.modelmux.v1.InvokeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,6 +37,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTREQUEST_INPUTSENTRY']._serialized_options = b'8\001'
   _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._loaded_options = None
   _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_options = b'8\001'
+  _globals['_INVOKEREQUEST_QUERYPARAMSENTRY']._loaded_options = None
+  _globals['_INVOKEREQUEST_QUERYPARAMSENTRY']._serialized_options = b'8\001'
+  _globals['_INVOKEREQUEST_HEADERSENTRY']._loaded_options = None
+  _globals['_INVOKEREQUEST_HEADERSENTRY']._serialized_options = b'8\001'
   _globals['_PREDICTREQUEST']._serialized_start=101
   _globals['_PREDICTREQUEST']._serialized_end=412
   _globals['_PREDICTREQUEST_INPUTSENTRY']._serialized_start=328
@@ -45,6 +49,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTRESPONSE']._serialized_end=664
   _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_start=597
   _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_end=664
-  _globals['_INFERENCE']._serialized_start=666
-  _globals['_INFERENCE']._serialized_end=747
+  _globals['_INVOKEREQUEST']._serialized_start=667
+  _globals['_INVOKEREQUEST']._serialized_end=986
+  _globals['_INVOKEREQUEST_QUERYPARAMSENTRY']._serialized_start=877
+  _globals['_INVOKEREQUEST_QUERYPARAMSENTRY']._serialized_end=927
+  _globals['_INVOKEREQUEST_HEADERSENTRY']._serialized_start=929
+  _globals['_INVOKEREQUEST_HEADERSENTRY']._serialized_end=975
+  _globals['_INVOKERESPONSE']._serialized_start=988
+  _globals['_INVOKERESPONSE']._serialized_end=1069
+  _globals['_INFERENCE']._serialized_start=1072
+  _globals['_INFERENCE']._serialized_end=1220
 # @@protoc_insertion_point(module_scope)

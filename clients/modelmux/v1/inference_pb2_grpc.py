@@ -41,6 +41,11 @@ class InferenceStub:
                 request_serializer=modelmux_dot_v1_dot_inference__pb2.PredictRequest.SerializeToString,
                 response_deserializer=modelmux_dot_v1_dot_inference__pb2.PredictResponse.FromString,
                 _registered_method=True)
+        self.Invoke = channel.unary_unary(
+                '/modelmux.v1.Inference/Invoke',
+                request_serializer=modelmux_dot_v1_dot_inference__pb2.InvokeRequest.SerializeToString,
+                response_deserializer=modelmux_dot_v1_dot_inference__pb2.InvokeResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -55,6 +60,13 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Invoke(self, request, context):
+        """Calls an API's handler (its handle_post or predict method) with a JSON or raw payload.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -62,6 +74,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Predict,
                     request_deserializer=modelmux_dot_v1_dot_inference__pb2.PredictRequest.FromString,
                     response_serializer=modelmux_dot_v1_dot_inference__pb2.PredictResponse.SerializeToString,
+            ),
+            'Invoke': grpc.unary_unary_rpc_method_handler(
+                    servicer.Invoke,
+                    request_deserializer=modelmux_dot_v1_dot_inference__pb2.InvokeRequest.FromString,
+                    response_serializer=modelmux_dot_v1_dot_inference__pb2.InvokeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -93,6 +110,33 @@ class Inference:
             '/modelmux.v1.Inference/Predict',
             modelmux_dot_v1_dot_inference__pb2.PredictRequest.SerializeToString,
             modelmux_dot_v1_dot_inference__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Invoke(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelmux.v1.Inference/Invoke',
+            modelmux_dot_v1_dot_inference__pb2.InvokeRequest.SerializeToString,
+            modelmux_dot_v1_dot_inference__pb2.InvokeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,8 @@ class InferenceStub:
     def __new__(cls, channel: _aio.Channel) -> InferenceAsyncStub: ...
     Predict: _grpc.UnaryUnaryMultiCallable[_inference_pb2.PredictRequest, _inference_pb2.PredictResponse]
     """Runs one signature of a model on a backend that holds the resolved version."""
+    Invoke: _grpc.UnaryUnaryMultiCallable[_inference_pb2.InvokeRequest, _inference_pb2.InvokeResponse]
+    """Calls an API's handler (its handle_post or predict method) with a JSON or raw payload."""
 
 @_typing.type_check_only
 class InferenceAsyncStub(InferenceStub):
@@ -47,6 +49,8 @@ class InferenceAsyncStub(InferenceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Predict: _aio.UnaryUnaryMultiCallable[_inference_pb2.PredictRequest, _inference_pb2.PredictResponse]  # type: ignore[assignment]
     """Runs one signature of a model on a backend that holds the resolved version."""
+    Invoke: _aio.UnaryUnaryMultiCallable[_inference_pb2.InvokeRequest, _inference_pb2.InvokeResponse]  # type: ignore[assignment]
+    """Calls an API's handler (its handle_post or predict method) with a JSON or raw payload."""
 
 class InferenceServicer(metaclass=_abc_1.ABCMeta):
     """Runs models. Predict resolves a model version (explicit, by label or latest) to a backend
@@ -60,5 +64,13 @@ class InferenceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.PredictResponse, _abc.Awaitable[_inference_pb2.PredictResponse]]:
         """Runs one signature of a model on a backend that holds the resolved version."""
+
+    @_abc_1.abstractmethod
+    def Invoke(
+        self,
+        request: _inference_pb2.InvokeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.InvokeResponse, _abc.Awaitable[_inference_pb2.InvokeResponse]]:
+        """Calls an API's handler (its handle_post or predict method) with a JSON or raw payload."""
 
 def add_InferenceServicer_to_server(servicer: InferenceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,421 @@
+"""Handler workers seen from the gateway: started, replaced when they die, and called.
+
+Every API with a handler gets ``processes_per_replica`` worker processes (gateway/handlers/worker.py)
+serving on unix sockets in the gateway's runtime folder. Calls go to the worker with the fewest
+calls in flight. The gateway never runs handler code itself, so a slow or broken handler cannot
+hold up Predict calls or another API.
+
+Statuses: what a worker sets is passed on (the handler's own INTERNAL carries the request id); a
+call whose worker dies gets INTERNAL saying so, and the worker is replaced; past the deadline
+(the caller's, at most gateway.handler_timeout) the call gets DEADLINE_EXCEEDED naming the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import structlog
+from google.protobuf.descriptor import ServiceDescriptor
+
+from gateway.calls import Call
+from gateway.errors import (
+    FailedPrecondition,
+    GatewayError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Status,
+    Unavailable,
+)
+from gateway.handlers import userproto
+from gateway.wire import WireError, field_bytes
+from modelmux_common.config import ApiConfig, Config, ConfigError
+from modelmux_common.grpcutil import message_size_options, remaining
+
+log = structlog.get_logger("modelmux.gateway")
+
+INVOKE = "/modelmux.v1.Inference/Invoke"
+MAX_RESTART_BACKOFF = 30.0
+# Caller metadata a worker must not receive again (gRPC sets its own).
+_DROPPED = ("grpc-", ":")
+_SKIPPED_KEYS = {"user-agent", "x-request-id"}
+
+
+class HandlerStartError(Exception):
+    """A handler that cannot start: the message names the API and the reason."""
+
+
+@dataclass(eq=False)
+class _Worker:
+    index: int
+    socket: str
+    process: asyncio.subprocess.Process | None = None
+    channel: grpc.aio.Channel | None = None
+    inflight: int = 0
+    live: bool = False
+
+
+@dataclass(eq=False)
+class HandlerPool:
+    """One API's worker processes."""
+
+    config: Config
+    api: ApiConfig
+    number: int  # the API's position in the config, for short socket names
+    runtime_dir: str
+    gateway: str  # where tensorflow_client reaches the gateway
+    descriptors: str = ""  # compiled protobuf_path, when the API has one
+    workers: list[_Worker] = field(default_factory=list)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _closing: bool = False
+
+    def __post_init__(self) -> None:
+        self.workers = [
+            _Worker(i, os.path.join(self.runtime_dir, f"h{self.number}-{i}.sock"))
+            for i in range(self.api.processes_per_replica)
+        ]
+        self.limit = self.config.gateway.max_inflight
+        self.timeout = self.config.gateway.handler_timeout
+
+    async def start(self) -> None:
+        """Starts every worker; raises :class:`HandlerStartError` when one cannot start."""
+        results = await asyncio.gather(
+            *(self._spawn(w) for w in self.workers), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                await self.close()
+                raise result
+        self._tasks = [
+            asyncio.create_task(self._supervise(w), name=f"handler-{self.api.name}-{w.index}")
+            for w in self.workers
+        ]
+
+    async def _spawn(self, worker: _Worker) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(worker.socket)
+        command = [
+            sys.executable,
+            "-m",
+            "gateway.handlers.worker",
+            "--config",
+            self.config.file,
+            "--api",
+            self.api.name,
+            "--index",
+            str(worker.index),
+            "--socket",
+            worker.socket,
+            "--gateway",
+            self.gateway,
+            "--cache-dir",
+            os.path.join(self.runtime_dir, f"cache-h{self.number}-{worker.index}"),
+        ]
+        if self.descriptors:
+            command += ["--descriptors", self.descriptors]
+        process = await asyncio.create_subprocess_exec(
+            *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+        )
+        assert process.stdout is not None
+        what = f"API {self.api.name!r}: handler {self.api.handler_path}"
+        try:
+            line = await asyncio.wait_for(
+                process.stdout.readline(), self.config.gateway.handler_start_timeout
+            )
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise HandlerStartError(
+                f"{what} did not start within gateway.handler_start_timeout "
+                f"({self.config.gateway.handler_start_timeout:g} s)"
+            ) from None
+        try:
+            status = json.loads(line) if line.strip() else {}
+        except ValueError:
+            status = {}
+        if not status.get("ready"):
+            code = await process.wait()
+            reason = (
+                status.get("failed") or f"the worker exited with {_exit(code)} before it was ready"
+            )
+            raise HandlerStartError(f"{what} failed to start: {reason}")
+        worker.process = process
+        worker.channel = grpc.aio.insecure_channel(
+            f"unix:{worker.socket}",
+            options=[
+                *message_size_options(self.config.gateway.max_message_bytes),
+                ("grpc.use_local_subchannel_pool", 1),
+            ],
+        )
+        worker.live = True
+        log.info("handler_worker_started", api=self.api.name, index=worker.index, pid=process.pid)
+
+    async def _supervise(self, worker: _Worker) -> None:
+        """Replaces the worker whenever it exits, with backoff while it cannot start."""
+        while not self._closing:
+            assert worker.process is not None
+            code = await worker.process.wait()
+            worker.live = False
+            if self._closing:
+                return
+            log.error(
+                "handler_worker_exited", api=self.api.name, index=worker.index, exit=_exit(code)
+            )
+            if worker.channel is not None:
+                await worker.channel.close()
+            backoff = 0.5
+            while not self._closing:
+                try:
+                    await self._spawn(worker)
+                    break
+                except HandlerStartError as exc:
+                    log.error("handler_worker_restart_failed", api=self.api.name, error=str(exc))
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, MAX_RESTART_BACKOFF)
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        for worker in self.workers:
+            process, worker.live = worker.process, False
+            if process is None or process.returncode is not None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), self.config.gateway.shutdown_grace + 2)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        for worker in self.workers:
+            if worker.channel is not None:
+                await worker.channel.close()
+
+    # -- calls ----------------------------------------------------------------------------
+
+    def _pick(self) -> _Worker:
+        live = [w for w in self.workers if w.live]
+        if not live:
+            raise Unavailable(
+                f"API {self.api.name!r} has no handler worker running (one is being replaced)"
+            )
+        if sum(w.inflight for w in live) >= self.limit:
+            raise ResourceExhausted(
+                f"API {self.api.name!r} has {self.limit} calls in flight (gateway.max_inflight)"
+            )
+        return min(live, key=lambda w: w.inflight)
+
+    def _metadata(
+        self, context: grpc.aio.ServicerContext[Any, Any], call: Call
+    ) -> tuple[tuple[str, str | bytes], ...]:
+        passed = tuple(
+            (k, v)
+            for k, v in context.invocation_metadata() or ()
+            if not k.startswith(_DROPPED) and k not in _SKIPPED_KEYS
+        )
+        return (*passed, ("x-request-id", call.request_id))
+
+    def _error(self, exc: grpc.aio.AioRpcError, limit: float, call: Call) -> GatewayError:
+        code = exc.code()
+        if any(k == "x-modelmux-handler" for k, _ in exc.trailing_metadata() or ()):
+            return Status(code, exc.details() or code.name)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return Status(
+                code,
+                f"the handler of API {self.api.name!r} did not answer within {limit:g} s "
+                f"(request id {call.request_id})",
+            )
+        if code == grpc.StatusCode.CANCELLED:
+            return Status(code, "the call was cancelled")
+        return Status(
+            grpc.StatusCode.INTERNAL,
+            f"the handler worker of API {self.api.name!r} was lost while handling the call "
+            f"(request id {call.request_id}); it is being replaced",
+        )
+
+    async def unary(
+        self,
+        method: str,
+        data: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+        call: Call,
+        *,
+        client_streaming: bool = False,
+    ) -> bytes:
+        worker = self._pick()
+        call.model, call.backend = self.api.name, f"handler-{worker.index}"
+        limit = remaining(context, self.timeout)
+        worker.inflight += 1
+        try:
+            assert worker.channel is not None
+            send: Any = (
+                worker.channel.stream_unary(method)
+                if client_streaming
+                else worker.channel.unary_unary(method)
+            )
+            reply: bytes = await send(data, timeout=limit, metadata=self._metadata(context, call))
+            return reply
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc, limit, call) from None
+        finally:
+            worker.inflight -= 1
+
+    async def streaming(
+        self,
+        method: str,
+        data: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+        call: Call,
+        *,
+        client_streaming: bool,
+    ) -> AsyncIterator[bytes]:
+        worker = self._pick()
+        call.model, call.backend = self.api.name, f"handler-{worker.index}"
+        limit = remaining(context, self.timeout)
+        worker.inflight += 1
+        try:
+            assert worker.channel is not None
+            open_call: Any = (
+                worker.channel.stream_stream(method)
+                if client_streaming
+                else worker.channel.unary_stream(method)
+            )
+            async for item in open_call(
+                data, timeout=limit, metadata=self._metadata(context, call)
+            ):
+                yield item
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc, limit, call) from None
+        finally:
+            worker.inflight -= 1
+
+
+def _exit(code: int) -> str:
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
+
+
+class Handlers:
+    """Every API's handler pool, the Invoke RPC, and the APIs' own services."""
+
+    def __init__(self, config: Config, runtime_dir: str, taken: set[str]) -> None:
+        self.config = config
+        self.runtime_dir = runtime_dir
+        self.gateway = f"unix:{os.path.join(runtime_dir, 'gateway.sock')}"
+        self.pools: dict[str, HandlerPool] = {}
+        # full service name -> (pool, descriptor) for the APIs' own services
+        self.services: dict[str, tuple[HandlerPool, ServiceDescriptor]] = {}
+        for number, api in enumerate(config.apis):
+            if not api.handler_path:
+                continue
+            descriptors = ""
+            pool = HandlerPool(config, api, number, runtime_dir, self.gateway)
+            if api.protobuf_path:
+                key = f"apis[{number}].handler.protobuf_path"
+                try:
+                    data = userproto.compile_proto(api.protobuf_path)
+                    file = userproto.load(data, api.protobuf_path)
+                except userproto.ProtoError as exc:
+                    raise ConfigError(config.file, key, str(exc)) from None
+                descriptors = os.path.join(runtime_dir, f"h{number}.pb")
+                with open(descriptors, "wb") as fh:
+                    fh.write(data)
+                pool.descriptors = descriptors
+                for service in userproto.services(file):
+                    if service.full_name in taken or service.full_name in self.services:
+                        raise ConfigError(
+                            config.file, key, f"service {service.full_name} is already served"
+                        )
+                    self.services[service.full_name] = (pool, service)
+            self.pools[api.name] = pool
+
+    async def start(self) -> None:
+        """All pools at once; the first failure stops the others and is raised."""
+        results = await asyncio.gather(
+            *(p.start() for p in self.pools.values()), return_exceptions=True
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            await self.close()
+            raise failures[0]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(p.close() for p in self.pools.values()))
+
+    async def invoke(
+        self, data: bytes, context: grpc.aio.ServicerContext[Any, Any], call: Call
+    ) -> bytes:
+        try:
+            api = field_bytes(data, 1, first=True).decode()
+        except (WireError, UnicodeDecodeError) as exc:
+            raise InvalidArgument(
+                f"request is not a valid modelmux.v1.InvokeRequest: {exc}"
+            ) from None
+        if not api:
+            raise InvalidArgument("api is required")
+        pool = self.pools.get(api)
+        if pool is None:
+            if any(a.name == api for a in self.config.apis):
+                raise FailedPrecondition(
+                    f"API {api!r} has no handler (handler.path): call Predict for its models"
+                )
+            raise NotFound(
+                f"no API named {api!r} (APIs with handlers: {', '.join(self.pools) or 'none'})"
+            )
+        return await pool.unary(INVOKE, data, context, call)
+
+    def method_handlers(
+        self, wrap: Callable[[str, Any], Any], wrap_stream: Callable[[str, Any], Any]
+    ) -> list[grpc.GenericRpcHandler]:
+        """gRPC handlers forwarding each RPC of the APIs' own services to their workers."""
+        out = []
+        for name, (pool, service) in self.services.items():
+            methods = {}
+            for method in service.methods:
+                path = f"/{name}/{method.name}"
+                methods[method.name] = _forwarder(pool, path, method, wrap, wrap_stream)
+            out.append(grpc.method_handlers_generic_handler(name, methods))
+        return out
+
+
+def _forwarder(
+    pool: HandlerPool,
+    path: str,
+    method: Any,
+    wrap: Callable[[str, Any], Any],
+    wrap_stream: Callable[[str, Any], Any],
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """One RPC's forwarding handler; bound to its own method path (no late binding)."""
+    rpc = path[1:]
+    if not method.server_streaming:
+
+        async def unary(data: Any, context: Any, call: Call) -> bytes:
+            return await pool.unary(
+                path, data, context, call, client_streaming=method.client_streaming
+            )
+
+        make = (
+            grpc.stream_unary_rpc_method_handler
+            if method.client_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        return make(wrap(rpc, unary))
+
+    def stream(data: Any, context: Any, call: Call) -> AsyncIterator[bytes]:
+        return pool.streaming(path, data, context, call, client_streaming=method.client_streaming)
+
+    make = (
+        grpc.stream_stream_rpc_method_handler
+        if method.client_streaming
+        else grpc.unary_stream_rpc_method_handler
+    )
+    return make(wrap_stream(rpc, stream))

@@ -1,0 +1,422 @@
+"""A handler worker: one process running an API's handler behind a gRPC server on a unix socket.
+
+The gateway starts ``processes_per_replica`` of these per API (gateway/handlers/pool.py), each
+serving ``threads_per_process`` calls at once. The first line on stdout is ``{"ready": true}`` or
+``{"failed": "<reason>"}``; after it, stdout is the log stream (stderr), so a handler's prints
+land in the log. A worker exits on SIGTERM / SIGINT, and when its stdin closes (the gateway died).
+
+Errors: a :class:`GatewayError` (bad input to ``tensorflow_client``, an unknown model, a status the
+gateway returned) keeps its status; anything else the handler raises is INTERNAL with the request
+id, and its trace goes to the log only. Every status a worker sets carries the trailer
+``x-modelmux-handler: 1``, which tells the gateway a status from a worker that lost its connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import inspect
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent import futures
+from typing import Any
+
+import grpc
+import structlog
+from google.protobuf import json_format, message_factory, struct_pb2
+from google.protobuf.descriptor import MethodDescriptor
+
+from gateway.errors import GatewayError, Unimplemented
+from gateway.follower import Follower
+from gateway.handlers import userproto
+from gateway.handlers.clients import (
+    MetricsClient,
+    ModelClient,
+    TensorFlowClient,
+    current,
+    plain,
+)
+from modelmux.v1 import inference_pb2
+from modelmux_common import logs
+from modelmux_common.config import ApiConfig, Config, load
+from modelmux_common.grpcutil import message_size_options
+
+log = structlog.get_logger("modelmux.handler")
+
+MARK = (("x-modelmux-handler", "1"),)
+DEBUG_KEY = "x-modelmux-debug"
+
+
+class StartError(Exception):
+    """The handler cannot start; the message says why, for the gateway's start-up error."""
+
+
+def from_value(value: struct_pb2.Value) -> Any:
+    """A google.protobuf.Value as the Python value ``json.loads`` would give (whole numbers as int)."""
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        number = value.number_value
+        return int(number) if number.is_integer() and abs(number) <= 2**53 else number
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return {k: from_value(v) for k, v in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [from_value(v) for v in value.list_value.values]
+    return None
+
+
+def _params(fn: Callable[..., Any]) -> list[inspect.Parameter]:
+    return list(inspect.signature(fn).parameters.values())
+
+
+def _handler_class(api: ApiConfig) -> type:
+    name = f"modelmux_handler_{api.name.replace('-', '_').replace('.', '_')}"
+    spec = importlib.util.spec_from_file_location(name, api.handler_path)
+    if spec is None or spec.loader is None:
+        raise StartError(f"cannot import {api.handler_path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    sys.path.insert(0, os.path.dirname(api.handler_path))
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise StartError(
+            f"importing {api.handler_path} raised {type(exc).__name__}: {exc}"
+        ) from exc
+    legacy = "TensorFlowPredictor" if api.handler_type == "tensorflow" else "PythonPredictor"
+    for cls_name in ("Handler", legacy):
+        cls = getattr(module, cls_name, None)
+        if inspect.isclass(cls):
+            return cls
+    raise StartError(f"{api.handler_path} defines no class Handler (or {legacy})")
+
+
+class Runtime:
+    """One API's handler instance and the gRPC methods that call it."""
+
+    def __init__(self, config: Config, api: ApiConfig, *, gateway: str, cache_dir: str) -> None:
+        self.api = api
+        cls = _handler_class(api)
+        self.handler: Any = None
+        available: dict[str, Any] = {
+            "config": dict(api.handler_config),
+            "metrics_client": MetricsClient(),
+        }
+        path_models = [s.name for s in api.sources if s.kind == "path"]
+        if api.handler_type == "tensorflow":
+            available["tensorflow_client"] = TensorFlowClient(
+                gateway,
+                api=api.name,
+                models=path_models,
+                signature_key=api.signature_key,
+                timeout=config.gateway.handler_timeout,
+            )
+        self.models: ModelClient | None = None
+        if api.handler_type == "python" and api.sources:
+            if not callable(getattr(cls, "load_model", None)):
+                raise StartError(
+                    f"{cls.__name__} must define load_model(self, model_path): the API sets "
+                    "handler.multi_model_reloading"
+                )
+            self.models = ModelClient(
+                self._load_model,
+                api=api.name,
+                names=path_models,
+                cache_size=api.cache_size,
+                disk_cache_size=api.disk_cache_size,
+                disk_dir=cache_dir,
+            )
+            available["model_client"] = self.models
+        kwargs: dict[str, Any] = {}
+        for p in _params(cls)[0:]:
+            if p.name in available:
+                kwargs[p.name] = available[p.name]
+            elif p.default is inspect.Parameter.empty and p.kind not in (
+                inspect.Parameter.VAR_POSITIONAL,
+                inspect.Parameter.VAR_KEYWORD,
+            ):
+                raise StartError(
+                    f"{cls.__name__}.__init__ takes {p.name!r}, which a {api.handler_type} handler "
+                    f"does not get (it gets {', '.join(sorted(available))})"
+                )
+        try:
+            self.handler = cls(**kwargs)
+        except Exception as exc:
+            raise StartError(f"{cls.__name__}.__init__ raised {type(exc).__name__}: {exc}") from exc
+        self.entry = getattr(self.handler, "handle_post", None) or getattr(
+            self.handler, "predict", None
+        )
+        self.entry_args = [p.name for p in _params(self.entry)] if self.entry else []
+        if self.models is not None:
+            self._follow(config.gateway.modelsync, self.models)
+
+    def _load_model(self, path: str) -> Any:
+        if self.handler is None:
+            raise RuntimeError("get_model() cannot be called before __init__ returns")
+        return self.handler.load_model(path)
+
+    def _follow(self, address: str, client: ModelClient) -> None:
+        """Keeps ``client`` current from modelsync, on a thread of its own."""
+        api = self.api.name
+
+        async def run() -> None:
+            follower: Follower
+
+            def changed(_: object) -> None:
+                client.update(follower.store_paths(api))
+
+            follower = Follower(address, changed)
+            follower.start()
+            await asyncio.Event().wait()
+
+        threading.Thread(target=asyncio.run, args=(run(),), name="modelsync", daemon=True).start()
+
+    # -- the request path -------------------------------------------------------------------
+
+    def _begin(self, context: grpc.ServicerContext) -> tuple[str, bool]:
+        request_id, debug = "", False
+        for key, value in context.invocation_metadata():
+            if key == "x-request-id":
+                request_id = str(value)
+            elif key == DEBUG_KEY:
+                debug = str(value).lower() == "true"
+        left = context.time_remaining()
+        current.request_id = request_id
+        current.deadline = None if left is None else time.monotonic() + left
+        return request_id, debug
+
+    def _fail(self, context: grpc.ServicerContext, exc: Exception, request_id: str) -> None:
+        context.set_trailing_metadata(MARK)
+        if isinstance(exc, GatewayError):
+            context.abort(exc.code, exc.message)
+        log.error(
+            "handler_failed",
+            request_id=request_id,
+            error=f"{type(exc).__name__}: {exc}",
+            exc_info=exc,
+        )
+        context.abort(
+            grpc.StatusCode.INTERNAL,
+            f"the handler of API {self.api.name!r} raised {type(exc).__name__} "
+            f"(request id {request_id}); the trace is in the gateway's log",
+        )
+
+    def invoke(
+        self, request: inference_pb2.InvokeRequest, context: grpc.ServicerContext
+    ) -> inference_pb2.InvokeResponse:
+        request_id, debug = self._begin(context)
+        failure: Exception | None = None
+        try:
+            if self.entry is None:
+                raise Unimplemented(
+                    f"the handler of API {self.api.name!r} has no handle_post or predict method"
+                )
+            kind = request.WhichOneof("payload")
+            payload = (
+                from_value(request.json)
+                if kind == "json"
+                else request.raw
+                if kind == "raw"
+                else None
+            )
+            args: dict[str, Any] = {
+                "query_params": dict(request.query_params),
+                "headers": self._headers(context, request.headers),
+            }
+            positional = [payload] if self.entry_args else []
+            named = {n: args[n] for n in self.entry_args[1:] if n in args}
+            result = self.entry(*positional, **named)
+            response = inference_pb2.InvokeResponse()
+            if isinstance(result, bytes):
+                response.raw = result
+            else:
+                json_format.ParseDict(plain(result), response.json)
+            if debug:
+                shown = f"<{len(result)} bytes>" if isinstance(result, bytes) else plain(result)
+                log.info(
+                    "handler_debug", request_id=request_id, payload=_show(payload), result=shown
+                )
+            return response
+        except Exception as exc:
+            failure = exc
+        finally:
+            current.request_id, current.deadline = "", None
+        self._fail(context, failure, request_id)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _headers(context: grpc.ServicerContext, extra: Mapping[str, str]) -> dict[str, str]:
+        headers = {
+            k: v
+            for k, v in context.invocation_metadata()
+            if isinstance(v, str) and not k.startswith(("grpc-", ":"))
+        }
+        headers.update(extra)
+        return headers
+
+    # -- user-defined services ----------------------------------------------------------------
+
+    def service_handlers(self, descriptors: bytes) -> list[grpc.GenericRpcHandler]:
+        file = userproto.load(descriptors, self.api.protobuf_path)
+        out = []
+        for service in userproto.services(file):
+            methods = {m.name: self._method(service.full_name, m) for m in service.methods}
+            out.append(grpc.method_handlers_generic_handler(service.full_name, methods))
+        return out
+
+    def _method(self, service: str, method: MethodDescriptor) -> grpc.RpcMethodHandler[Any, Any]:
+        fn = getattr(self.handler, method.name, None)
+        if not callable(fn):
+            raise StartError(
+                f"{type(self.handler).__name__} has no method {method.name}() for rpc "
+                f"{service}/{method.name}"
+            )
+        request_cls = message_factory.GetMessageClass(method.input_type)
+        response_cls = message_factory.GetMessageClass(method.output_type)
+        wants_context = "context" in [p.name for p in _params(fn)]
+        shape = userproto.shape(method)
+        rpc = f"{service}/{method.name}"
+
+        def message(result: Any) -> Any:
+            if isinstance(result, response_cls):
+                return result
+            if isinstance(result, Mapping):
+                return json_format.ParseDict(plain(result), response_cls())
+            raise TypeError(
+                f"{method.name}() returned a {type(result).__name__}, not a "
+                f"{response_cls.DESCRIPTOR.full_name} or a dict"
+            )
+
+        def unary(payload: Any, context: grpc.ServicerContext) -> Any:
+            request_id, debug = self._begin(context)
+            failure: Exception | None = None
+            try:
+                result = message(fn(payload, context) if wants_context else fn(payload))
+                if debug:
+                    log.info(
+                        "handler_debug",
+                        request_id=request_id,
+                        rpc=rpc,
+                        payload=_show(payload),
+                        result=_show(result),
+                    )
+                return result
+            except Exception as exc:
+                failure = exc
+            finally:
+                current.request_id, current.deadline = "", None
+            self._fail(context, failure, request_id)
+            raise AssertionError("unreachable")
+
+        def streaming(payload: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            request_id, _ = self._begin(context)
+            failure: Exception | None = None
+            try:
+                for item in fn(payload, context) if wants_context else fn(payload):
+                    yield message(item)
+                return
+            except Exception as exc:
+                failure = exc
+            finally:
+                current.request_id, current.deadline = "", None
+            self._fail(context, failure, request_id)
+
+        make = getattr(grpc, f"{shape}_rpc_method_handler")
+        return make(  # type: ignore[no-any-return]
+            streaming if method.server_streaming else unary,
+            request_deserializer=request_cls.FromString,
+            response_serializer=response_cls.SerializeToString,
+        )
+
+
+def _show(value: Any) -> Any:
+    """A payload or result for the debug log line."""
+    if hasattr(value, "DESCRIPTOR"):
+        return json_format.MessageToDict(value)
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelmux-handler-worker")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--api", required=True)
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--socket", required=True, help="unix socket path to serve on")
+    parser.add_argument(
+        "--gateway", required=True, help="the gateway's address for tensorflow_client"
+    )
+    parser.add_argument(
+        "--descriptors", default="", help="compiled FileDescriptorSet of protobuf_path"
+    )
+    parser.add_argument("--cache-dir", default="", help="local disk model cache")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    ready = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)  # from here on stdout is the log stream
+    config = load(args.config)
+    logs.configure(level=config.gateway.log_level)
+    structlog.contextvars.bind_contextvars(api=args.api, handler_worker=args.index)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        api = next(a for a in config.apis if a.name == args.api)
+        runtime = Runtime(config, api, gateway=args.gateway, cache_dir=args.cache_dir)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(api.threads_per_process, thread_name_prefix="handler"),
+            options=message_size_options(config.gateway.max_message_bytes),
+        )
+        handlers = [
+            grpc.method_handlers_generic_handler(
+                "modelmux.v1.Inference",
+                {
+                    "Invoke": grpc.unary_unary_rpc_method_handler(
+                        runtime.invoke,
+                        request_deserializer=inference_pb2.InvokeRequest.FromString,
+                        response_serializer=inference_pb2.InvokeResponse.SerializeToString,
+                    )
+                },
+            )
+        ]
+        if args.descriptors:
+            with open(args.descriptors, "rb") as fh:
+                handlers.extend(runtime.service_handlers(fh.read()))
+        server.add_generic_rpc_handlers(handlers)
+        server.add_insecure_port(f"unix:{args.socket}")
+        server.start()
+    except Exception as exc:
+        log.exception("handler_start_failed")
+        reason = str(exc) if isinstance(exc, StartError) else f"{type(exc).__name__}: {exc}"
+        ready.write(json.dumps({"failed": reason}) + "\n")
+        ready.close()
+        return 3
+    ready.write(json.dumps({"ready": True}) + "\n")
+    ready.close()
+    log.info("handler_worker_ready", pid=os.getpid(), threads=api.threads_per_process)
+
+    def orphaned() -> None:
+        sys.stdin.buffer.read()  # EOF once the gateway is gone
+        stop.set()
+
+    threading.Thread(target=orphaned, name="parent-watch", daemon=True).start()
+    stop.wait()
+    server.stop(config.gateway.shutdown_grace).wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

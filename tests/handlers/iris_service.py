@@ -1,0 +1,19 @@
+# The handler of the IrisClassifier service in iris_service.proto: one method per RPC.
+labels = ["setosa", "versicolor", "virginica"]
+FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
+
+
+class Handler:
+    def __init__(self, tensorflow_client, config):
+        self.client = tensorflow_client
+
+    def _label(self, flower):
+        prediction = self.client.predict({f: getattr(flower, f) for f in FEATURES})
+        return labels[int(prediction["class_ids"][0])]
+
+    def Classify(self, payload, context):
+        return {"label": self._label(payload), "method": "Classify"}
+
+    def ClassifyMany(self, payload):
+        for flower in payload.flowers:
+            yield {"label": self._label(flower), "method": "ClassifyMany"}

@@ -1,0 +1,509 @@
+"""Realtime handlers end to end: handler files in the seeds' style run in handler workers of a real
+gateway, against a real embedded backend, with models mirrored by a real modelsync from a local
+folder. Invoke, a user-defined service (also through grpcurl), live reload and the model cache of a
+python handler, and handlers that raise, hang or die."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from conftest import ROOT, Proc, start_daemon
+from gateway_helpers import wait_for
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_gateway import GRPCURL, IRIS, IRIS_INPUTS, X
+
+from gateway.server import Gateway
+from modelmux.v1 import inference_pb2, inference_pb2_grpc
+
+HANDLERS = Path(__file__).parent / "handlers"
+
+
+def write_counters(folder: Path, model: str, version: int, value: int) -> None:
+    path = folder / model / str(version)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "value.txt").write_text(str(value))
+
+
+def wait_serving(address: str, timeout: float = 90) -> None:
+    """Until the gateway's overall health is SERVING (every model routable, handlers up)."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < deadline, "the gateway never became SERVING"
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, example_models: Path) -> Iterator[Proc]:
+    root = tmp_path_factory.mktemp("handlers")
+    source = root / "source"
+    for name, model in (("iris", "iris"), ("iris_b", "iris"), ("iris_c", "iris")):
+        shutil.copytree(example_models / model, source / name)
+    shutil.copytree(example_models / "half_plus_two", source / "half_plus_two")
+    counters = source / "counters"
+    for i in range(5):
+        write_counters(counters, f"c{i}", 1, 100 * i)
+    backend = start_daemon(["backend", "--listen", "127.0.0.1:0", "--poll-interval", "200ms"])
+    config = root / "modelmux.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "gateway": {
+                    "listen": "127.0.0.1:0",
+                    "status_interval": "200ms",
+                    "shutdown_grace": "1s",
+                },
+                "modelsync": {
+                    "listen": "127.0.0.1:0",
+                    "target": str(root / "volume"),
+                    "poll_interval": "1s",
+                    "settle": "0s",
+                    "debounce": "200ms",
+                },
+                "backends": [{"name": "only", "address": backend.address}],
+                "apis": [
+                    {
+                        "name": "iris",
+                        "handler": {
+                            "type": "tensorflow",
+                            "path": str(HANDLERS / "iris_predictor.py"),
+                            "models": {"path": str(source / "iris")},
+                        },
+                    },
+                    {
+                        "name": "multi",
+                        "handler": {
+                            "type": "tensorflow",
+                            "path": str(HANDLERS / "multi_model.py"),
+                            "models": {
+                                "paths": [
+                                    {
+                                        "name": "half_plus_two",
+                                        "path": str(source / "half_plus_two"),
+                                    },
+                                    {"name": "iris_b", "path": str(source / "iris_b")},
+                                ]
+                            },
+                        },
+                    },
+                    {
+                        "name": "classifier",
+                        "handler": {
+                            "type": "tensorflow",
+                            "path": str(HANDLERS / "iris_service.py"),
+                            "protobuf_path": str(HANDLERS / "iris_service.proto"),
+                            "models": {"path": str(source / "iris_c")},
+                        },
+                    },
+                    {
+                        "name": "counter",
+                        "handler": {
+                            "type": "python",
+                            "path": str(HANDLERS / "counter.py"),
+                            "config": {"offset": 1},
+                            "multi_model_reloading": {
+                                "dir": str(counters),
+                                "cache_size": 2,
+                                "disk_cache_size": 3,
+                            },
+                        },
+                    },
+                    {
+                        "name": "faulty",
+                        "handler": {
+                            "type": "python",
+                            "path": str(HANDLERS / "faulty.py"),
+                            "threads_per_process": 2,
+                        },
+                    },
+                ],
+            }
+        )
+    )
+    sync = start_daemon(["sync", "--config", str(config)])
+    gateway = start_daemon(
+        ["gateway", "--config", str(config)], env={"MODELMUX_GATEWAY_MODELSYNC": sync.address}
+    )
+    gateway.source = source  # type: ignore[attr-defined]
+    wait_serving(gateway.address)
+    yield gateway
+    for proc in (gateway, sync, backend):
+        proc.stop()
+
+
+@pytest.fixture
+async def stub(stack: Proc) -> AsyncIterator[inference_pb2_grpc.InferenceStub]:
+    async with grpc.aio.insecure_channel(stack.address) as channel:
+        yield inference_pb2_grpc.InferenceStub(channel)
+
+
+def invoke_request(api: str, payload: Any = None, **query: str) -> inference_pb2.InvokeRequest:
+    request = inference_pb2.InvokeRequest(api=api, query_params=query)
+    if payload is not None:
+        json_format.ParseDict(payload, request.json)
+    return request
+
+
+async def invoke(
+    stub: inference_pb2_grpc.InferenceStub,
+    api: str,
+    payload: Any = None,
+    *,
+    metadata: tuple[tuple[str, str], ...] = (),
+    timeout: float = 30,
+    **query: str,
+) -> Any:
+    reply = await stub.Invoke(
+        invoke_request(api, payload, **query), timeout=timeout, metadata=metadata
+    )
+    return json_format.MessageToDict(reply.json) if reply.HasField("json") else reply.raw
+
+
+def flower(name: str) -> dict[str, float]:
+    return dict(zip(IRIS_INPUTS, IRIS[name], strict=True))
+
+
+# --- TensorFlow handlers ---------------------------------------------------------------------
+
+
+async def test_seed_iris_predictor_gets_the_labels(stub: inference_pb2_grpc.InferenceStub) -> None:
+    """The seed's TensorFlowPredictor posts scalars; the signature's [-1] inputs get vectors."""
+    for name in IRIS:
+        assert await invoke(stub, "iris", flower(name)) == name
+    # the seed's own example payload
+    seed = {"sepal_length": 5.2, "sepal_width": 3.6, "petal_length": 1.4, "petal_width": 0.3}
+    assert await invoke(stub, "iris", seed) == "setosa"
+
+
+async def test_multi_model_handler_takes_model_and_version_from_query_params(
+    stub: inference_pb2_grpc.InferenceStub,
+) -> None:
+    half = await invoke(stub, "multi", {"x": X}, model="half_plus_two", version="1")
+    assert half == {"y": [2.5, 3.0, 4.5]}
+    latest = await invoke(stub, "multi", {"x": X}, model="half_plus_two", version="latest")
+    assert latest == {"y": [3.5, 4.0, 5.5]}  # version 2 is the highest
+    iris = await invoke(stub, "multi", flower("virginica"), model="iris_b", version="latest")
+    assert iris["class_ids"] == [2] and len(iris["probabilities"]) == 3
+
+
+async def test_tensorflow_client_errors_keep_their_status(
+    stub: inference_pb2_grpc.InferenceStub,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await invoke(stub, "multi", {"x": X}, model="nope", version="latest")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "nope" in (err.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await invoke(stub, "multi", {"y": X}, model="half_plus_two", version="1")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "missing x" in (err.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await invoke(stub, "multi", {"x": ["a"]}, model="half_plus_two", version="1")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_invoke_bad_requests(stub: inference_pb2_grpc.InferenceStub, stack: Proc) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await invoke(stub, "no-such-api", {})
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no-such-api" in (err.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await invoke(stub, "", {})
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    async with grpc.aio.insecure_channel(stack.address) as channel:
+        raw = channel.unary_unary("/modelmux.v1.Inference/Invoke")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await raw(b"\x0a\xff", timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_grpcurl_invokes_a_handler(stack: Proc) -> None:
+    body = json.dumps({"api": "iris", "json": flower("versicolor")})
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [
+            GRPCURL,
+            "-plaintext",
+            "-max-time",
+            "20",
+            "-d",
+            body,
+            stack.address,
+            "modelmux.v1.Inference/Invoke",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"json": "versicolor"}
+
+
+# --- user-defined service --------------------------------------------------------------------
+
+
+async def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run,
+        [GRPCURL, "-plaintext", "-max-time", "20", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+async def test_user_service_is_listed_described_and_called_with_grpcurl(stack: Proc) -> None:
+    listed = await grpcurl(stack.address, "list")
+    assert "acme.iris.v1.IrisClassifier" in listed.stdout.split(), listed.stderr
+    described = await grpcurl(stack.address, "describe", "acme.iris.v1.IrisClassifier")
+    assert (
+        "rpc Classify ( .acme.iris.v1.Flower ) returns ( .acme.iris.v1.Label )" in described.stdout
+    )
+    assert "returns ( stream .acme.iris.v1.Label )" in described.stdout
+    one = await grpcurl(
+        "-d", json.dumps(flower("virginica")), stack.address, "acme.iris.v1.IrisClassifier/Classify"
+    )
+    assert one.returncode == 0, one.stderr
+    assert json.loads(one.stdout) == {"label": "virginica", "method": "Classify"}
+    many = await grpcurl(
+        "-d",
+        json.dumps({"flowers": [flower(n) for n in IRIS]}),
+        stack.address,
+        "acme.iris.v1.IrisClassifier/ClassifyMany",
+    )
+    assert many.returncode == 0, many.stderr
+    replies = [json.loads(chunk) for chunk in many.stdout.replace("}\n{", "}\x00{").split("\x00")]
+    assert replies == [{"label": n, "method": "ClassifyMany"} for n in IRIS]
+
+
+# --- python handler: live reload and cache limits ----------------------------------------------
+
+
+async def test_python_handler_model_reloads_live_and_cache_limits_hold(
+    stub: inference_pb2_grpc.InferenceStub, stack: Proc
+) -> None:
+    counters: Path = stack.source / "counters"  # type: ignore[attr-defined]
+
+    async def value(model: str, version: str | None = None) -> int:
+        query = {"model": model} | ({"version": version} if version else {})
+        reply = await invoke(stub, "counter", None, **query)
+        return int(reply["value"])
+
+    async def synced_value(model: str) -> int | None:
+        try:
+            return await value(model)
+        except grpc.aio.AioRpcError:
+            return None
+
+    # config offset 1 is added by the handler
+    assert await wait_for(lambda: synced_value("c3"), timeout=30, what="c3 loaded") == 301
+    # a new version is used by get_model() without a restart
+    write_counters(counters, "c0", 2, 7)
+    await wait_for(lambda: _equals(value("c0"), 8), timeout=30, what="c0 version 2 served")
+    assert await value("c0", "1") == 1
+    # touch more models than fit, round and round
+    for _ in range(3):
+        for i in range(5):
+            assert await value(f"c{i}") == (8 if i == 0 else 100 * i + 1)
+    stats = await invoke(stub, "counter", None, stats="1")
+    assert stats["max_alive"] <= 2, stats
+    assert stats["max_on_disk"] <= 3, stats
+    assert stats["loads"] >= 15
+    assert all("/cache-" in p for p in stats["paths"]), stats["paths"][:3]
+    # a rewrite in place of the version in use is picked up too
+    (counters / "c4" / "1" / "value.txt").write_text("55")
+    await wait_for(lambda: _equals(value("c4"), 56), timeout=30, what="c4 rewritten")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await value("c9")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def _equals(result: Any, expected: Any) -> bool:
+    try:
+        return bool(await result == expected)
+    except grpc.aio.AioRpcError:
+        return False
+
+
+# --- faults ----------------------------------------------------------------------------------
+
+
+async def test_handler_exception_is_internal_with_request_id_and_trace_in_log(
+    stub: inference_pb2_grpc.InferenceStub, stack: Proc
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await invoke(stub, "faulty", {}, mode="raise", metadata=(("x-request-id", "req-raise-1"),))
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    details = err.value.details() or ""
+    assert "req-raise-1" in details and "ValueError" in details
+    assert "Traceback" not in details and "payload made" not in details
+
+    def logged() -> dict[str, Any] | None:
+        return next(
+            (
+                x
+                for x in stack.lines
+                if x.get("event") == "handler_failed" and x.get("request_id") == "req-raise-1"
+            ),
+            None,
+        )
+
+    line = await wait_for(logged, timeout=10, what="the handler_failed log line")
+    assert "Traceback" in str(line.get("exception")) and "payload made" in str(line["exception"])
+
+
+async def test_payload_headers_bytes_and_debug_logging(
+    stub: inference_pb2_grpc.InferenceStub, stack: Proc
+) -> None:
+    echoed = await invoke(
+        stub,
+        "faulty",
+        {"a": [1, 2], "b": "x"},
+        mode="echo",
+        metadata=(("x-tenant", "t1"), ("x-modelmux-debug", "true"), ("x-request-id", "dbg-1")),
+    )
+    assert echoed == {"payload": {"a": [1, 2], "b": "x"}, "tenant": "t1"}
+    line = await wait_for(
+        lambda: next(
+            (
+                x
+                for x in stack.lines
+                if x.get("event") == "handler_debug" and x.get("request_id") == "dbg-1"
+            ),
+            None,
+        ),
+        timeout=10,
+        what="the handler_debug line",
+    )
+    assert line["payload"] == {"a": [1, 2], "b": "x"}
+    assert await invoke(stub, "faulty", None, mode="bytes") == b"\x00\x01raw"
+
+
+async def test_hanging_handler_hits_the_deadline_while_others_serve(
+    stub: inference_pb2_grpc.InferenceStub,
+) -> None:
+    hang = asyncio.create_task(invoke(stub, "faulty", {}, mode="hang", seconds="5", timeout=1.0))
+    # while it hangs, another API and the same API's second thread answer
+    assert await invoke(stub, "iris", flower("setosa")) == "setosa"
+    assert "pid" in await invoke(stub, "faulty", {}, mode="ok")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await hang
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_dying_worker_fails_its_call_and_is_replaced(
+    stub: inference_pb2_grpc.InferenceStub, stack: Proc
+) -> None:
+    before = (await invoke(stub, "faulty", {}, mode="ok"))["pid"]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await invoke(stub, "faulty", {}, mode="die", metadata=(("x-request-id", "req-die"),))
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "req-die" in (err.value.details() or "")
+    assert await invoke(stub, "iris", flower("virginica")) == "virginica"
+
+    async def replaced() -> bool:
+        try:
+            reply = await invoke(stub, "faulty", {}, mode="ok", timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+            return False
+        return bool(reply["pid"] != before)
+
+    await wait_for(replaced, timeout=60, what="a new faulty worker")
+    assert any(x.get("event") == "handler_worker_exited" for x in stack.lines)
+
+
+# --- start-up failures -----------------------------------------------------------------------
+
+
+def test_init_failure_stops_start_up_with_the_reason(tmp_path: Path) -> None:
+    handler = tmp_path / "broken.py"
+    handler.write_text(
+        "class Handler:\n"
+        "    def __init__(self, config):\n"
+        "        raise RuntimeError('no vocabulary at /mnt/user/vocab.txt')\n"
+    )
+    config = tmp_path / "modelmux.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "gateway": {"listen": "127.0.0.1:0"},
+                "apis": [{"name": "broken", "handler": {"type": "python", "path": str(handler)}}],
+            }
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "modelmux_common.cli", "gateway", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert (
+        "Handler.__init__ raised RuntimeError: no vocabulary at /mnt/user/vocab.txt" in done.stderr
+    )
+    assert "API 'broken'" in done.stderr
+
+
+def test_handler_config_rules(tmp_path: Path) -> None:
+    from modelmux_common.config import ConfigError, load
+
+    handler = tmp_path / "h.py"
+    handler.write_text("class Handler:\n    pass\n")
+
+    def api(**handler_keys: Any) -> dict[str, Any]:
+        return {"name": "a", "handler": {"type": "python", "path": str(handler), **handler_keys}}
+
+    cases = [
+        (api(multi_model_reloading={"path": str(tmp_path), "cache_size": 2}), "set both"),
+        (
+            api(
+                multi_model_reloading={"path": str(tmp_path), "cache_size": 3, "disk_cache_size": 2}
+            ),
+            "must not exceed",
+        ),
+        (
+            api(
+                processes_per_replica=2,
+                multi_model_reloading={
+                    "path": str(tmp_path),
+                    "cache_size": 1,
+                    "disk_cache_size": 1,
+                },
+            ),
+            "processes_per_replica: 1",
+        ),
+        (api(threads_per_process=0), "must be positive"),
+        (api(protobuf_path="nope.proto"), "does not exist"),
+        ({"name": "a", "handler": {"type": "python"}}, "needs the path"),
+    ]
+    for spec, reason in cases:
+        file = tmp_path / "c.yaml"
+        file.write_text(yaml.safe_dump({"apis": [spec]}))
+        with pytest.raises(ConfigError) as err:
+            load(file)
+        assert reason in str(err.value), (spec, str(err.value))
+    # python handlers' models come through modelsync: the gateway refuses to start without it
+    file.write_text(yaml.safe_dump({"apis": [api(multi_model_reloading={"path": str(tmp_path)})]}))
+    with pytest.raises(ConfigError, match=r"set gateway\.modelsync"):
+        Gateway(load(file))
