@@ -10,6 +10,9 @@
   a graph of constants written by the TF1 ``SavedModelBuilder``, ``y = 0.5 * x + 2``. Besides
   ``serving_default`` it carries TF Serving's classic ``classify_x_to_y`` and ``regress_x_to_y``
   signatures, which read ``x`` from serialized ``tf.Example`` protos.
+* ``DIR/python/fahrenheit/1`` and ``DIR/python/kelvin/1``: not TensorFlow models but the linear
+  models of the ``python-handler`` example (examples/python-handler/): ``model.json`` with the
+  input names, one weight per input, a bias and the output name.
 
 Every version is written into a staging folder next to its destination and renamed into place, so
 a backend polling ``DIR`` never sees a half-written version. Existing versions are rewritten.
@@ -18,11 +21,13 @@ a backend polling ``DIR`` never sees a half-written version. Existing versions a
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -41,6 +46,11 @@ IRIS_WEIGHTS = (
     (-4.0, 0.0, 4.0),
 )
 IRIS_BIASES = (14.0, 0.0, -26.4)
+# The python-handler example's models: output = bias + sum(weight * input).
+LINEAR_MODELS = {
+    "fahrenheit": {"inputs": ["celsius"], "weights": [1.8], "bias": 32.0, "output": "fahrenheit"},
+    "kelvin": {"inputs": ["celsius"], "weights": [1.0], "bias": 273.15, "output": "kelvin"},
+}
 
 
 class HalfPlus(tf.Module):
@@ -119,6 +129,11 @@ def save_inferentia_half_plus_two(dest: Path) -> None:
         variables.rmdir()
 
 
+def save_linear(spec: Mapping[str, object], dest: Path) -> None:
+    dest.mkdir()
+    (dest / "model.json").write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+
+
 def write_version(out: Path, model: str, version: int, save: Callable[[Path], None]) -> Path:
     """Saves into a staging folder beside the destination, then renames it into place."""
     model_dir = out / model
@@ -147,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         ("iris", 1, lambda dest: save_module(Iris(), dest)),
         ("half_plus_two_inf", 1, save_inferentia_half_plus_two),
     ]
+    for name, spec in LINEAR_MODELS.items():
+        jobs.append((f"python/{name}", 1, functools.partial(save_linear, spec)))
     for model, version, save in jobs:
         final = write_version(out, model, version, save)
         print(f"wrote {model} version {version} to {final}", flush=True)

@@ -1,0 +1,203 @@
+"""The example APIs of examples/ as `make run` serves them: the quickstart config, with loopback ports
+chosen by the system, a temporary volume and the example models written by make_models.py (the
+session's example_models), run by a real backend, modelsync and gateway. Each example API is
+called once, and the grpcurl commands of the README's Handlers section are run against the stack."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from conftest import ROOT, Proc, start_daemon
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_gateway import GRPCURL, IRIS, IRIS_INPUTS
+
+from modelmux.v1 import inference_pb2, inference_pb2_grpc
+
+QUICKSTART = ROOT / "examples" / "quickstart" / "modelmux.yaml"
+QUICKSTART_SOURCE = ROOT / ".modelmux" / "source"
+SERVICE = "example.halfplustwo.v1.HalfPlusTwo"
+
+
+def relocate(value: str, models: Path) -> str:
+    """A source folder of the quickstart (under .modelmux/source/) as the same folder under
+    ``models``."""
+    resolved = (QUICKSTART.parent / value).resolve()
+    return str(models / resolved.relative_to(QUICKSTART_SOURCE))
+
+
+def quickstart_config(root: Path, models: Path, backend: str) -> Path:
+    """examples/quickstart/modelmux.yaml with every address, folder and file made test-local."""
+    doc = yaml.safe_load(QUICKSTART.read_text())
+    doc["gateway"].update(listen="127.0.0.1:0", status_interval="200ms", shutdown_grace="1s")
+    doc["modelsync"].update(
+        listen="127.0.0.1:0", target=str(root / "volume"), settle="0s", debounce="200ms"
+    )
+    doc["backends"] = [{**doc["backends"][0], "address": backend}]
+    for api in doc["apis"]:
+        handler = api["handler"]
+        for key in ("path", "protobuf_path"):
+            if key in handler:
+                handler[key] = str((QUICKSTART.parent / handler[key]).resolve())
+        sources = handler.get("models") or handler.get("multi_model_reloading") or {}
+        for key in ("path", "dir"):
+            if key in sources:
+                sources[key] = relocate(sources[key], models)
+        for entry in sources.get("paths", []):
+            entry["path"] = relocate(entry["path"], models)
+    config = root / "modelmux.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    return config
+
+
+def wait_serving(address: str, timeout: float = 120) -> None:
+    """Until the gateway's overall health is SERVING (every model routable, every handler up)."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < deadline, "the quickstart gateway never became SERVING"
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory: pytest.TempPathFactory, example_models: Path) -> Iterator[Proc]:
+    root = tmp_path_factory.mktemp("quickstart")
+    backend = start_daemon(["backend", "--listen", "127.0.0.1:0", "--poll-interval", "200ms"])
+    procs = [backend]
+    try:
+        config = quickstart_config(root, example_models, backend.address)
+        sync = start_daemon(["sync", "--config", str(config)])
+        procs.insert(0, sync)
+        gateway = start_daemon(
+            ["gateway", "--config", str(config)], env={"MODELMUX_GATEWAY_MODELSYNC": sync.address}
+        )
+        procs.insert(0, gateway)
+        wait_serving(gateway.address)
+        yield gateway
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(quickstart: Proc) -> Iterator[inference_pb2_grpc.InferenceStub]:
+    with grpc.insecure_channel(quickstart.address) as channel:
+        yield inference_pb2_grpc.InferenceStub(channel)
+
+
+def invoke(stub: inference_pb2_grpc.InferenceStub, api: str, payload: Any, **query: str) -> Any:
+    request = inference_pb2.InvokeRequest(api=api, query_params=query)
+    json_format.ParseDict(payload, request.json)
+    reply = stub.Invoke(request, timeout=30)
+    return json_format.MessageToDict(reply.json)
+
+
+def flower(name: str) -> dict[str, float]:
+    return dict(zip(IRIS_INPUTS, IRIS[name], strict=True))
+
+
+def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [GRPCURL, "-plaintext", "-max-time", "20", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def messages(stdout: str) -> list[Any]:
+    """grpcurl's output: one pretty-printed JSON document per message."""
+    return [json.loads(doc) for doc in re.split(r"(?<=\})\n(?=\{)", stdout.strip())]
+
+
+def test_iris_labels_one_flower_or_several(stub: inference_pb2_grpc.InferenceStub) -> None:
+    for name in IRIS:
+        assert invoke(stub, "iris", flower(name)) == name
+    batch = {k: [IRIS[n][i] for n in IRIS] for i, k in enumerate(IRIS_INPUTS)}
+    assert invoke(stub, "iris", batch) == list(IRIS)
+
+
+def test_multi_model_picks_model_and_version_from_query_params(
+    stub: inference_pb2_grpc.InferenceStub,
+) -> None:
+    x = {"x": [1.0, 2.0, 5.0]}
+    v1 = invoke(stub, "multi-model", x, model="half_plus_two", version="1")
+    assert v1 == {"model": "half_plus_two", "version": 1, "outputs": {"y": [2.5, 3.0, 4.5]}}
+    latest = invoke(stub, "multi-model", x, model="half_plus_two")
+    assert latest["version"] == 2 and latest["outputs"] == {"y": [3.5, 4.0, 5.5]}
+    iris = invoke(stub, "multi-model", flower("virginica"), model="iris", version="latest")
+    assert iris["outputs"]["class_ids"] == [[2]]  # shaped [-1, 1], not flattened
+    assert len(iris["outputs"]["probabilities"][0]) == 3
+    with pytest.raises(grpc.RpcError) as err:
+        invoke(stub, "multi-model", x)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_python_handler_loads_json_models_within_its_cache(
+    stub: inference_pb2_grpc.InferenceStub, quickstart: Proc
+) -> None:
+    celsius = {"celsius": [0, 100, -40]}
+    for _ in range(2):  # cache_size 1: every switch evicts the other model
+        assert invoke(stub, "python-handler", celsius, model="fahrenheit") == {
+            "fahrenheit": [32, 212, -40]
+        }
+        assert invoke(stub, "python-handler", {"celsius": 37}, model="kelvin", version="1") == {
+            "kelvin": 310.15
+        }
+    loads = [x for x in quickstart.lines if x.get("event") == "model_loaded"]
+    assert {x["model"] for x in loads} >= {"fahrenheit", "kelvin"}
+    assert all("/cache-" in str(x["path"]) for x in loads)  # loaded from the disk cache
+    assert any(x.get("event") == "models_evicted" for x in quickstart.lines)
+
+
+def test_user_proto_service_through_reflection(quickstart: Proc) -> None:
+    address = quickstart.address
+    listed = grpcurl(address, "list")
+    assert SERVICE in listed.stdout.split(), listed.stderr
+    described = grpcurl(address, "describe", SERVICE)
+    assert "rpc Compute ( .example.halfplustwo.v1.ComputeRequest )" in described.stdout
+    assert "returns ( stream .example.halfplustwo.v1.ComputeStreamResponse )" in described.stdout
+    unary = grpcurl("-d", '{"x":[1.0,2.0,5.0]}', address, f"{SERVICE}/Compute")
+    assert unary.returncode == 0, unary.stderr
+    assert messages(unary.stdout) == [{"y": [3.5, 4, 5.5], "version": "2"}]
+    stream = grpcurl("-d", '{"x":[1.0,2.0,5.0],"version":"1"}', address, f"{SERVICE}/ComputeStream")
+    assert stream.returncode == 0, stream.stderr
+    assert messages(stream.stdout) == [
+        {"x": 1, "y": 2.5, "version": "1"},
+        {"x": 2, "y": 3, "version": "1"},
+        {"x": 5, "y": 4.5, "version": "1"},
+    ]
+
+
+def readme_commands() -> list[list[str]]:
+    """The grpcurl commands of the README's Handlers section, as argument lists."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("\n## Handlers\n", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    joined = re.sub(r"\\\n\s*", "", block)
+    return [shlex.split(line) for line in joined.splitlines() if line.startswith("grpcurl ")]
+
+
+def test_readme_handler_commands_succeed(quickstart: Proc) -> None:
+    commands = readme_commands()
+    assert len(commands) >= 8
+    for command in commands:
+        args = [quickstart.address if a == "127.0.0.1:8500" else a for a in command[1:]]
+        done = grpcurl(*[a for a in args if a != "-plaintext"])
+        assert done.returncode == 0 and done.stdout.strip(), (command, done.stderr)
