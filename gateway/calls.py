@@ -62,6 +62,12 @@ def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return _PREFIX + str(next(_ids))
 
 
+def _from_handler(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    """A handler's own call to the gateway (see gateway/handlers/clients.py): it belongs to an
+    Invoke the gateway accepted, so draining lets it through."""
+    return ("x-modelmux-handler-call", "1") in (context.invocation_metadata() or ())
+
+
 class Lifecycle:
     """Counts calls in progress and refuses new ones once the server drains."""
 
@@ -89,7 +95,7 @@ def edge(rpc: str, handler: Handler, *, log_requests: bool, lifecycle: Lifecycle
         lifecycle.active += 1
         lifecycle.idle.clear()
         try:
-            if lifecycle.draining:
+            if lifecycle.draining and not _from_handler(context):
                 raise Unavailable("the gateway is shutting down; retry on another instance")
             return await handler(request, context, call)
         except GatewayError as exc:

@@ -161,7 +161,12 @@ def json_to_proto(
 
     A scalar sent for an input the signature declares with rank 1 becomes a one-element vector.
     """
-    if signature_shape is not None and len(signature_shape) == 1 and not isinstance(value, list):
+    if (
+        signature_shape is not None
+        and len(signature_shape) == 1
+        and not isinstance(value, list | tuple)
+        and np.ndim(value) == 0
+    ):
         value = [value]
     proto.dtype = tf_dtype
     if tf_dtype == DT.DT_STRING:
@@ -203,6 +208,8 @@ def json_to_proto(
 
 
 def _utf8(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
     if not isinstance(value, str):
         raise TypeError(value)
     return value.encode()

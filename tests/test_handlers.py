@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -20,10 +21,11 @@ import pytest
 import yaml
 from conftest import ROOT, Proc, start_daemon
 from gateway_helpers import wait_for
-from google.protobuf import json_format
+from google.protobuf import json_format, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_gateway import GRPCURL, IRIS, IRIS_INPUTS, X
 
+from gateway.handlers import userproto
 from gateway.server import Gateway
 from modelmux.v1 import inference_pb2, inference_pb2_grpc
 
@@ -56,7 +58,12 @@ def wait_serving(address: str, timeout: float = 90) -> None:
 def stack(tmp_path_factory: pytest.TempPathFactory, example_models: Path) -> Iterator[Proc]:
     root = tmp_path_factory.mktemp("handlers")
     source = root / "source"
-    for name, model in (("iris", "iris"), ("iris_b", "iris"), ("iris_c", "iris")):
+    for name, model in (
+        ("iris", "iris"),
+        ("iris_b", "iris"),
+        ("iris_c", "iris"),
+        ("iris_d", "iris"),
+    ):
         shutil.copytree(example_models / model, source / name)
     shutil.copytree(example_models / "half_plus_two", source / "half_plus_two")
     counters = source / "counters"
@@ -70,7 +77,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, example_models: Path) -> Ite
                 "gateway": {
                     "listen": "127.0.0.1:0",
                     "status_interval": "200ms",
-                    "shutdown_grace": "1s",
+                    "shutdown_grace": "5s",
                 },
                 "modelsync": {
                     "listen": "127.0.0.1:0",
@@ -125,6 +132,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory, example_models: Path) -> Ite
                                 "cache_size": 2,
                                 "disk_cache_size": 3,
                             },
+                        },
+                    },
+                    {
+                        "name": "slow",
+                        "handler": {
+                            "type": "tensorflow",
+                            "path": str(HANDLERS / "slow_predict.py"),
+                            "config": {"delay": 1.5},
+                            "models": {"path": str(source / "iris_d")},
                         },
                     },
                     {
@@ -295,6 +311,48 @@ async def test_user_service_is_listed_described_and_called_with_grpcurl(stack: P
     assert replies == [{"label": n, "method": "ClassifyMany"} for n in IRIS]
 
 
+async def test_handler_sets_its_own_status(stack: Proc) -> None:
+    """context.abort in a service method is the caller's status, not INTERNAL."""
+    out = await grpcurl(
+        "-d", json.dumps(flower("setosa")), stack.address, "acme.iris.v1.IrisClassifier/Reject"
+    )
+    assert out.returncode != 0
+    assert "FailedPrecondition" in out.stderr and "no flowers today" in out.stderr, out.stderr
+    async with grpc.aio.insecure_channel(stack.address) as channel:
+        raw = channel.unary_unary("/acme.iris.v1.IrisClassifier/Classify")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await raw(b"\x0d\x01", timeout=10)  # a float field cut short
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "acme.iris.v1.Flower" in (err.value.details() or "")
+
+
+async def test_user_service_streams_both_ways(stack: Proc) -> None:
+    """Client-streaming and bidirectional RPCs reach their own methods through the gateway."""
+    file = userproto.load(
+        userproto.compile_proto(str(HANDLERS / "iris_service.proto")),
+        str(HANDLERS / "iris_service.proto"),
+    )
+    flower_cls = message_factory.GetMessageClass(file.message_types_by_name["Flower"])
+    label_cls = message_factory.GetMessageClass(file.message_types_by_name["Label"])
+    flowers = [flower_cls(**flower(n)) for n in IRIS]
+    service = "/acme.iris.v1.IrisClassifier/"
+    async with grpc.aio.insecure_channel(stack.address) as channel:
+        bidi = channel.stream_stream(
+            service + "ClassifyStream",
+            request_serializer=flower_cls.SerializeToString,
+            response_deserializer=label_cls.FromString,
+        )
+        replies = [r async for r in bidi(iter(flowers), timeout=30)]
+        assert [(r.label, r.method) for r in replies] == [(n, "ClassifyStream") for n in IRIS]
+        count = channel.stream_unary(
+            service + "CountFlowers",
+            request_serializer=flower_cls.SerializeToString,
+            response_deserializer=label_cls.FromString,
+        )
+        reply = await count(iter(flowers * 2), timeout=30)
+        assert (reply.label, reply.method) == ("6", "CountFlowers")
+
+
 # --- python handler: live reload and cache limits ----------------------------------------------
 
 
@@ -335,6 +393,9 @@ async def test_python_handler_model_reloads_live_and_cache_limits_hold(
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await value("c9")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # a removed version leaves: latest is version 1 again
+    shutil.rmtree(counters / "c0" / "2")
+    await wait_for(lambda: _equals(value("c0"), 1), timeout=30, what="c0 version 2 removed")
 
 
 async def _equals(result: Any, expected: Any) -> bool:
@@ -432,6 +493,29 @@ async def test_dying_worker_fails_its_call_and_is_replaced(
     assert any(x.get("event") == "handler_worker_exited" for x in stack.lines)
 
 
+async def test_stuck_worker_is_replaced(stub: inference_pb2_grpc.InferenceStub) -> None:
+    """Both threads of the faulty API's worker hang past their deadline: the worker exits and is
+    replaced, so the API answers again."""
+    before = (await invoke(stub, "faulty", {}, mode="ok"))["pid"]
+    hangs = [
+        asyncio.create_task(invoke(stub, "faulty", {}, mode="hang", seconds="120", timeout=1.0))
+        for _ in range(2)
+    ]
+    for hang in hangs:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await hang
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    async def answers_from_a_new_worker() -> bool:
+        try:
+            reply = await invoke(stub, "faulty", {}, mode="ok", timeout=2)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply["pid"] != before)
+
+    await wait_for(answers_from_a_new_worker, timeout=60, what="the stuck worker replaced")
+
+
 # --- start-up failures -----------------------------------------------------------------------
 
 
@@ -507,3 +591,21 @@ def test_handler_config_rules(tmp_path: Path) -> None:
     file.write_text(yaml.safe_dump({"apis": [api(multi_model_reloading={"path": str(tmp_path)})]}))
     with pytest.raises(ConfigError, match=r"set gateway\.modelsync"):
         Gateway(load(file))
+
+
+# --- last: stops the module's gateway ----------------------------------------------------------
+
+
+async def test_sigterm_lets_a_handler_in_flight_finish_its_predict(
+    stub: inference_pb2_grpc.InferenceStub, stack: Proc
+) -> None:
+    """An Invoke accepted before SIGTERM completes, including the handler's own Predict call
+    through the draining gateway."""
+    call = asyncio.create_task(invoke(stub, "slow", flower("virginica")))
+    await wait_for(
+        lambda: any(x.get("metric") == "slow_started" for x in stack.lines),
+        timeout=10,
+        what="the slow handler running",
+    )
+    stack.popen.send_signal(signal.SIGTERM)
+    assert await call == [2]  # the flat values of class_ids [[2]]

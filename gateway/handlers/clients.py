@@ -49,9 +49,14 @@ def call_deadline() -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
+# Marks the gateway calls of a handler: a draining gateway still lets them through, since the
+# Invoke they serve was accepted before it began draining.
+HANDLER_CALL = ("x-modelmux-handler-call", "1")
+
+
 def _metadata() -> tuple[tuple[str, str], ...]:
     request_id = getattr(current, "request_id", "")
-    return (("x-request-id", request_id),) if request_id else ()
+    return (HANDLER_CALL, ("x-request-id", request_id)) if request_id else (HANDLER_CALL,)
 
 
 class Values(list[Any]):
@@ -215,9 +220,10 @@ class TensorFlowClient:
         meta = self._meta.get((model, version)) or self._fetch(model, version)
         try:
             return self._run(model_input, model, version, meta)
-        except Status as exc:
-            # the latest version may have changed signature since it was read: read it again
-            if version is not None or exc.code != grpc.StatusCode.INVALID_ARGUMENT:
+        except (Status, InvalidArgument) as exc:
+            # the version may have been replaced (a new latest, content rewritten in place) with
+            # another signature since it was read: read it again, and retry if it changed
+            if exc.code != grpc.StatusCode.INVALID_ARGUMENT:
                 raise
             fresh = self._fetch(model, version)
             if fresh == meta:
@@ -302,6 +308,9 @@ class ModelClient:
         self._lock = threading.Lock()
         # loads run one at a time, so the limits hold while a model loads
         self._loading = threading.Lock()
+        if disk_cache_size:  # copies a previous worker left are not counted: start empty
+            shutil.rmtree(disk_dir, ignore_errors=True)
+            os.makedirs(disk_dir)
 
     def update(self, paths: Mapping[str, Mapping[int, str]]) -> None:
         """The API's current versions (from modelsync); content no longer current is dropped."""
@@ -327,6 +336,9 @@ class ModelClient:
 
         def run() -> None:
             for key in sorted(keys):
+                with self._lock:
+                    if self._paths.get(key[0], {}).get(key[1]) != key[2]:
+                        continue  # replaced or removed meanwhile
                 try:
                     self._get(key)
                 except Exception:
@@ -338,7 +350,8 @@ class ModelClient:
         return self._synced.wait(timeout)
 
     def get_model(self, model_name: Any = None, model_version: Any = None) -> Any:
-        self._synced.wait(call_deadline() or 30.0)
+        left = call_deadline()
+        self._synced.wait(30.0 if left is None else left)
         with self._lock:
             names = sorted(set(self.names) | set(self._paths))
             model = default_model(model_name, names, self.api)
@@ -362,32 +375,44 @@ class ModelClient:
         return self._get(key)
 
     def _get(self, key: tuple[str, int, str]) -> Any:
-        with self._loading:
-            with self._lock:
-                if key in self._memory:
-                    self._memory.move_to_end(key)
-                    return self._memory[key]
-                evicted = []
-                while self.cache_size and len(self._memory) >= self.cache_size:
-                    evicted.append(self._memory.popitem(last=False)[0])
-            if evicted:
-                gc.collect()
-                log.info("models_evicted", models=[f"{m}:{v}" for m, v, _ in evicted])
-            path = self._local(key[2]) if self.disk_cache_size else key[2]
-            started = time.perf_counter()
-            model = self.load_model(path)
-            log.info(
-                "model_loaded",
-                model=key[0],
-                version=key[1],
-                path=path,
-                ms=round((time.perf_counter() - started) * 1000, 1),
+        left = call_deadline()
+        if not self._loading.acquire(timeout=-1 if left is None else left):
+            raise Status(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"model {key[0]!r} version {key[1]} was still waiting for another model's "
+                "load_model() at the deadline",
             )
-            with self._lock:
-                current_paths = self._paths.get(key[0], {})
-                if current_paths.get(key[1]) == key[2]:  # still current after the load
-                    self._memory[key] = model
-            return model
+        try:
+            return self._load(key)
+        finally:
+            self._loading.release()
+
+    def _load(self, key: tuple[str, int, str]) -> Any:
+        with self._lock:
+            if key in self._memory:
+                self._memory.move_to_end(key)
+                return self._memory[key]
+            evicted = []
+            while self.cache_size and len(self._memory) >= self.cache_size:
+                evicted.append(self._memory.popitem(last=False)[0])
+        if evicted:
+            gc.collect()
+            log.info("models_evicted", models=[f"{m}:{v}" for m, v, _ in evicted])
+        path = self._local(key[2]) if self.disk_cache_size else key[2]
+        started = time.perf_counter()
+        model = self.load_model(path)
+        log.info(
+            "model_loaded",
+            model=key[0],
+            version=key[1],
+            path=path,
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        with self._lock:
+            current_paths = self._paths.get(key[0], {})
+            if current_paths.get(key[1]) == key[2]:  # still current after the load
+                self._memory[key] = model
+        return model
 
     def _local(self, store: str) -> str:
         """A local copy of a store folder, making room first (called with the loading lock)."""
@@ -396,13 +421,20 @@ class ModelClient:
                 self._disk.move_to_end(store)
                 return self._disk[store]
             removed = []
+            in_memory = {k[2] for k in self._memory}
             while len(self._disk) >= self.disk_cache_size:
-                removed.append(self._disk.popitem(last=False)[1])
+                # the least recently used copy whose model is not loaded (one always exists:
+                # memory holds fewer than cache_size <= disk_cache_size models here)
+                victim = next((p for p in self._disk if p not in in_memory), None)
+                if victim is None:
+                    break
+                removed.append(self._disk.pop(victim))
         for local in removed:
             shutil.rmtree(local, ignore_errors=True)
         parts = os.path.normpath(store).split(os.sep)
         local = os.path.join(self.disk_dir, "-".join(parts[-3:]))
         shutil.rmtree(local, ignore_errors=True)
+        shutil.rmtree(local + ".partial", ignore_errors=True)
         shutil.copytree(store, local + ".partial", symlinks=True)
         os.rename(local + ".partial", local)
         with self._lock:
@@ -435,7 +467,7 @@ def plain(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return plain(value.tolist())
     if isinstance(value, np.generic):
-        return value.item()
+        return plain(value.item())
     if isinstance(value, Mapping):
         return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

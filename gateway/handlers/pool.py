@@ -16,14 +16,17 @@ import asyncio
 import contextlib
 import json
 import os
+import pickle
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import structlog
+from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 
 from gateway.calls import Call
@@ -35,9 +38,10 @@ from gateway.errors import (
     ResourceExhausted,
     Status,
     Unavailable,
+    parse,
 )
 from gateway.handlers import userproto
-from gateway.wire import WireError, field_bytes
+from modelmux.v1 import inference_pb2
 from modelmux_common.config import ApiConfig, Config, ConfigError
 from modelmux_common.grpcutil import message_size_options, remaining
 
@@ -45,6 +49,8 @@ log = structlog.get_logger("modelmux.gateway")
 
 INVOKE = "/modelmux.v1.Inference/Invoke"
 MAX_RESTART_BACKOFF = 30.0
+# A worker that dies sooner than this after starting is restarted with backoff.
+STABLE_AFTER = 10.0
 # Caller metadata a worker must not receive again (gRPC sets its own).
 _DROPPED = ("grpc-", ":")
 _SKIPPED_KEYS = {"user-agent", "x-request-id"}
@@ -62,6 +68,7 @@ class _Worker:
     channel: grpc.aio.Channel | None = None
     inflight: int = 0
     live: bool = False
+    started: float = 0.0  # when it last became ready (monotonic)
 
 
 @dataclass(eq=False)
@@ -73,10 +80,12 @@ class HandlerPool:
     number: int  # the API's position in the config, for short socket names
     runtime_dir: str
     gateway: str  # where tensorflow_client reaches the gateway
+    config_snapshot: str  # the gateway's config as loaded, for the workers (pickle)
     descriptors: str = ""  # compiled protobuf_path, when the API has one
     workers: list[_Worker] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _closing: bool = False
+    _retiring: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.workers = [
@@ -108,7 +117,7 @@ class HandlerPool:
             "-m",
             "gateway.handlers.worker",
             "--config",
-            self.config.file,
+            self.config_snapshot,
             "--api",
             self.api.name,
             "--index",
@@ -122,21 +131,31 @@ class HandlerPool:
         ]
         if self.descriptors:
             command += ["--descriptors", self.descriptors]
-        process = await asyncio.create_subprocess_exec(
-            *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
-        )
-        assert process.stdout is not None
         what = f"API {self.api.name!r}: handler {self.api.handler_path}"
+        try:
+            # a session of its own: a terminal's Ctrl-C reaches the gateway, which stops workers
+            process = await asyncio.create_subprocess_exec(
+                *command,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise HandlerStartError(f"{what}: cannot start a worker: {exc}") from None
+        worker.process = process  # close() stops it even while it starts
+        assert process.stdout is not None
         try:
             line = await asyncio.wait_for(
                 process.stdout.readline(), self.config.gateway.handler_start_timeout
             )
-        except TimeoutError:
+        except (TimeoutError, ValueError) as exc:
             process.kill()
             await process.wait()
             raise HandlerStartError(
                 f"{what} did not start within gateway.handler_start_timeout "
                 f"({self.config.gateway.handler_start_timeout:g} s)"
+                if isinstance(exc, TimeoutError)
+                else f"{what} failed to start: unreadable start-up report ({exc})"
             ) from None
         try:
             status = json.loads(line) if line.strip() else {}
@@ -148,7 +167,6 @@ class HandlerPool:
                 status.get("failed") or f"the worker exited with {_exit(code)} before it was ready"
             )
             raise HandlerStartError(f"{what} failed to start: {reason}")
-        worker.process = process
         worker.channel = grpc.aio.insecure_channel(
             f"unix:{worker.socket}",
             options=[
@@ -156,11 +174,14 @@ class HandlerPool:
                 ("grpc.use_local_subchannel_pool", 1),
             ],
         )
+        worker.started = time.monotonic()
         worker.live = True
         log.info("handler_worker_started", api=self.api.name, index=worker.index, pid=process.pid)
 
     async def _supervise(self, worker: _Worker) -> None:
-        """Replaces the worker whenever it exits, with backoff while it cannot start."""
+        """Replaces the worker whenever it exits, with backoff while it cannot start or keeps
+        dying soon after starting."""
+        backoff = 0.5
         while not self._closing:
             assert worker.process is not None
             code = await worker.process.wait()
@@ -170,26 +191,49 @@ class HandlerPool:
             log.error(
                 "handler_worker_exited", api=self.api.name, index=worker.index, exit=_exit(code)
             )
+            # calls still on the old channel fail by themselves (the socket is gone); it is closed
+            # once they had time to, since closing cancels them without a status
             if worker.channel is not None:
-                await worker.channel.close()
-            backoff = 0.5
+                self._retire(worker.channel)
+                worker.channel = None
+            if time.monotonic() - worker.started > STABLE_AFTER:
+                backoff = 0.5
+            started = time.monotonic()
             while not self._closing:
                 try:
+                    if time.monotonic() - worker.started < STABLE_AFTER:
+                        await asyncio.sleep(backoff)
+                        backoff = min(backoff * 2, MAX_RESTART_BACKOFF)
                     await self._spawn(worker)
+                    log.info(
+                        "handler_worker_replaced",
+                        api=self.api.name,
+                        index=worker.index,
+                        seconds=round(time.monotonic() - started, 3),
+                    )
                     break
-                except HandlerStartError as exc:
+                except Exception as exc:  # the edge of a background task: keep trying
                     log.error("handler_worker_restart_failed", api=self.api.name, error=str(exc))
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, MAX_RESTART_BACKOFF)
+                    worker.started = time.monotonic()
+
+    def _retire(self, channel: grpc.aio.Channel) -> None:
+        async def later() -> None:
+            await asyncio.sleep(self.timeout + 1)
+            await channel.close()
+
+        task = asyncio.create_task(later())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def close(self) -> None:
         self._closing = True
-        for task in self._tasks:
+        for task in [*self._tasks, *self._retiring]:
             task.cancel()
-        for worker in self.workers:
-            process, worker.live = worker.process, False
-            if process is None or process.returncode is not None:
-                continue
+        await asyncio.gather(*(self._stop(w) for w in self.workers))
+
+    async def _stop(self, worker: _Worker) -> None:
+        process, worker.live = worker.process, False
+        if process is not None and process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
             try:
@@ -197,9 +241,8 @@ class HandlerPool:
             except TimeoutError:
                 process.kill()
                 await process.wait()
-        for worker in self.workers:
-            if worker.channel is not None:
-                await worker.channel.close()
+        if worker.channel is not None:
+            await worker.channel.close()
 
     # -- calls ----------------------------------------------------------------------------
 
@@ -228,15 +271,19 @@ class HandlerPool:
     def _error(self, exc: grpc.aio.AioRpcError, limit: float, call: Call) -> GatewayError:
         code = exc.code()
         if any(k == "x-modelmux-handler" for k, _ in exc.trailing_metadata() or ()):
-            return Status(code, exc.details() or code.name)
+            return Status(code, exc.details() or code.name)  # the worker's own status
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return Status(
                 code,
                 f"the handler of API {self.api.name!r} did not answer within {limit:g} s "
-                f"(request id {call.request_id})",
+                f"(the caller's deadline or gateway.handler_timeout; request id {call.request_id})",
             )
-        if code == grpc.StatusCode.CANCELLED:
-            return Status(code, "the call was cancelled")
+        if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            # gRPC's own status between gateway and worker (e.g. a message over the size limit)
+            return Status(code, exc.details() or code.name)
+        return self._lost(call)
+
+    def _lost(self, call: Call) -> GatewayError:
         return Status(
             grpc.StatusCode.INTERNAL,
             f"the handler worker of API {self.api.name!r} was lost while handling the call "
@@ -267,6 +314,10 @@ class HandlerPool:
             return reply
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, limit, call) from None
+        except asyncio.CancelledError:
+            if context.cancelled():
+                raise
+            raise self._lost(call) from None  # the worker's channel was closed under the call
         finally:
             worker.inflight -= 1
 
@@ -296,12 +347,21 @@ class HandlerPool:
                 yield item
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, limit, call) from None
+        except asyncio.CancelledError:
+            if context.cancelled():
+                raise
+            raise self._lost(call) from None
         finally:
             worker.inflight -= 1
 
 
 def _exit(code: int) -> str:
-    return f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
+    if code >= 0:
+        return f"code {code}"
+    try:
+        return f"signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"signal {-code}"
 
 
 class Handlers:
@@ -314,13 +374,29 @@ class Handlers:
         self.pools: dict[str, HandlerPool] = {}
         # full service name -> (pool, descriptor) for the APIs' own services
         self.services: dict[str, tuple[HandlerPool, ServiceDescriptor]] = {}
+        snapshot = ""
         for number, api in enumerate(config.apis):
             if not api.handler_path:
                 continue
-            descriptors = ""
-            pool = HandlerPool(config, api, number, runtime_dir, self.gateway)
+            key = f"apis[{number}]"
+            if api.kind != "RealtimeAPI":
+                raise ConfigError(
+                    config.file, f"{key}.kind", f"{api.kind} handlers are not supported yet"
+                )
+            if api.cache_size and config.gateway.workers > 1:
+                raise ConfigError(
+                    config.file,
+                    f"{key}.handler.multi_model_reloading.cache_size",
+                    "model caching needs gateway.workers: 1 (each gateway worker runs its own "
+                    "handler workers, so the limits would not hold for the replica)",
+                )
+            if not snapshot:  # workers get the config as loaded, not the file as it is later
+                snapshot = os.path.join(runtime_dir, "config.pickle")
+                with open(snapshot, "wb") as fh:
+                    pickle.dump(config, fh)
+            pool = HandlerPool(config, api, number, runtime_dir, self.gateway, snapshot)
             if api.protobuf_path:
-                key = f"apis[{number}].handler.protobuf_path"
+                key = f"{key}.handler.protobuf_path"
                 try:
                     data = userproto.compile_proto(api.protobuf_path)
                     file = userproto.load(data, api.protobuf_path)
@@ -354,12 +430,7 @@ class Handlers:
     async def invoke(
         self, data: bytes, context: grpc.aio.ServicerContext[Any, Any], call: Call
     ) -> bytes:
-        try:
-            api = field_bytes(data, 1, first=True).decode()
-        except (WireError, UnicodeDecodeError) as exc:
-            raise InvalidArgument(
-                f"request is not a valid modelmux.v1.InvokeRequest: {exc}"
-            ) from None
+        api = parse(inference_pb2.InvokeRequest, data).api
         if not api:
             raise InvalidArgument("api is required")
         pool = self.pools.get(api)
@@ -397,8 +468,11 @@ def _forwarder(
     """One RPC's forwarding handler; bound to its own method path (no late binding)."""
     rpc = path[1:]
     if not method.server_streaming:
+        request_cls = message_factory.GetMessageClass(method.input_type)
 
         async def unary(data: Any, context: Any, call: Call) -> bytes:
+            if not method.client_streaming:
+                parse(request_cls, data)  # refused here with INVALID_ARGUMENT, not by the worker
             return await pool.unary(
                 path, data, context, call, client_streaming=method.client_streaming
             )

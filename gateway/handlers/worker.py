@@ -19,10 +19,12 @@ import importlib.util
 import inspect
 import json
 import os
+import pickle
 import signal
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from typing import Any
@@ -44,13 +46,16 @@ from gateway.handlers.clients import (
 )
 from modelmux.v1 import inference_pb2
 from modelmux_common import logs
-from modelmux_common.config import ApiConfig, Config, load
+from modelmux_common.config import ApiConfig, Config
 from modelmux_common.grpcutil import message_size_options
 
 log = structlog.get_logger("modelmux.handler")
 
 MARK = (("x-modelmux-handler", "1"),)
 DEBUG_KEY = "x-modelmux-debug"
+INVOKE_ARGS = ("payload", "query_params", "headers")
+# A worker whose every thread is stuck this long past its call's deadline exits (to be replaced).
+STUCK_GRACE = 5.0
 
 
 class StartError(Exception):
@@ -103,14 +108,27 @@ def _handler_class(api: ApiConfig) -> type:
 class Runtime:
     """One API's handler instance and the gRPC methods that call it."""
 
-    def __init__(self, config: Config, api: ApiConfig, *, gateway: str, cache_dir: str) -> None:
+    def __init__(
+        self, config: Config, api: ApiConfig, *, gateway: str, cache_dir: str, descriptors: bytes
+    ) -> None:
         self.api = api
+        # thread -> deadline of the call it runs (for the stuck-worker watchdog)
+        self.busy: dict[int, float | None] = {}
+        self.file = userproto.load(descriptors, api.protobuf_path) if descriptors else None
         cls = _handler_class(api)
         self.handler: Any = None
         available: dict[str, Any] = {
             "config": dict(api.handler_config),
             "metrics_client": MetricsClient(),
         }
+        if self.file is not None:  # the service's messages, as the generated module offers them
+            available["module_proto_pb2"] = types.SimpleNamespace(
+                **{
+                    name: message_factory.GetMessageClass(message)
+                    for name, message in self.file.message_types_by_name.items()
+                },
+                DESCRIPTOR=self.file,
+            )
         path_models = [s.name for s in api.sources if s.kind == "path"]
         if api.handler_type == "tensorflow":
             available["tensorflow_client"] = TensorFlowClient(
@@ -155,7 +173,11 @@ class Runtime:
         self.entry = getattr(self.handler, "handle_post", None) or getattr(
             self.handler, "predict", None
         )
-        self.entry_args = [p.name for p in _params(self.entry)] if self.entry else []
+        # arguments bind by name (payload, query_params, headers); a first parameter with another
+        # name (the older predict(self, sample) style) gets the payload
+        names = [p.name for p in _params(self.entry)] if self.entry else []
+        self.payload_positional = bool(names) and names[0] not in INVOKE_ARGS
+        self.entry_args = [n for n in names if n in INVOKE_ARGS]
         if self.models is not None:
             self._follow(config.gateway.modelsync, self.models)
 
@@ -192,10 +214,17 @@ class Runtime:
         left = context.time_remaining()
         current.request_id = request_id
         current.deadline = None if left is None else time.monotonic() + left
+        context.set_trailing_metadata(MARK)
+        self.busy[threading.get_ident()] = current.deadline
         return request_id, debug
 
+    def _end(self) -> None:
+        current.request_id, current.deadline = "", None
+        self.busy.pop(threading.get_ident(), None)
+
     def _fail(self, context: grpc.ServicerContext, exc: Exception, request_id: str) -> None:
-        context.set_trailing_metadata(MARK)
+        if context.code() not in (None, grpc.StatusCode.OK):  # type: ignore[attr-defined]
+            raise exc  # the handler set its status itself (context.abort): it stands
         if isinstance(exc, GatewayError):
             context.abort(exc.code, exc.message)
         log.error(
@@ -232,9 +261,9 @@ class Runtime:
                 "query_params": dict(request.query_params),
                 "headers": self._headers(context, request.headers),
             }
-            positional = [payload] if self.entry_args else []
-            named = {n: args[n] for n in self.entry_args[1:] if n in args}
-            result = self.entry(*positional, **named)
+            args["payload"] = payload
+            positional = [payload] if self.payload_positional else []
+            result = self.entry(*positional, **{n: args[n] for n in self.entry_args if n in args})
             response = inference_pb2.InvokeResponse()
             if isinstance(result, bytes):
                 response.raw = result
@@ -249,7 +278,7 @@ class Runtime:
         except Exception as exc:
             failure = exc
         finally:
-            current.request_id, current.deadline = "", None
+            self._end()
         self._fail(context, failure, request_id)
         raise AssertionError("unreachable")
 
@@ -265,10 +294,9 @@ class Runtime:
 
     # -- user-defined services ----------------------------------------------------------------
 
-    def service_handlers(self, descriptors: bytes) -> list[grpc.GenericRpcHandler]:
-        file = userproto.load(descriptors, self.api.protobuf_path)
+    def service_handlers(self) -> list[grpc.GenericRpcHandler]:
         out = []
-        for service in userproto.services(file):
+        for service in userproto.services(self.file) if self.file is not None else ():
             methods = {m.name: self._method(service.full_name, m) for m in service.methods}
             out.append(grpc.method_handlers_generic_handler(service.full_name, methods))
         return out
@@ -313,7 +341,7 @@ class Runtime:
             except Exception as exc:
                 failure = exc
             finally:
-                current.request_id, current.deadline = "", None
+                self._end()
             self._fail(context, failure, request_id)
             raise AssertionError("unreachable")
 
@@ -327,7 +355,7 @@ class Runtime:
             except Exception as exc:
                 failure = exc
             finally:
-                current.request_id, current.deadline = "", None
+                self._end()
             self._fail(context, failure, request_id)
 
         make = getattr(grpc, f"{shape}_rpc_method_handler")
@@ -367,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     ready = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)  # from here on stdout is the log stream
-    config = load(args.config)
+    with open(args.config, "rb") as fh:
+        config: Config = pickle.load(fh)  # the gateway's config as it loaded it
     logs.configure(level=config.gateway.log_level)
     structlog.contextvars.bind_contextvars(api=args.api, handler_worker=args.index)
     stop = threading.Event()
@@ -375,7 +404,13 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, lambda *_: stop.set())
     try:
         api = next(a for a in config.apis if a.name == args.api)
-        runtime = Runtime(config, api, gateway=args.gateway, cache_dir=args.cache_dir)
+        descriptors = b""
+        if args.descriptors:
+            with open(args.descriptors, "rb") as fh:
+                descriptors = fh.read()
+        runtime = Runtime(
+            config, api, gateway=args.gateway, cache_dir=args.cache_dir, descriptors=descriptors
+        )
         server = grpc.server(
             futures.ThreadPoolExecutor(api.threads_per_process, thread_name_prefix="handler"),
             options=message_size_options(config.gateway.max_message_bytes),
@@ -392,15 +427,14 @@ def main(argv: list[str] | None = None) -> int:
                 },
             )
         ]
-        if args.descriptors:
-            with open(args.descriptors, "rb") as fh:
-                handlers.extend(runtime.service_handlers(fh.read()))
+        handlers.extend(runtime.service_handlers())
         server.add_generic_rpc_handlers(handlers)
         server.add_insecure_port(f"unix:{args.socket}")
         server.start()
     except Exception as exc:
         log.exception("handler_start_failed")
         reason = str(exc) if isinstance(exc, StartError) else f"{type(exc).__name__}: {exc}"
+        reason = reason if len(reason) < 4000 else reason[:4000] + " ..."
         ready.write(json.dumps({"failed": reason}) + "\n")
         ready.close()
         return 3
@@ -412,10 +446,26 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdin.buffer.read()  # EOF once the gateway is gone
         stop.set()
 
+    def watchdog() -> None:
+        """Exits when every thread is stuck in a call long past its deadline: Python cannot stop
+        a thread, so the gateway replaces the process."""
+        while not stop.wait(1.0):
+            now = time.monotonic()
+            stuck = [
+                d for d in list(runtime.busy.values()) if d is not None and now > d + STUCK_GRACE
+            ]
+            if len(stuck) >= api.threads_per_process:
+                log.error("handler_worker_stuck", threads=len(stuck), grace=STUCK_GRACE)
+                sys.stderr.flush()
+                os._exit(70)
+
     threading.Thread(target=orphaned, name="parent-watch", daemon=True).start()
+    threading.Thread(target=watchdog, name="watchdog", daemon=True).start()
     stop.wait()
     server.stop(config.gateway.shutdown_grace).wait()
-    return 0
+    log.info("handler_worker_stopped", pid=os.getpid())
+    sys.stderr.flush()
+    os._exit(0)  # a handler thread still stuck in a call must not keep the process alive
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
 # The handler of the IrisClassifier service in iris_service.proto: one method per RPC.
+import grpc
+
 labels = ["setosa", "versicolor", "virginica"]
 FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
 
@@ -17,3 +19,13 @@ class Handler:
     def ClassifyMany(self, payload):
         for flower in payload.flowers:
             yield {"label": self._label(flower), "method": "ClassifyMany"}
+
+    def ClassifyStream(self, payload, context):
+        for flower in payload:
+            yield {"label": self._label(flower), "method": "ClassifyStream"}
+
+    def CountFlowers(self, payload):
+        return {"label": str(sum(1 for _ in payload)), "method": "CountFlowers"}
+
+    def Reject(self, payload, context):
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no flowers today")
