@@ -98,12 +98,17 @@ class Gateway:
         self.runtime_dir = ""
         if any(api.handler_path for api in config.apis):
             if gw.runtime_dir:
+                _remove_stale(gw.runtime_dir)
                 self.runtime_dir = os.path.join(gw.runtime_dir, f"gateway-{os.getpid()}")
                 os.makedirs(self.runtime_dir, exist_ok=True)
             else:
                 self.runtime_dir = tempfile.mkdtemp(prefix="modelmux-")
         builtin = {INFERENCE_SERVICE, MODELS_SERVICE, PREDICTION_SERVICE, MODEL_SERVICE}
-        self.handlers = handlers = Handlers(config, self.runtime_dir, builtin)
+        try:
+            self.handlers = handlers = Handlers(config, self.runtime_dir, builtin)
+        except BaseException:
+            self._remove_runtime_dir()
+            raise
         self.handlers_ready = not handlers.pools
 
         def wrap(service: str, method: str, fn: Handler) -> Any:
@@ -219,7 +224,7 @@ class Gateway:
         await self.server.start()
         try:
             await self.handlers.start()
-        except HandlerStartError:
+        except BaseException:
             await self.server.stop(0)
             self._remove_runtime_dir()
             raise
@@ -250,6 +255,18 @@ class Gateway:
     def _remove_runtime_dir(self) -> None:
         if self.runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+
+def _remove_stale(runtime_dir: str) -> None:
+    """Removes the runtime folders of gateways that are gone (killed before they cleaned up)."""
+    try:
+        entries = os.listdir(runtime_dir)
+    except FileNotFoundError:
+        return
+    for name in entries:
+        pid = name.removeprefix("gateway-")
+        if name.startswith("gateway-") and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(os.path.join(runtime_dir, name), ignore_errors=True)
 
 
 async def serve(config: Config, *, manage_backends: bool = True) -> None:
