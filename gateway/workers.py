@@ -46,6 +46,8 @@ def supervise(config: Config, args: argparse.Namespace, workers: int) -> int:
                 args.config,
                 "--listen",
                 address,
+                "--workers",
+                str(workers),
                 "--worker-index",
                 str(index),
             ],

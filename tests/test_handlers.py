@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from conftest import ROOT, Proc, start_daemon
+from conftest import MODELMUX, ROOT, Proc, start_daemon
 from gateway_helpers import wait_for
 from google.protobuf import json_format, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -228,6 +228,11 @@ async def test_tensorflow_client_errors_keep_their_status(
         await invoke(stub, "multi", {"x": X}, model="nope", version="latest")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert "nope" in (err.value.details() or "")
+    # a model the gateway serves for another API is not this API's
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await invoke(stub, "multi", flower("setosa"), model="iris", version="latest")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "API 'multi' has no model 'iris'" in (err.value.details() or "")
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await invoke(stub, "multi", {"y": X}, model="half_plus_two", version="1")
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -609,3 +614,40 @@ async def test_sigterm_lets_a_handler_in_flight_finish_its_predict(
     )
     stack.popen.send_signal(signal.SIGTERM)
     assert await call == [2]  # the flat values of class_ids [[2]]
+
+
+def test_caching_with_several_gateway_workers_is_refused(tmp_path: Path) -> None:
+    """--workers on the command line reaches the worker processes' config checks too."""
+    handler = tmp_path / "h.py"
+    handler.write_text("class Handler:\n    def __init__(self, config, model_client):\n        pass\n")
+    config = tmp_path / "modelmux.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "gateway": {"listen": "127.0.0.1:0", "modelsync": "127.0.0.1:1"},
+                "apis": [
+                    {
+                        "name": "cached",
+                        "handler": {
+                            "type": "python",
+                            "path": str(handler),
+                            "multi_model_reloading": {
+                                "path": str(tmp_path),
+                                "cache_size": 1,
+                                "disk_cache_size": 1,
+                            },
+                        },
+                    }
+                ],
+            }
+        )
+    )
+    done = subprocess.run(
+        [*MODELMUX, "gateway", "--config", str(config), "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "model caching needs gateway.workers: 1" in done.stderr

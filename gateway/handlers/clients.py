@@ -158,10 +158,20 @@ class TensorFlowClient:
     """Runs the API's TensorFlow models through the gateway (Cortex's TensorFlowClient)."""
 
     def __init__(
-        self, target: str, *, api: str, models: list[str], signature_key: str, timeout: float
+        self,
+        target: str,
+        *,
+        api: str,
+        models: list[str],
+        signature_key: str,
+        timeout: float,
+        only_listed: bool = False,
     ) -> None:
         self.api = api
         self.models = models
+        # path/paths sources name every model of the API: others are refused, as Cortex did
+        # (a dir source's models are whatever the folder holds, so any served name is tried)
+        self.only_listed = only_listed
         self.signature_key = signature_key
         self.timeout = timeout
         self._channel = grpc.insecure_channel(
@@ -216,6 +226,10 @@ class TensorFlowClient:
         self, model_input: Any, model_name: Any = None, model_version: Any = None
     ) -> Prediction:
         model = default_model(model_name, self.models, self.api)
+        if self.only_listed and model not in self.models:
+            raise NotFound(
+                f"API {self.api!r} has no model {model!r} (it has {', '.join(self.models)})"
+            )
         version = _version(model_version)
         meta = self._meta.get((model, version)) or self._fetch(model, version)
         try:

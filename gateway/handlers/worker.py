@@ -137,6 +137,7 @@ class Runtime:
                 models=path_models,
                 signature_key=api.signature_key,
                 timeout=config.gateway.handler_timeout,
+                only_listed=all(s.kind == "path" for s in api.sources),
             )
         self.models: ModelClient | None = None
         if api.handler_type == "python" and api.sources:
