@@ -619,7 +619,9 @@ async def test_sigterm_lets_a_handler_in_flight_finish_its_predict(
 def test_caching_with_several_gateway_workers_is_refused(tmp_path: Path) -> None:
     """--workers on the command line reaches the worker processes' config checks too."""
     handler = tmp_path / "h.py"
-    handler.write_text("class Handler:\n    def __init__(self, config, model_client):\n        pass\n")
+    handler.write_text(
+        "class Handler:\n    def __init__(self, config, model_client):\n        pass\n"
+    )
     config = tmp_path / "modelmux.yaml"
     config.write_text(
         yaml.safe_dump(
