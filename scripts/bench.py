@@ -2,8 +2,9 @@
 """``make bench``: the gateway measured side by side with direct calls, a bare hop and nginx.
 
 One run starts everything it measures on free loopback ports (an embedded backend, the gateway
-with request logging off and a second one with it on, the bare hop of scripts/bench_barehop.py,
-nginx with grpc_pass when nginx is installed, modelsync for its memory and the reload scenario),
+with request logging off and a second one with it on, one whose API has the TensorFlow handler of
+scripts/bench_handler.py, the bare hop of scripts/bench_barehop.py, nginx with grpc_pass when nginx
+is installed, modelsync for its memory and the reload scenario),
 measures each scenario, prints a table and writes JSON to bench-results/bench-<timestamp>.json.
 Every figure is compared with calling the backend directly, and the gateway's costs with the bare
 hop's, always from the same run. Load comes from h2load when it is installed, else from the
@@ -90,7 +91,7 @@ class Target:
 
     name: str
     process: str  # the stack process the call goes to ("backend": direct)
-    kind: str  # request form: tf, typed or json
+    kind: str  # request form: tf, typed, json or invoke
     version: int | None  # None: latest
     base: str  # the direct target it is compared with
     floor: str = ""  # the bare-hop target whose costs it is compared with
@@ -108,6 +109,7 @@ TARGETS = (
     Target("facade-latest-logged", "gateway-logged", "tf", None, "direct-latest", "barehop-latest"),
     Target("own-typed", "gateway", "typed", None, "direct-latest", "barehop-latest"),
     Target("own-json", "gateway", "json", None, "direct-latest", "barehop-latest"),
+    Target("invoke", "gateway-handler", "invoke", None, "direct-latest", "barehop-latest"),
     Target("static-v2", "gateway-static", "tf", 2, "direct-v2", "barehop-v2"),
     Target("static-latest", "gateway-static", "tf", None, "direct-latest", "barehop-latest"),
 )
@@ -122,6 +124,10 @@ LARGE_TARGETS = (
     "static-latest",
     "own-typed",
 )
+# Gateways whose API has a handler: their CPU is the gateway's plus its handler workers' (child
+# processes), and both parts are also recorded apart.
+HANDLER_GATEWAYS = ("gateway-handler",)
+HANDLER = Path(__file__).resolve().parent / "bench_handler.py"
 
 
 def backend_of(process: str) -> str:
@@ -198,7 +204,15 @@ class Bench:
         return h2 if h2 is not None else PythonLoad(s.processes)
 
     def probe(self) -> dict[str, float]:
-        return {name: child.cpu() for name, child in self.procs.items()}
+        """CPU seconds per process of the stack, each with its child processes; for a gateway
+        with handler workers also ``<name>:gateway`` (its own process) and ``<name>:workers``."""
+        out = {}
+        for name, child in self.procs.items():
+            out[name] = child.cpu()
+            if name in HANDLER_GATEWAYS:
+                out[f"{name}:gateway"] = child.cpu_own()
+                out[f"{name}:workers"] = out[name] - out[f"{name}:gateway"]
+        return out
 
     # ---- set-up ----------------------------------------------------------------------------
 
@@ -241,7 +255,9 @@ class Bench:
 
     def _gateways(self, wanted: set[str]) -> None:
         """The modelsync-following gateway (first: its start includes loading the models), the
-        same with request logging on, and one reading local folders with its own backend."""
+        same with request logging on, one reading local folders with its own backend, and one
+        following modelsync whose API has the bench handler (the only one with a handler, so the
+        other gateways' start and memory figures stay comparable with runs before it had one)."""
         gw = self.stack.gateway("gateway", self.config("gateway"))
         self.procs["gateway"] = gw
         self.results["gateway_first_start"] = {
@@ -262,8 +278,24 @@ class Bench:
             static = self.stack.gateway("gateway-static", self.config("gateway-static"))
             self.procs["gateway-static"] = static
             self.results["gateway_idle"]["static_rss_mib"] = static.rss()
+        if "gateway-handler" in wanted:
+            handler = self.stack.gateway(
+                "gateway-handler", self.config("gateway-handler", handler=HANDLER)
+            )
+            self.procs["gateway-handler"] = handler
+            own = handler.rss_own()
+            self.results["gateway_idle"]["handler_gateway_rss_mib"] = own
+            self.results["gateway_idle"]["handler_workers_rss_mib"] = handler.rss() - own
+            self.results["gateway_idle"]["handler_workers"] = len(handler.pids()) - 1
 
-    def config(self, name: str, *, log_requests: bool = False, **extra: Any) -> Path:
+    def config(
+        self,
+        name: str,
+        *,
+        log_requests: bool = False,
+        handler: Path | None = None,
+        **extra: Any,
+    ) -> Path:
         """A gateway config: following modelsync, or reading local folders (``-static`` names).
 
         The two kinds need a backend each: each gateway sends its backends their complete model
@@ -281,6 +313,7 @@ class Bench:
             source=self.models / "half_plus_two" if static else self.source,
             max_bytes=MAX_BYTES,
             log_requests=log_requests,
+            handler=handler,
             extra=extra,
         )
 
@@ -328,6 +361,11 @@ class Bench:
         sat = self._run(target, payload, calls=s.sat_calls, concurrency=s.concurrency)
         hop = target.process if target.process != "backend" else ""
         backend = backend_of(target.process)
+        split = {}
+        if hop in HANDLER_GATEWAYS:  # hop_cpu_us* is gateway + workers; the parts apart
+            for part in ("gateway", "workers"):
+                split[f"{part}_cpu_us_c1"] = one.cpu_us_per_call(f"{hop}:{part}")
+                split[f"{part}_cpu_us"] = sat.cpu_us_per_call(f"{hop}:{part}")
         return {
             "p50_us": one.percentile(50),
             "p90_us": one.percentile(90),
@@ -340,6 +378,7 @@ class Bench:
             "sat_p99_us": sat.percentile(99),
             "hop_cpu_us": sat.cpu_us_per_call(hop) if hop else math.nan,
             "backend_cpu_us": sat.cpu_us_per_call(backend),
+            **split,
         }
 
     def small(self) -> None:
@@ -359,6 +398,9 @@ class Bench:
             spread = {k: [min(row[k] for row in rows), max(row[k] for row in rows)] for k in keys}
             summary[target.name] = {**figures, "min_max": spread, "rounds": rows}
         bench_report.add_ratios(summary, {t.name: (t.base, t.floor) for t in self.targets})
+        handler = bench_report.handler_summary(summary, "invoke", "own-json")
+        if handler:
+            self.results["handler"] = handler
         gw = self.procs["gateway"]
         self.results["gateway_after_small"] = {"rss_mib": gw.rss(), "peak_rss_mib": gw.rss("VmHWM")}
         self.results["small"] = {

@@ -46,6 +46,66 @@ def add_ratios(summary: dict[str, dict[str, Any]], refs: Mapping[str, tuple[str,
             row["cpu_x_barehop_per_round"] = paired
 
 
+def handler_summary(
+    summary: Mapping[str, Mapping[str, Any]], invoke: str, own: str
+) -> dict[str, Any]:
+    """What the handler adds: the ``invoke`` target (JSON through a TensorFlow handler in a worker
+    process) against ``own`` (the same JSON through the gateway's own Predict, no handler).
+
+    Latency: invoke's p50 minus own's (medians over rounds), and the median of the per-round
+    differences. CPU: invoke's gateway + worker processes per call against own's gateway, at
+    concurrency 1 and at saturation; the parts (gateway, workers) are kept apart as well.
+    Empty when either target was not measured.
+    """
+    mine, theirs = summary.get(invoke), summary.get(own)
+    if mine is None or theirs is None:
+        return {}
+    paired = [
+        a["p50_us"] - b["p50_us"]
+        for a, b in zip(mine.get("rounds", []), theirs.get("rounds", []), strict=False)
+    ]
+    out: dict[str, Any] = {
+        "target": invoke,
+        "compared_with": own,
+        "p50_us": mine["p50_us"],
+        "added_p50_us": mine["p50_us"] - theirs["p50_us"],
+        "added_p50_us_per_round": paired,
+        "added_p50_us_median_of_rounds": median(paired) if paired else math.nan,
+        "added_p99_us": mine["p99_us"] - theirs["p99_us"],
+        "rps": mine["rps"],
+        "rps_x_own": _div(mine["rps"], theirs["rps"]),
+    }
+    for suffix, label in (("_c1", "c1"), ("", "sat")):
+        total = mine[f"hop_cpu_us{suffix}"]
+        out[f"cpu_us_{label}"] = total
+        out[f"gateway_cpu_us_{label}"] = mine.get(f"gateway_cpu_us{suffix}", math.nan)
+        out[f"workers_cpu_us_{label}"] = mine.get(f"workers_cpu_us{suffix}", math.nan)
+        out[f"own_cpu_us_{label}"] = theirs[f"hop_cpu_us{suffix}"]
+        out[f"cpu_x_own_{label}"] = _div(total, theirs[f"hop_cpu_us{suffix}"])
+    return out
+
+
+def handler_lines(handler: Mapping[str, Any]) -> list[str]:
+    """The report's lines on the handler: added latency and CPU against own-json."""
+    if not handler:
+        return []
+    h = handler
+    return [
+        f"{h['target']} (TF handler) added p50 vs {h['compared_with']}:"
+        f" {_f(h['added_p50_us'] / 1000, '+.3f')} ms"
+        f" (median of per-round differences {_f(h['added_p50_us_median_of_rounds'] / 1000, '+.3f')}"
+        f" ms; p50 {_f(h['p50_us'] / 1000, '.3f')} ms); rps {_f(h['rps'], '.0f')}"
+        f" ({_f(h['rps_x_own'], '.2f')}x {h['compared_with']})",
+        f"{h['target']} CPU/call gateway+worker vs {h['compared_with']} gateway:"
+        f" {_f(h['cpu_x_own_sat'], '.2f')}x at saturation"
+        f" ({_f(h['cpu_us_sat'], '.0f')} us = gateway {_f(h['gateway_cpu_us_sat'], '.0f')}"
+        f" + worker {_f(h['workers_cpu_us_sat'], '.0f')}, against {_f(h['own_cpu_us_sat'], '.0f')}),"
+        f" {_f(h['cpu_x_own_c1'], '.2f')}x at c=1"
+        f" ({_f(h['cpu_us_c1'], '.0f')} us = gateway {_f(h['gateway_cpu_us_c1'], '.0f')}"
+        f" + worker {_f(h['workers_cpu_us_c1'], '.0f')}, against {_f(h['own_cpu_us_c1'], '.0f')})",
+    ]
+
+
 def large_summary(
     *,
     targets: Mapping[str, tuple[str, str]],
@@ -229,6 +289,14 @@ def _memory_lines(results: Mapping[str, Any]) -> list[str]:
             f"gateway RSS idle after start: {_f(idle.get('rss_mib'), '.1f')} MiB (following"
             f" modelsync), {_f(idle.get('static_rss_mib'), '.1f')} MiB (local folders)"
         )
+    if idle.get("handler_gateway_rss_mib") is not None:
+        lines.append(
+            f"gateway with the bench handler, RSS idle after start:"
+            f" {_f(idle['handler_gateway_rss_mib'], '.1f')} MiB (gateway) +"
+            f" {_f(idle.get('handler_workers_rss_mib'), '.1f')} MiB"
+            f" ({idle.get('handler_workers')} handler worker process"
+            f"{'' if idle.get('handler_workers') == 1 else 'es'})"
+        )
     for key, label in (("gateway_after_small", "small"), ("gateway_after_large", "large")):
         entry = results.get(key)
         if entry:
@@ -278,9 +346,14 @@ def table(results: Mapping[str, Any]) -> str:
         parts.append(
             f"\nsmall Predict (half_plus_two, 3 floats): {s['calls_c1']} calls at c=1 and"
             f" {s['calls_saturation']} at c={s['concurrency']} per target and round, median of"
-            f" {s['rounds']} rounds; cpu = the hop process's CPU per call\n"
+            f" {s['rounds']} rounds; cpu = the hop process's CPU per call (invoke: the gateway"
+            f" plus its handler worker process)\n"
         )
         parts.append(small_table(s))
+        lines = handler_lines(results.get("handler", {}))
+        if lines:
+            parts.append("")
+            parts.extend(lines)
     if "large" in results:
         parts.append(f"\nlarge Predict ({results['large']['megabytes']} MB float32 tensor)\n")
         parts.append(large_table(results["large"]))

@@ -1,9 +1,11 @@
 """The requests a benchmark run sends, serialized once up front, and checks of the answers.
 
-Three request forms reach ``half_plus_two`` (``y = 0.5 x + 2`` in version 1, ``+ 3`` in version 2):
+Four request forms reach ``half_plus_two`` (``y = 0.5 x + 2`` in version 1, ``+ 3`` in version 2):
 TF Serving's PredictRequest (``tf``: what a TF Serving client sends, the tensor packed in
 ``tensor_content`` as ``tf.make_tensor_proto`` does for arrays), the gateway's own API with a typed
-tensor (``typed``) and with JSON (``json``).
+tensor (``typed``) and with JSON (``json``), and ``modelmux.v1.Inference/Invoke`` of the API's
+handler (``invoke``: scripts/bench_handler.py, JSON ``{"x": [...]}`` in, ``{"y": [...],
+"version": N}`` out; the handler always asks for latest).
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from modelmux.v1 import inference_pb2, tensor_pb2
 from modelmux_common.tfserving import predict_pb2, types_pb2
 
 MODEL = "half_plus_two"
+API = "half-plus-two"  # the API name of every gateway config (bench_stack.API)
 OFFSET = {1: 2.0, 2: 3.0}
 LATEST = 2
 METHODS = {
     "tf": "/tensorflow.serving.PredictionService/Predict",
     "typed": "/modelmux.v1.Inference/Predict",
     "json": "/modelmux.v1.Inference/Predict",
+    "invoke": "/modelmux.v1.Inference/Invoke",
 }
 SMALL = np.array([1.0, 2.0, 5.0], dtype="<f4")
 
@@ -35,7 +39,8 @@ def values(count: int) -> np.ndarray[Any, Any]:
 
 
 def build(kind: str, x: np.ndarray[Any, Any], version: int | None) -> bytes:
-    """The serialized request of ``kind`` (tf, typed or json); ``version`` None means latest."""
+    """The serialized request of ``kind`` (tf, typed, json or invoke); ``version`` None means
+    latest (the only choice for invoke: the handler does not pass a version on)."""
     if kind == "tf":
         request = predict_pb2.PredictRequest()
         request.model_spec.name = MODEL
@@ -46,6 +51,12 @@ def build(kind: str, x: np.ndarray[Any, Any], version: int | None) -> bytes:
         tensor.tensor_shape.dim.add().size = len(x)
         tensor.tensor_content = x.tobytes()
         return bytes(request.SerializeToString())
+    if kind == "invoke":
+        if version is not None:
+            raise ValueError("invoke: the bench handler always runs the latest version")
+        invoke = inference_pb2.InvokeRequest(api=API)
+        invoke.json.struct_value.update({"x": x.tolist()})
+        return bytes(invoke.SerializeToString())
     own = inference_pb2.PredictRequest(model=MODEL)
     if version is not None:
         own.version = version
@@ -73,6 +84,11 @@ def answer(kind: str, raw: bytes) -> tuple[int, np.ndarray[Any, Any]]:
     if kind == "tf":
         response = predict_pb2.PredictResponse.FromString(raw)
         return response.model_spec.version.value, _tf_values(response.outputs["y"])
+    if kind == "invoke":
+        result = json_format.MessageToDict(inference_pb2.InvokeResponse.FromString(raw).json)
+        if not isinstance(result, dict) or "y" not in result or "version" not in result:
+            raise AssertionError(f"invoke: unexpected handler result {str(result)[:200]}")
+        return int(result["version"]), np.array(result["y"], dtype="<f4")
     own = inference_pb2.PredictResponse.FromString(raw)
     if kind == "typed":
         return own.version, np.frombuffer(own.outputs["y"].content, dtype="<f4")

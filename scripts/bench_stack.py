@@ -141,8 +141,15 @@ class Child:
     def cpu(self) -> float:
         return cpu_seconds(self.pids())
 
+    def cpu_own(self) -> float:
+        """CPU seconds of this process alone, without its child processes."""
+        return cpu_seconds([self.pid])
+
     def rss(self, key: str = "VmRSS") -> float:
         return memory_mib(self.pids(), key)
+
+    def rss_own(self, key: str = "VmRSS") -> float:
+        return memory_mib([self.pid], key)
 
     def log_lines(self) -> list[dict[str, Any]]:
         out = []
@@ -210,15 +217,19 @@ def health_serving(address: str, *, timeout: float) -> float:
 # ---- configuration files -------------------------------------------------------------------------
 
 
-def models_api(source: Path) -> dict[str, Any]:
-    return {
-        "name": "half-plus-two",
-        "kind": "RealtimeAPI",
-        "handler": {
-            "type": "tensorflow",
-            "models": {"paths": [{"name": "half_plus_two", "path": str(source)}]},
-        },
+API = "half-plus-two"  # the API every config of a run declares (bench_requests.API)
+
+
+def models_api(source: Path, handler: Path | None = None) -> dict[str, Any]:
+    """The API serving half_plus_two from ``source``; with ``handler``, a TensorFlow handler file
+    (``handler.path``) that ``modelmux.v1.Inference/Invoke`` runs in a handler worker process."""
+    spec: dict[str, Any] = {
+        "type": "tensorflow",
+        "models": {"paths": [{"name": "half_plus_two", "path": str(source)}]},
     }
+    if handler is not None:
+        spec["path"] = str(handler)
+    return {"name": API, "kind": "RealtimeAPI", "handler": spec}
 
 
 def gateway_config(
@@ -228,6 +239,7 @@ def gateway_config(
     source: Path,
     max_bytes: int,
     log_requests: bool,
+    handler: Path | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
     doc = {
@@ -238,7 +250,7 @@ def gateway_config(
             **(extra or {}),
         },
         "backends": [{"name": "cpu-0", "address": backend, "accelerator": "cpu"}],
-        "apis": [models_api(source)],
+        "apis": [models_api(source, handler)],
     }
     path.write_text(yaml.safe_dump(doc))
     return path

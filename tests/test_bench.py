@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
-TARGETS = "direct-latest,barehop-latest,facade-latest,own-typed"
+TARGETS = "direct-latest,barehop-latest,facade-latest,own-typed,own-json,invoke"
 
 
 def test_quick_run_writes_results(example_models: Path, tmp_path: Path) -> None:
@@ -42,11 +43,22 @@ def test_quick_run_writes_results(example_models: Path, tmp_path: Path) -> None:
     assert results["meta"]["load_generator"] == "python"
     small = results["small"]["targets"]
     assert set(small) == set(TARGETS.split(","))
-    for name in ("barehop-latest", "facade-latest", "own-typed"):
+    for name in ("barehop-latest", "facade-latest", "own-typed", "own-json", "invoke"):
         row = small[name]
         assert row["p50_us"] > 0 and row["p99_us"] >= row["p50_us"]
         assert row["rps"] > 0 and row["hop_cpu_us"] > 0
         assert row["cpu_x_barehop"] is not None and row["added_p50_us"] is not None
+    # invoke: the gateway's CPU plus its handler worker's, both parts also recorded apart
+    invoke = small["invoke"]
+    assert invoke["gateway_cpu_us"] > 0 and invoke["workers_cpu_us"] > 0
+    assert invoke["hop_cpu_us"] == pytest.approx(
+        invoke["gateway_cpu_us"] + invoke["workers_cpu_us"]
+    )
+    handler = results["handler"]
+    assert handler["compared_with"] == "own-json" and handler["cpu_x_own_sat"] > 0
+    assert results["gateway_idle"]["handler_workers"] == 1
+    assert "invoke (TF handler) added p50 vs own-json" in done.stdout
+    assert "gateway+worker" in done.stdout
     large = results["large"]["targets"]
     assert large["facade-latest"]["s_per_call"] > 0 and large["facade-latest"]["x_direct"] > 0
     assert results["memory"]["modelsync"]["idle_rss_mib"] > 0
