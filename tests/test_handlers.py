@@ -487,21 +487,25 @@ async def test_dying_worker_fails_its_call_and_is_replaced(
     assert await invoke(stub, "iris", flower("virginica")) == "virginica"
 
     async def replaced() -> bool:
-        try:
-            reply = await invoke(stub, "faulty", {}, mode="ok", timeout=5)
-        except grpc.aio.AioRpcError as exc:
-            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
-            return False
-        return bool(reply["pid"] != before)
+        reply = await _answer(stub)
+        return reply is not None and reply["pid"] != before
 
     await wait_for(replaced, timeout=60, what="a new faulty worker")
     assert any(x.get("event") == "handler_worker_exited" for x in stack.lines)
 
 
+async def _answer(stub: inference_pb2_grpc.InferenceStub) -> Any:
+    try:
+        return await invoke(stub, "faulty", {}, mode="ok", timeout=5)
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+        return None
+
+
 async def test_stuck_worker_is_replaced(stub: inference_pb2_grpc.InferenceStub) -> None:
     """Both threads of the faulty API's worker hang past their deadline: the worker exits and is
     replaced, so the API answers again."""
-    before = (await invoke(stub, "faulty", {}, mode="ok"))["pid"]
+    before = (await wait_for(lambda: _answer(stub), timeout=60, what="a faulty worker"))["pid"]
     hangs = [
         asyncio.create_task(invoke(stub, "faulty", {}, mode="hang", seconds="120", timeout=1.0))
         for _ in range(2)

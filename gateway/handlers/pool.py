@@ -278,6 +278,12 @@ class HandlerPool:
                 f"the handler of API {self.api.name!r} did not answer within {limit:g} s "
                 f"(the caller's deadline or gateway.handler_timeout; request id {call.request_id})",
             )
+        if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (exc.details() or ""):
+            # the call never reached a worker (it has just died): safe to retry
+            return Unavailable(
+                f"API {self.api.name!r}: the handler worker is being replaced; the call did not "
+                "run, retry it"
+            )
         if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
             # gRPC's own status between gateway and worker (e.g. a message over the size limit)
             return Status(code, exc.details() or code.name)
