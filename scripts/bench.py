@@ -11,7 +11,7 @@ hop's, always from the same run. Load comes from h2load when it is installed, el
 multi-process Python generator of scripts/bench_load.py; the output says which.
 
     .venv/bin/python scripts/bench.py                       # full run, < 10 minutes on 2 cores
-    .venv/bin/python scripts/bench.py --quick               # a smoke run, < 30 s
+    .venv/bin/python scripts/bench.py --quick               # a smoke run, about 30 s
     .venv/bin/python scripts/bench.py --scenarios small --targets facade-latest,barehop-latest
     .venv/bin/python scripts/bench.py --scenarios small --profile   # + py-spy profiles
 
