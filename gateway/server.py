@@ -34,6 +34,7 @@ from modelmux_common.grpcutil import (
     add_health_and_reflection,
     bind,
     message_size_options,
+    reuse_freed_memory,
     run_until_signal,
 )
 
@@ -295,5 +296,7 @@ def main(args: argparse.Namespace) -> int:
         return supervise(config, args, config.gateway.workers)
     if index is not None:
         structlog.contextvars.bind_contextvars(worker=index)
+    if config.gateway.reuse_freed_memory:
+        reuse_freed_memory(4 * config.gateway.max_message_bytes)
     asyncio.run(serve(config, manage_backends=not index))
     return 0

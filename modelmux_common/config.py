@@ -43,6 +43,10 @@ class GatewayConfig:
     listen: str = "127.0.0.1:8500"
     # Largest request or response message accepted, in bytes.
     max_message_bytes: int = 64 * 1024 * 1024
+    # Keep freed memory (up to 4 x max_message_bytes) for reuse instead of returning it to the
+    # kernel at once: large messages then cost about half the CPU (docs/benchmarks.md), at the
+    # price of a resident size that stays near its peak after large calls.
+    reuse_freed_memory: bool = True
     # Upper bound of every backend call; the caller's own deadline wins when it is shorter.
     backend_timeout: Seconds = 30.0
     # False for a gateway that only routes (e.g. a sidecar beside a shared pool): it watches the

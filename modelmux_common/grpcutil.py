@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import signal
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 
@@ -24,6 +26,23 @@ def message_size_options(max_bytes: int) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", max_bytes),
         ("grpc.max_send_message_length", max_bytes),
     ]
+
+
+def reuse_freed_memory(keep_bytes: int) -> bool:
+    """Has glibc keep freed memory for reuse instead of handing it back to the kernel.
+
+    By default every allocation over 32 MB is a fresh mmap and every free an munmap, so each large
+    message costs a page fault per 4 KiB page of every buffer gRPC and Python copy it through; with
+    this, freed buffers are reused (up to ``keep_bytes`` of free memory is retained) and a 40 MB
+    message through a Python hop takes about half the CPU. Returns False where it does not apply.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, keep_bytes))
 
 
 def add_health_and_reflection(
