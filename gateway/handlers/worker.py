@@ -47,7 +47,7 @@ from gateway.handlers.clients import (
 from modelmux.v1 import inference_pb2
 from modelmux_common import logs
 from modelmux_common.config import ApiConfig, Config
-from modelmux_common.grpcutil import message_size_options
+from modelmux_common.grpcutil import message_size_options, reuse_freed_memory
 
 log = structlog.get_logger("modelmux.handler")
 
@@ -399,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.config, "rb") as fh:
         config: Config = pickle.load(fh)  # the gateway's config as it loaded it
     logs.configure(level=config.gateway.log_level)
+    if config.gateway.reuse_freed_memory:
+        reuse_freed_memory(4 * config.gateway.max_message_bytes)
     structlog.contextvars.bind_contextvars(api=args.api, handler_worker=args.index)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
