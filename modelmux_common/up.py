@@ -24,7 +24,11 @@ READY_TIMEOUT = 300.0
 
 
 def _spawn(*args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "modelmux_common.cli", *args])
+    # a session of its own: a terminal's Ctrl-C reaches only this process, which then stops the
+    # gateway first (it drains) and its backends after it
+    return subprocess.Popen(
+        [sys.executable, "-m", "modelmux_common.cli", *args], start_new_session=True
+    )
 
 
 def _wait_serving(address: str, children: list[subprocess.Popen[bytes]], timeout: float) -> bool:
@@ -62,7 +66,8 @@ def main(args: argparse.Namespace) -> int:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_signal)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     try:
         for backend in config.backends:
             children.insert(0, _spawn("backend", "--config", args.config, "--name", backend.name))
