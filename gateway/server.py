@@ -46,10 +46,6 @@ MODEL_HEALTH_PREFIX = "modelmux.v1.Model/"
 MODELSYNC_HEALTH = "modelmux.modelsync.v1.ModelSync"
 
 
-def _generic(service: str, methods: dict[str, Any]) -> grpc.GenericRpcHandler:
-    return grpc.method_handlers_generic_handler(service, methods)
-
-
 class Gateway:
     """The gateway's gRPC server and everything it serves."""
 
@@ -125,45 +121,45 @@ class Gateway:
         prediction = {
             m: wrap(PREDICTION_SERVICE, m, facade.forwarding(m)) for m in FORWARDED_METHODS
         }
-        self.server.add_generic_rpc_handlers(
+        # registered methods: gRPC matches the path in C, no Python lookup per call
+        for service, methods in (
             (
-                _generic(
-                    INFERENCE_SERVICE,
-                    {
-                        "Predict": wrap(INFERENCE_SERVICE, "Predict", inference.predict),
-                        "Invoke": wrap(INFERENCE_SERVICE, "Invoke", handlers.invoke),
-                    },
-                ),
-                _generic(
-                    MODELS_SERVICE,
-                    {
-                        "ListModels": wrap(MODELS_SERVICE, "ListModels", models.list_models),
-                        "GetModel": wrap(MODELS_SERVICE, "GetModel", models.get_model),
-                        "SetVersionLabel": wrap(
-                            MODELS_SERVICE, "SetVersionLabel", models.set_version_label
-                        ),
-                        "SetTrafficSplit": wrap(
-                            MODELS_SERVICE, "SetTrafficSplit", models.set_traffic_split
-                        ),
-                        "WatchModels": grpc.unary_stream_rpc_method_handler(
-                            stream_edge(models.watch_models, lifecycle=self.lifecycle)
-                        ),
-                    },
-                ),
-                _generic(PREDICTION_SERVICE, prediction),
-                _generic(
-                    MODEL_SERVICE,
-                    {
-                        "GetModelStatus": wrap(
-                            MODEL_SERVICE, "GetModelStatus", facade.get_model_status
-                        ),
-                        "HandleReloadConfigRequest": wrap(
-                            MODEL_SERVICE, "HandleReloadConfigRequest", facade.reload_config
-                        ),
-                    },
-                ),
-            )
-        )
+                INFERENCE_SERVICE,
+                {
+                    "Predict": wrap(INFERENCE_SERVICE, "Predict", inference.predict),
+                    "Invoke": wrap(INFERENCE_SERVICE, "Invoke", handlers.invoke),
+                },
+            ),
+            (
+                MODELS_SERVICE,
+                {
+                    "ListModels": wrap(MODELS_SERVICE, "ListModels", models.list_models),
+                    "GetModel": wrap(MODELS_SERVICE, "GetModel", models.get_model),
+                    "SetVersionLabel": wrap(
+                        MODELS_SERVICE, "SetVersionLabel", models.set_version_label
+                    ),
+                    "SetTrafficSplit": wrap(
+                        MODELS_SERVICE, "SetTrafficSplit", models.set_traffic_split
+                    ),
+                    "WatchModels": grpc.unary_stream_rpc_method_handler(
+                        stream_edge(models.watch_models, lifecycle=self.lifecycle)
+                    ),
+                },
+            ),
+            (PREDICTION_SERVICE, prediction),
+            (
+                MODEL_SERVICE,
+                {
+                    "GetModelStatus": wrap(
+                        MODEL_SERVICE, "GetModelStatus", facade.get_model_status
+                    ),
+                    "HandleReloadConfigRequest": wrap(
+                        MODEL_SERVICE, "HandleReloadConfigRequest", facade.reload_config
+                    ),
+                },
+            ),
+        ):
+            self.server.add_registered_method_handlers(service, methods)
 
         def wrap_unary(rpc: str, fn: Handler) -> Any:
             return edge(rpc, fn, log_requests=gw.log_requests, lifecycle=self.lifecycle)
