@@ -144,6 +144,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory, example_models: Path) -> Ite
                         },
                     },
                     {
+                        "name": "pair",
+                        "handler": {
+                            "type": "python",
+                            "path": str(HANDLERS / "faulty.py"),
+                            "processes_per_replica": 2,
+                        },
+                    },
+                    {
                         "name": "faulty",
                         "handler": {
                             "type": "python",
@@ -462,6 +470,16 @@ async def test_payload_headers_bytes_and_debug_logging(
     )
     assert line["payload"] == {"a": [1, 2], "b": "x"}
     assert await invoke(stub, "faulty", None, mode="bytes") == b"\x00\x01raw"
+
+
+async def test_calls_spread_over_the_worker_processes(
+    stub: inference_pb2_grpc.InferenceStub,
+) -> None:
+    """Two slow calls at once go to the two worker processes of an API (one thread each)."""
+    replies = await asyncio.gather(
+        *(invoke(stub, "pair", {}, mode="hang", seconds="0.5") for _ in range(2))
+    )
+    assert len({r["pid"] for r in replies}) == 2, replies
 
 
 async def test_hanging_handler_hits_the_deadline_while_others_serve(
