@@ -470,6 +470,17 @@ async def test_payload_headers_bytes_and_debug_logging(
     )
     assert line["payload"] == {"a": [1, 2], "b": "x"}
     assert await invoke(stub, "faulty", None, mode="bytes") == b"\x00\x01raw"
+    # a raw payload reaches the handler as bytes
+    raw = await stub.Invoke(
+        inference_pb2.InvokeRequest(api="faulty", raw=b"plain text", query_params={"mode": "echo"}),
+        timeout=30,
+    )
+    assert json_format.MessageToDict(raw.json)["payload"] == "plain text"
+    kind = await stub.Invoke(
+        inference_pb2.InvokeRequest(api="faulty", raw=b"\xff", query_params={"mode": "type"}),
+        timeout=30,
+    )
+    assert kind.json.string_value == "bytes"
 
 
 async def test_calls_spread_over_the_worker_processes(

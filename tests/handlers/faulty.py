@@ -18,6 +18,8 @@ class Handler:
             os.kill(os.getpid(), signal.SIGKILL)
         if mode == "echo":
             return {"payload": payload, "tenant": headers.get("x-tenant", "")}
+        if mode == "type":
+            return type(payload).__name__
         if mode == "bytes":
             return b"\x00\x01raw"
         return {"pid": os.getpid()}
