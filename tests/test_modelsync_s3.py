@@ -159,7 +159,8 @@ async def test_four_triggers_and_an_unchanged_tick(
         await ticks_pass(daemon, 3)
         after = moto.settle(bucket)
         during = [r for r in moto.requests()[before:after] if f"/{bucket}" in r.path]
-        assert len(during) >= 3 and all(r.is_list for r in during), during
+        # the first of the three ticks may have listed just before `before`: at least two lists
+        assert len(during) >= 2 and all(r.is_list for r in during), during
 
         # 1. A version added.
         put_tree(s3, bucket, "m/2/", cpu_model("two"))
