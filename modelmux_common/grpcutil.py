@@ -41,8 +41,10 @@ def reuse_freed_memory(keep_bytes: int) -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     m_trim_threshold, m_mmap_max = -1, -4
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, keep_bytes))
+    keep = min(keep_bytes, 2**31 - 1)  # mallopt takes a C int
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, keep))
 
 
 def add_health_and_reflection(

@@ -49,6 +49,9 @@ def _wait_serving(address: str, children: list[subprocess.Popen[bytes]], timeout
 
 
 def _stop(children: list[subprocess.Popen[bytes]]) -> None:
+    # children live in sessions of their own: a second Ctrl-C must not cut this loop short
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     for child in children:  # newest first: the gateway drains before its backends stop
         if child.poll() is None:
             child.terminate()

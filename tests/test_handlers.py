@@ -494,15 +494,41 @@ async def test_calls_spread_over_the_worker_processes(
 
 
 async def test_hanging_handler_hits_the_deadline_while_others_serve(
-    stub: inference_pb2_grpc.InferenceStub,
+    stub: inference_pb2_grpc.InferenceStub, stack: Proc
 ) -> None:
-    hang = asyncio.create_task(invoke(stub, "faulty", {}, mode="hang", seconds="5", timeout=1.0))
+    hang = asyncio.create_task(
+        invoke(
+            stub,
+            "faulty",
+            {},
+            mode="hang",
+            seconds="5",
+            timeout=1.0,
+            metadata=(("x-request-id", "req-hang"),),
+        )
+    )
     # while it hangs, another API and the same API's second thread answer
     assert await invoke(stub, "iris", flower("setosa")) == "setosa"
     assert "pid" in await invoke(stub, "faulty", {}, mode="ok")
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await hang
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # the gateway records the caller's deadline as such, not as a lost worker
+    line = await wait_for(
+        lambda: next(
+            (
+                x
+                for x in stack.lines
+                if x.get("event") == "request"
+                and x.get("request_id") == "req-hang"
+                and x.get("rpc") == "modelmux.v1.Inference/Invoke"
+            ),
+            None,
+        ),
+        timeout=10,
+        what="the hanging call's request line",
+    )
+    assert line["status"] in ("CANCELLED", "DEADLINE_EXCEEDED"), line
 
 
 async def test_dying_worker_fails_its_call_and_is_replaced(

@@ -41,6 +41,8 @@ log = structlog.get_logger("modelmux.handler")
 
 # The handler call in progress on this thread: its deadline and request id reach the gateway.
 current = threading.local()
+# Threads running a load_model() now: a long load is not a stuck call (the watchdog skips them).
+loading: set[int] = set()
 
 
 def call_deadline() -> float | None:
@@ -396,9 +398,11 @@ class ModelClient:
                 f"model {key[0]!r} version {key[1]} was still waiting for another model's "
                 "load_model() at the deadline",
             )
+        loading.add(threading.get_ident())
         try:
             return self._load(key)
         finally:
+            loading.discard(threading.get_ident())
             self._loading.release()
 
     def _load(self, key: tuple[str, int, str]) -> Any:

@@ -86,6 +86,7 @@ class HandlerPool:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _closing: bool = False
     _retiring: set[asyncio.Task[None]] = field(default_factory=set)
+    _retired: set[grpc.aio.Channel] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.workers = [
@@ -218,9 +219,11 @@ class HandlerPool:
 
     def _retire(self, channel: grpc.aio.Channel) -> None:
         async def later() -> None:
-            await asyncio.sleep(self.timeout + 1)
+            await asyncio.sleep(self.timeout + 1)  # every call on it had a shorter deadline
+            self._retired.discard(channel)
             await channel.close()
 
+        self._retired.add(channel)
         task = asyncio.create_task(later())
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
@@ -230,6 +233,8 @@ class HandlerPool:
         for task in [*self._tasks, *self._retiring]:
             task.cancel()
         await asyncio.gather(*(self._stop(w) for w in self.workers))
+        await asyncio.gather(*(c.close() for c in self._retired))
+        self._retired.clear()
 
     async def _stop(self, worker: _Worker) -> None:
         process, worker.live = worker.process, False
@@ -321,7 +326,7 @@ class HandlerPool:
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, limit, call) from None
         except asyncio.CancelledError:
-            if context.cancelled():
+            if _cancelling():  # the caller cancelled or its deadline passed
                 raise
             raise self._lost(call) from None  # the worker's channel was closed under the call
         finally:
@@ -354,11 +359,18 @@ class HandlerPool:
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, limit, call) from None
         except asyncio.CancelledError:
-            if context.cancelled():
+            if _cancelling():  # the caller cancelled or its deadline passed
                 raise
             raise self._lost(call) from None
         finally:
             worker.inflight -= 1
+
+
+def _cancelling() -> bool:
+    """True when this task itself is being cancelled (the server does that when the caller cancels
+    or its deadline passes), False when only the call to the worker was (its channel closed)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _exit(code: int) -> str:

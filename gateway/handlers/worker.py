@@ -42,12 +42,13 @@ from gateway.handlers.clients import (
     ModelClient,
     TensorFlowClient,
     current,
+    loading,
     plain,
 )
 from modelmux.v1 import inference_pb2
 from modelmux_common import logs
 from modelmux_common.config import ApiConfig, Config
-from modelmux_common.grpcutil import message_size_options, reuse_freed_memory
+from modelmux_common.grpcutil import message_size_options
 
 log = structlog.get_logger("modelmux.handler")
 
@@ -399,8 +400,6 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.config, "rb") as fh:
         config: Config = pickle.load(fh)  # the gateway's config as it loaded it
     logs.configure(level=config.gateway.log_level)
-    if config.gateway.reuse_freed_memory:
-        reuse_freed_memory(4 * config.gateway.max_message_bytes)
     structlog.contextvars.bind_contextvars(api=args.api, handler_worker=args.index)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -455,7 +454,9 @@ def main(argv: list[str] | None = None) -> int:
         while not stop.wait(1.0):
             now = time.monotonic()
             stuck = [
-                d for d in list(runtime.busy.values()) if d is not None and now > d + STUCK_GRACE
+                t
+                for t, d in list(runtime.busy.items())
+                if d is not None and now > d + STUCK_GRACE and t not in loading
             ]
             if len(stuck) >= api.threads_per_process:
                 log.error("handler_worker_stuck", threads=len(stuck), grace=STUCK_GRACE)
