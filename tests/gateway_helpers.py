@@ -84,3 +84,19 @@ async def start_gateway(config_file: Path, *, timeout: float = 60.0) -> Gateway:
 
     await wait_for(serving, timeout=timeout, what="gateway health SERVING")
     return gateway
+
+
+def wait_serving(address: str, timeout: float = 120) -> None:
+    """Until a gateway process's overall health is SERVING (every model routable, handlers up)."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < deadline, f"{address} never became SERVING"
+            time.sleep(0.05)

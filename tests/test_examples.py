@@ -9,7 +9,6 @@ import json
 import re
 import shlex
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,8 @@ import grpc
 import pytest
 import yaml
 from conftest import ROOT, Proc, start_daemon
+from gateway_helpers import wait_serving
 from google.protobuf import json_format
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_gateway import GRPCURL, IRIS, IRIS_INPUTS
 
 from modelmux.v1 import inference_pb2, inference_pb2_grpc
@@ -58,22 +57,6 @@ def quickstart_config(root: Path, models: Path, backend: str) -> Path:
     config = root / "modelmux.yaml"
     config.write_text(yaml.safe_dump(doc))
     return config
-
-
-def wait_serving(address: str, timeout: float = 120) -> None:
-    """Until the gateway's overall health is SERVING (every model routable, every handler up)."""
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < deadline, "the quickstart gateway never became SERVING"
-            time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

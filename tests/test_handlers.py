@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,9 @@ import grpc
 import pytest
 import yaml
 from conftest import MODELMUX, ROOT, Proc, start_daemon
-from gateway_helpers import wait_for
+from gateway_helpers import wait_for, wait_serving
 from google.protobuf import json_format, message_factory
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_gateway import GRPCURL, IRIS, IRIS_INPUTS, X
+from test_gateway import IRIS, IRIS_INPUTS, X, grpcurl
 
 from gateway.handlers import userproto
 from gateway.server import Gateway
@@ -36,22 +34,6 @@ def write_counters(folder: Path, model: str, version: int, value: int) -> None:
     path = folder / model / str(version)
     path.mkdir(parents=True, exist_ok=True)
     (path / "value.txt").write_text(str(value))
-
-
-def wait_serving(address: str, timeout: float = 90) -> None:
-    """Until the gateway's overall health is SERVING (every model routable, handlers up)."""
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < deadline, "the gateway never became SERVING"
-            time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -267,37 +249,12 @@ async def test_invoke_bad_requests(stub: inference_pb2_grpc.InferenceStub, stack
 
 async def test_grpcurl_invokes_a_handler(stack: Proc) -> None:
     body = json.dumps({"api": "iris", "json": flower("versicolor")})
-    out = await asyncio.to_thread(
-        subprocess.run,
-        [
-            GRPCURL,
-            "-plaintext",
-            "-max-time",
-            "20",
-            "-d",
-            body,
-            stack.address,
-            "modelmux.v1.Inference/Invoke",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    out = await grpcurl("-d", body, stack.address, "modelmux.v1.Inference/Invoke")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"json": "versicolor"}
 
 
 # --- user-defined service --------------------------------------------------------------------
-
-
-async def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run,
-        [GRPCURL, "-plaintext", "-max-time", "20", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
 
 
 async def test_user_service_is_listed_described_and_called_with_grpcurl(stack: Proc) -> None:

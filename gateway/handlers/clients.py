@@ -362,9 +362,6 @@ class ModelClient:
 
         threading.Thread(target=run, name="model-preload", daemon=True).start()
 
-    def wait_synced(self, timeout: float) -> bool:
-        return self._synced.wait(timeout)
-
     def get_model(self, model_name: Any = None, model_version: Any = None) -> Any:
         left = call_deadline()
         self._synced.wait(30.0 if left is None else left)
