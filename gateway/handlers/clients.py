@@ -488,5 +488,6 @@ def plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [plain(v) for v in value]
     if isinstance(value, bytes):
-        return _text(value) if isinstance(_text(value), str) else value.hex()
+        text = _text(value)
+        return text if isinstance(text, str) else value.hex()
     raise TypeError(f"a {type(value).__name__} is not JSON")
