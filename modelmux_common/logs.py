@@ -35,6 +35,9 @@ def configure(*, level: str = "info", json: bool | None = None) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write per line (message and newline together): print() writes them separately, and
+        # with PYTHONUNBUFFERED each piece is its own syscall, so TensorFlow's C++ logging on
+        # another thread could land between a JSON line and its newline.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
