@@ -12,12 +12,13 @@ import functools
 import itertools
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
 import structlog
 
+from gateway.batching import Batcher, Policy
 from gateway.errors import GatewayError, ResourceExhausted, Unavailable, parse
 from gateway.pool import Backend, Pool
 from gateway.routing import Target, pick
@@ -34,7 +35,7 @@ _PREFIX = f"{os.getpid():x}-"
 class Call:
     """What one request resolved to, for its summary line."""
 
-    __slots__ = ("_context", "_request_id", "backend", "model", "version")
+    __slots__ = ("_context", "_request_id", "backend", "batch", "model", "version")
 
     def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self._context = context
@@ -42,6 +43,7 @@ class Call:
         self.model = ""
         self.version = 0
         self.backend = ""
+        self.batch = 1  # calls in the backend call that answered this one (server-side batching)
 
     @property
     def request_id(self) -> str:
@@ -125,6 +127,7 @@ def edge(rpc: str, handler: Handler, *, log_requests: bool, lifecycle: Lifecycle
                     model=call.model,
                     version=call.version,
                     backend=call.backend,
+                    batch=call.batch,
                     status=code.name,
                     ms=round((time.perf_counter() - started) * 1000, 3),
                 )
@@ -228,6 +231,13 @@ class Forwarder:
         self.max_inflight = max_inflight
         self.backend_max_inflight = backend_max_inflight
         self.inflight = 0
+        self.batcher: Batcher | None = None
+
+    def batch(self, policies: Mapping[str, Policy]) -> None:
+        """Batches the Predict calls of these APIs (by API name); see gateway.batching."""
+        self.batcher = Batcher(
+            self.pool, policies, functools.partial(self.send, alone=True), self.max_inflight
+        )
 
     async def send(
         self,
@@ -239,9 +249,19 @@ class Forwarder:
         label: str | None,
         context: grpc.aio.ServicerContext[Any, Any],
         call: Call,
+        alone: bool = False,
     ) -> bytes:
         """Forwards ``data``, a serialized TF Serving request for ``model`` asking for
-        ``version`` / ``label`` / latest (both None)."""
+        ``version`` / ``label`` / latest (both None). A Predict call of an API with server-side
+        batching may share one backend call with others, unless ``alone``."""
+        if method == "Predict" and self.batcher is not None and not alone:
+            policy = self.batcher.policy(model)
+            if policy is not None:
+                call.model = model
+                return await self.batcher.submit(
+                    policy, data, model=model, version=version, label=label, context=context,
+                    call=call, inflight=self.inflight,
+                )  # fmt: skip
         call.model = model
         resolved, candidates = self.pool.table.resolve(model, version, label)
         call.version = resolved

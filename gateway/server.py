@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import structlog
 
+from gateway.batching import Policy
 from gateway.calls import Call, Forwarder, Handler, Lifecycle, edge, stream_edge
 from gateway.catalog import gpu_apis, static_catalog
 from gateway.discovery import Discovery
@@ -87,6 +88,13 @@ class Gateway:
             max_inflight=gw.max_inflight,
             backend_max_inflight=gw.backend_max_inflight,
         )
+        policies = {
+            api.name: Policy(api.max_batch_size, api.batch_interval)
+            for api in config.apis
+            if api.max_batch_size
+        }
+        if policies:
+            forwarder.batch(policies)
         facade = Facade(self.pool, forwarder)
         inference = Inference(forwarder)
         self.models_api = models = Models(self.pool, forwarder, admin_token=gw.admin_token)

@@ -26,7 +26,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DNS_RE = re.compile(r"^dns:(///)?[A-Za-z0-9.\-\[\]:]+:\d+$")
 # durations for which 0 means "none" rather than a busy loop or an instant deadline
-_MAY_BE_ZERO = {"removal_grace", "settle", "debounce", "shutdown_grace"}
+_MAY_BE_ZERO = {"removal_grace", "settle", "debounce", "shutdown_grace", "batch_interval"}
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
@@ -162,6 +162,9 @@ class ApiConfig:
     # models kept loaded in memory / on local disk per worker; 0 = no limit (all loaded)
     cache_size: int = 0
     disk_cache_size: int = 0
+    # server-side batching of Predict calls to the backends (gateway/batching.py); 0 = off
+    max_batch_size: int = 0
+    batch_interval: float = 0.0
 
     @property
     def inferentia(self) -> bool:
@@ -382,6 +385,7 @@ class _Reader:
                 "processes_per_replica",
                 "threads_per_process",
                 "protobuf_path",
+                "server_side_batching",
             },
         )
         htype = handler.get("type", "tensorflow")
@@ -466,6 +470,25 @@ class _Reader:
                     "model caching needs processes_per_replica: 1 (each process would hold "
                     "its own cache, so the limits would not hold for the replica)",
                 )
+        bkey = f"{hkey}.server_side_batching"
+        batching = self.mapping(
+            handler.get("server_side_batching"), bkey, {"max_batch_size", "batch_interval"}
+        )
+        if batching and htype != "tensorflow":
+            raise self.fail(
+                bkey,
+                "batching joins calls to the backends; a python handler's models never go to them",
+            )
+        if batching and "max_batch_size" not in batching:
+            raise self.fail(f"{bkey}.max_batch_size", "required when batching is configured")
+        max_batch = self.coerce(
+            batching.get("max_batch_size", 1), "int", f"{bkey}.max_batch_size", ""
+        )
+        if batching and max_batch < 2:
+            raise self.fail(f"{bkey}.max_batch_size", "must be at least 2 (1 never batches)")
+        interval = self.coerce(
+            batching.get("batch_interval", 0), "Seconds", f"{bkey}.batch_interval", "batch_interval"
+        )
         return ApiConfig(
             name=name,
             kind=kind,
@@ -476,6 +499,8 @@ class _Reader:
             compute=dict(compute),
             handler_config=dict(hconfig),
             protobuf_path=proto,
+            max_batch_size=max_batch if batching else 0,
+            batch_interval=interval,
             **counts,
             **cache,
         )

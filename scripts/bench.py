@@ -109,6 +109,7 @@ TARGETS = (
     Target("facade-latest-logged", "gateway-logged", "tf", None, "direct-latest", "barehop-latest"),
     Target("own-typed", "gateway", "typed", None, "direct-latest", "barehop-latest"),
     Target("own-json", "gateway", "json", None, "direct-latest", "barehop-latest"),
+    Target("facade-batched", "gateway-batched", "tf", None, "direct-latest", "barehop-latest"),
     Target("invoke", "gateway-handler", "invoke", None, "direct-latest", "barehop-latest"),
     Target("static-v2", "gateway-static", "tf", 2, "direct-v2", "barehop-v2"),
     Target("static-latest", "gateway-static", "tf", None, "direct-latest", "barehop-latest"),
@@ -128,6 +129,8 @@ LARGE_TARGETS = (
 # processes), and both parts are also recorded apart.
 HANDLER_GATEWAYS = ("gateway-handler",)
 HANDLER = Path(__file__).resolve().parent / "bench_handler.py"
+# facade-batched: the same API with server-side batching (at most the calls in flight at saturation)
+BATCHING = {"max_batch_size": 16}
 
 
 def backend_of(process: str) -> str:
@@ -278,6 +281,10 @@ class Bench:
             static = self.stack.gateway("gateway-static", self.config("gateway-static"))
             self.procs["gateway-static"] = static
             self.results["gateway_idle"]["static_rss_mib"] = static.rss()
+        if "gateway-batched" in wanted:
+            self.procs["gateway-batched"] = self.stack.gateway(
+                "gateway-batched", self.config("gateway-batched", batching=BATCHING)
+            )
         if "gateway-handler" in wanted:
             handler = self.stack.gateway(
                 "gateway-handler", self.config("gateway-handler", handler=HANDLER)
@@ -294,6 +301,7 @@ class Bench:
         *,
         log_requests: bool = False,
         handler: Path | None = None,
+        batching: dict[str, Any] | None = None,
         **extra: Any,
     ) -> Path:
         """A gateway config: following modelsync, or reading local folders (``-static`` names).
@@ -314,6 +322,7 @@ class Bench:
             max_bytes=MAX_BYTES,
             log_requests=log_requests,
             handler=handler,
+            batching=batching,
             extra=extra,
         )
 

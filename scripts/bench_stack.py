@@ -220,15 +220,20 @@ def health_serving(address: str, *, timeout: float) -> float:
 API = "half-plus-two"  # the API every config of a run declares (bench_requests.API)
 
 
-def models_api(source: Path, handler: Path | None = None) -> dict[str, Any]:
+def models_api(
+    source: Path, handler: Path | None = None, batching: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The API serving half_plus_two from ``source``; with ``handler``, a TensorFlow handler file
-    (``handler.path``) that ``modelmux.v1.Inference/Invoke`` runs in a handler worker process."""
+    (``handler.path``) that ``modelmux.v1.Inference/Invoke`` runs in a handler worker process;
+    with ``batching``, its ``server_side_batching``."""
     spec: dict[str, Any] = {
         "type": "tensorflow",
         "models": {"paths": [{"name": "half_plus_two", "path": str(source)}]},
     }
     if handler is not None:
         spec["path"] = str(handler)
+    if batching:
+        spec["server_side_batching"] = batching
     return {"name": API, "kind": "RealtimeAPI", "handler": spec}
 
 
@@ -240,6 +245,7 @@ def gateway_config(
     max_bytes: int,
     log_requests: bool,
     handler: Path | None = None,
+    batching: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
     doc = {
@@ -250,7 +256,7 @@ def gateway_config(
             **(extra or {}),
         },
         "backends": [{"name": "cpu-0", "address": backend, "accelerator": "cpu"}],
-        "apis": [models_api(source, handler)],
+        "apis": [models_api(source, handler, batching)],
     }
     path.write_text(yaml.safe_dump(doc))
     return path

@@ -6,6 +6,9 @@
 * ``DIR/iris/1``: a linear classifier with fixed weights. Signature ``serving_default``: four
   float32 [-1] inputs (``sepal_length``, ``sepal_width``, ``petal_length``, ``petal_width``) ->
   ``class_ids`` int64 [-1, 1] and ``probabilities`` float32 [-1, 3].
+* ``DIR/total/1``: ``total = sum(x)``, ``x`` float32 [-1] -> ``total`` float32 [] (a scalar): a
+  model whose output does not follow the batch dimension, so server-side batching must not join
+  its calls.
 * ``DIR/half_plus_two_inf/1``: the Inferentia layout (``saved_model.pb`` only, no ``variables/``):
   a graph of constants written by the TF1 ``SavedModelBuilder``, ``y = 0.5 * x + 2``. Besides
   ``serving_default`` it carries TF Serving's classic ``classify_x_to_y`` and ``regress_x_to_y``
@@ -88,7 +91,15 @@ class Iris(tf.Module):
         return {"class_ids": class_ids, "probabilities": tf.nn.softmax(logits)}
 
 
-def save_module(module: HalfPlus | Iris, dest: Path) -> None:
+class Total(tf.Module):
+    """The sum of all of ``x``: one scalar however many rows come in."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
+    def serve(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"total": tf.reduce_sum(x)}
+
+
+def save_module(module: HalfPlus | Iris | Total, dest: Path) -> None:
     tf.saved_model.save(module, str(dest), signatures={"serving_default": module.serve})
 
 
@@ -160,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         ("half_plus_two", 1, lambda dest: save_module(HalfPlus(2.0), dest)),
         ("half_plus_two", 2, lambda dest: save_module(HalfPlus(3.0), dest)),
         ("iris", 1, lambda dest: save_module(Iris(), dest)),
+        ("total", 1, lambda dest: save_module(Total(), dest)),
         ("half_plus_two_inf", 1, save_inferentia_half_plus_two),
     ]
     for name, spec in LINEAR_MODELS.items():
