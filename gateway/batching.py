@@ -181,6 +181,17 @@ class Batcher:
         if group is None:
             group = self._groups[key] = _Group(model, resolved, 0, policy)
         group.slots = _PER_BACKEND * max(1, len(candidates))
+        if not group.queue and group.inflight < group.slots and not group.policy.batch_interval:
+            # a slot is free and nobody waits: this call goes now, on its own
+            group.inflight += 1
+            try:
+                return await self.send(
+                    "Predict", data, model=model, version=version, label=label, context=context,
+                    call=call,
+                )  # fmt: skip
+            finally:
+                group.inflight -= 1
+                self._kick(key, group)
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         group.queue.append(_Member(data, request, rows, version, label, context, call, future))
         self.waiting += 1
