@@ -28,6 +28,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import signal
 import sys
 import tempfile
@@ -50,7 +51,7 @@ from bench_stack import (
     modelsync_config,
 )
 
-SCENARIOS = ("small", "large", "memory", "start", "workers", "reload")
+SCENARIOS = ("small", "latency", "large", "memory", "start", "workers", "reload")
 MAX_BYTES = 128 * 1024 * 1024
 
 
@@ -60,6 +61,7 @@ class Settings:
     sat_calls: int = 1500  # measured calls per target and round at saturation
     concurrency: int = 16  # calls in flight at saturation
     rounds: int = 5
+    latency_calls: int = 2000  # calls per target in the interleaved latency scenario
     warmup: int = 50
     large_mb: int = 40
     large_calls: int = 5
@@ -75,6 +77,7 @@ QUICK = Settings(
     calls=150,
     sat_calls=300,
     rounds=1,
+    latency_calls=100,
     warmup=10,
     large_mb=4,
     large_calls=1,
@@ -420,6 +423,40 @@ class Bench:
             "targets": summary,
         }
 
+    # ---- latency, interleaved ----------------------------------------------------------------
+
+    def latency(self) -> None:
+        """Concurrency 1 with every target interleaved call by call (in a fresh random order on
+        each pass), from one sync client in this process: each target's calls meet the same
+        machine, so whatever else runs here slows them all alike, unlike the small scenario,
+        whose targets take turns in blocks of calls."""
+        s = self.settings
+        shuffle = random.Random(7).shuffle
+        latencies: dict[str, list[float]] = {t.name: [] for t in self.targets}
+        with contextlib.ExitStack() as stack:
+            calls = {}
+            for t in self.targets:
+                channel = stack.enter_context(grpc.insecure_channel(self.address(t)))
+                payload = req.build(t.kind, req.SMALL, t.version)
+                calls[t.name] = (channel.unary_unary(req.METHODS[t.kind]), payload)
+            for _ in range(s.warmup):
+                for call, payload in calls.values():
+                    call(payload, timeout=30)
+            order = list(calls)
+            for _ in range(s.latency_calls):
+                shuffle(order)
+                for name in order:
+                    call, payload = calls[name]
+                    started = time.perf_counter_ns()
+                    call(payload, timeout=30)
+                    latencies[name].append((time.perf_counter_ns() - started) / 1000)
+        summary: dict[str, dict[str, Any]] = {}
+        for t in self.targets:
+            sample = Sample(len(latencies[t.name]), 0, math.nan, sorted(latencies[t.name]))
+            summary[t.name] = {f"p{q}_us": sample.percentile(q) for q in (50, 90, 99)}
+        bench_report.add_latency_ratios(summary, {t.name: (t.base, t.floor) for t in self.targets})
+        self.results["latency"] = {"calls": s.latency_calls, "targets": summary}
+
     # ---- large Predict ---------------------------------------------------------------------
 
     def large(self) -> None:
@@ -471,6 +508,8 @@ class Bench:
         self.check_targets()
         if "small" in self.scenarios:
             self.small()
+        if "latency" in self.scenarios:
+            self.latency()
         if self.profile:
             self.results["profile"] = bench_lifecycle.profile(self)
         if "large" in self.scenarios:

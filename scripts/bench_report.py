@@ -46,6 +46,21 @@ def add_ratios(summary: dict[str, dict[str, Any]], refs: Mapping[str, tuple[str,
             row["cpu_x_barehop_per_round"] = paired
 
 
+def add_latency_ratios(
+    summary: dict[str, dict[str, Any]], refs: Mapping[str, tuple[str, str]]
+) -> None:
+    """The interleaved latency scenario's added p50 (to the direct target) and its ratio to the
+    bare hop's."""
+    for name, row in summary.items():
+        base_name, floor_name = refs[name]
+        base, floor = summary.get(base_name), summary.get(floor_name)
+        if base is None:
+            continue
+        row["added_p50_us"] = row["p50_us"] - base["p50_us"]
+        if floor is not None:
+            row["added_p50_x_barehop"] = _div(row["added_p50_us"], floor["p50_us"] - base["p50_us"])
+
+
 def handler_summary(
     summary: Mapping[str, Mapping[str, Any]], invoke: str, own: str
 ) -> dict[str, Any]:
@@ -140,6 +155,7 @@ def _get(results: Mapping[str, Any], *path: str) -> float:
 
 _S = ("small", "targets")
 _L = ("large", "targets")
+_I = ("latency", "targets")
 # (what, limit, where in the results, True when the figure must be at least the limit)
 ISSUE_TARGETS = (
     ("facade-latest CPU/call vs bare hop (saturation)", 1.15, (*_S, "facade-latest", "cpu_x_barehop"), False),
@@ -147,12 +163,15 @@ ISSUE_TARGETS = (
     ("facade-v2 CPU/call vs bare hop (saturation)", 1.15, (*_S, "facade-v2", "cpu_x_barehop"), False),
     ("facade-latest added p50 vs bare hop's (c=1)", 1.15, (*_S, "facade-latest", "added_p50_x_barehop"), False),
     ("facade-v2 added p50 vs bare hop's (c=1)", 1.15, (*_S, "facade-v2", "added_p50_x_barehop"), False),
+    ("facade-latest added p50 vs bare hop's (c=1, interleaved)", 1.15, (*_I, "facade-latest", "added_p50_x_barehop"), False),
+    ("facade-v2 added p50 vs bare hop's (c=1, interleaved)", 1.15, (*_I, "facade-v2", "added_p50_x_barehop"), False),
     ("own-typed CPU/call vs bare hop (saturation)", 1.5, (*_S, "own-typed", "cpu_x_barehop"), False),
     ("40 MB facade-v2 time vs direct", 1.25, (*_L, "facade-v2", "x_direct"), False),
     ("40 MB facade-latest time vs direct", 1.25, (*_L, "facade-latest", "x_direct"), False),
     ("idle gateway RSS, MiB", 100.0, ("gateway_idle", "rss_mib"), False),
     ("gateway start to SERVING, s (warm backend)", 2.0, ("start", "modelsync", "serving_s"), False),
     ("facade-latest throughput vs direct (at least)", 0.9, (*_S, "facade-latest", "rps_x_direct"), True),
+    ("facade-batched throughput vs direct (at least; server-side batching)", 0.9, (*_S, "facade-batched", "rps_x_direct"), True),
 )  # fmt: skip
 
 
@@ -267,6 +286,22 @@ def small_table(small: Mapping[str, Any]) -> str:
     return _grid(header, rows)
 
 
+def latency_table(latency: Mapping[str, Any]) -> str:
+    header = ["target", "p50 ms", "p90 ms", "p99 ms", "+p50 ms", "+p50/bare"]
+    rows = [
+        [
+            name,
+            _f(r["p50_us"] / 1000, ".3f"),
+            _f(r["p90_us"] / 1000, ".3f"),
+            _f(r["p99_us"] / 1000, ".3f"),
+            _f(r.get("added_p50_us", math.nan) / 1000, "+.3f"),
+            _f(r.get("added_p50_x_barehop"), ".2f"),
+        ]
+        for name, r in latency["targets"].items()
+    ]
+    return _grid(header, rows)
+
+
 def large_table(large: Mapping[str, Any]) -> str:
     header = ["target", "s/call", "x direct", "hop cpu ms/call"]
     rows = [
@@ -354,6 +389,12 @@ def table(results: Mapping[str, Any]) -> str:
         if lines:
             parts.append("")
             parts.extend(lines)
+    if "latency" in results:
+        parts.append(
+            f"\nlatency at c=1, every target interleaved call by call (a sync Python client,"
+            f" {results['latency']['calls']} calls per target)\n"
+        )
+        parts.append(latency_table(results["latency"]))
     if "large" in results:
         parts.append(f"\nlarge Predict ({results['large']['megabytes']} MB float32 tensor)\n")
         parts.append(large_table(results["large"]))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-TARGETS = "direct-latest,barehop-latest,facade-latest,own-typed,own-json,invoke"
+TARGETS = "direct-latest,barehop-latest,facade-latest,facade-batched,own-typed,own-json,invoke"
 
 
 def test_quick_run_writes_results(example_models: Path, tmp_path: Path) -> None:
@@ -23,7 +23,7 @@ def test_quick_run_writes_results(example_models: Path, tmp_path: Path) -> None:
             "--quick",
             "--load",
             "python",
-            *("--scenarios", "small,large,memory,start,reload"),
+            *("--scenarios", "small,latency,large,memory,start,reload"),
             *("--targets", TARGETS),
             *("--models", str(example_models), "--out", str(out)),
         ],
@@ -39,15 +39,38 @@ def test_quick_run_writes_results(example_models: Path, tmp_path: Path) -> None:
     assert len(files) == 1
     results = json.loads(files[0].read_text())
 
-    assert {"meta", "small", "large", "memory", "start", "reload", "targets_check"} <= set(results)
+    assert {
+        "meta",
+        "small",
+        "latency",
+        "large",
+        "memory",
+        "start",
+        "reload",
+        "targets_check",
+    } <= set(results)
     assert results["meta"]["load_generator"] == "python"
     small = results["small"]["targets"]
     assert set(small) == set(TARGETS.split(","))
-    for name in ("barehop-latest", "facade-latest", "own-typed", "own-json", "invoke"):
+    for name in (
+        "barehop-latest",
+        "facade-latest",
+        "facade-batched",
+        "own-typed",
+        "own-json",
+        "invoke",
+    ):
         row = small[name]
         assert row["p50_us"] > 0 and row["p99_us"] >= row["p50_us"]
         assert row["rps"] > 0 and row["hop_cpu_us"] > 0
         assert row["cpu_x_barehop"] is not None and row["added_p50_us"] is not None
+    latency = results["latency"]["targets"]
+    assert set(latency) == set(TARGETS.split(","))
+    for name in ("barehop-latest", "facade-latest", "facade-batched"):
+        row = latency[name]
+        assert 0 < row["p50_us"] <= row["p90_us"] <= row["p99_us"]
+        assert row["added_p50_us"] is not None and row["added_p50_x_barehop"] is not None
+    assert "interleaved call by call" in done.stdout
     # invoke: the gateway's CPU plus its handler worker's, both parts also recorded apart
     invoke = small["invoke"]
     assert invoke["gateway_cpu_us"] > 0 and invoke["workers_cpu_us"] > 0
