@@ -150,6 +150,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sat-calls", type=int, help="measured calls per round at saturation")
     parser.add_argument("--concurrency", type=int, help="calls in flight at saturation")
     parser.add_argument("--rounds", type=int, help="rounds of the small scenario (median)")
+    parser.add_argument(
+        "--latency-calls", type=int, help="calls per target in the latency scenario (2000)"
+    )
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated")
     parser.add_argument("--targets", default="", help="small/large targets (default: all)")
     parser.add_argument("--large-mb", type=int, help="size of the large tensor (default 40)")
@@ -168,6 +171,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "sat_calls": args.sat_calls,
         "concurrency": args.concurrency,
         "rounds": args.rounds,
+        "latency_calls": args.latency_calls,
         "large_mb": args.large_mb,
         "processes": args.processes,
     }
