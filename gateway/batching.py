@@ -6,9 +6,10 @@ output filter, and each input's name, dtype and shape past the first dimension. 
 are concatenated along the first dimension (the batch dimension) and the backend's outputs split
 back by the rows each call sent.
 
-A group sends a batch at once while it has fewer batches in flight than twice the backends holding
-its version, so a lone call never waits: batches form only while the backends are busy, from the
-calls that queued meanwhile (at most ``max_batch_size`` per batch). With ``batch_interval`` the first call of a
+A call for a model with nothing else in flight is forwarded as it came, not even parsed. Otherwise
+its group sends a batch at once while it has fewer batches in flight than twice the backends
+holding its version, so no call waits for company: batches form only while the backends are busy,
+from the calls that queued meanwhile (at most ``max_batch_size`` per batch). With ``batch_interval`` the first call of a
 batch waits up to that long for others. A call that cannot be batched (no inputs, a scalar input,
 inputs whose first dimensions differ) goes alone; so do the calls of a model whose outputs turn
 out not to follow the batch dimension (logged once), and each call of a batch the backend refused
@@ -146,6 +147,7 @@ class Batcher:
         self.waiting = 0  # calls queued in groups, counted against gateway.max_inflight
         self._groups: dict[tuple[Any, ...], _Group] = {}
         self._unbatchable: set[tuple[Any, ...]] = set()
+        self._busy: dict[str, int] = {}  # calls per model inside submit
         self._tasks: set[asyncio.Task[None]] = set()
 
     def policy(self, model: str) -> Policy | None:
@@ -153,6 +155,38 @@ class Batcher:
         return None if desired is None else self.policies.get(desired.api)
 
     async def submit(
+        self,
+        policy: Policy,
+        data: bytes,
+        *,
+        model: str,
+        version: int | None,
+        label: str | None,
+        context: grpc.aio.ServicerContext[Any, Any],
+        call: Any,
+        inflight: int,
+    ) -> bytes:
+        busy = self._busy.get(model, 0)
+        self._busy[model] = busy + 1
+        try:
+            if not busy and not policy.batch_interval:
+                # nothing of this model in flight, so nothing to batch with: no parsing either
+                return await self.send(
+                    "Predict", data, model=model, version=version, label=label, context=context,
+                    call=call,
+                )  # fmt: skip
+            return await self._submit(
+                policy, data, model=model, version=version, label=label, context=context,
+                call=call, inflight=inflight,
+            )  # fmt: skip
+        finally:
+            left = self._busy[model] - 1
+            if left:
+                self._busy[model] = left
+            else:
+                del self._busy[model]
+
+    async def _submit(
         self,
         policy: Policy,
         data: bytes,
