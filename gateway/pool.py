@@ -54,10 +54,6 @@ class VersionStatus:
     error: str = ""
 
 
-def _identity(data: bytes) -> bytes:
-    return data
-
-
 class Backend:
     """A TF Serving backend: its channel, raw-bytes call handles and last reported state."""
 
@@ -75,11 +71,9 @@ class Backend:
             ("grpc.keepalive_time_ms", 30000),
         ]
         self.channel = grpc.aio.insecure_channel(config.address, options=options)
+        # raw bytes both ways: no (de)serializer, so gRPC calls no Python function per message
         self.calls: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {
-            method: self.channel.unary_unary(
-                _PS + method, request_serializer=_identity, response_deserializer=_identity
-            )
-            for method in FORWARDED_METHODS
+            method: self.channel.unary_unary(_PS + method) for method in FORWARDED_METHODS
         }
         self._status = self.channel.unary_unary(
             _MS + "GetModelStatus",
