@@ -9,33 +9,41 @@ back by the rows each call sent.
 A call for a model with nothing else in flight is forwarded as it came, not even parsed. Otherwise
 its group sends a batch at once while it has fewer batches in flight than twice the backends
 holding its version, so no call waits for company: batches form only while the backends are busy,
-from the calls that queued meanwhile (at most ``max_batch_size`` per batch). With ``batch_interval`` the first call of a
-batch waits up to that long for others. A call that cannot be batched (no inputs, a scalar input,
-inputs whose first dimensions differ) goes alone; so do the calls of a model whose outputs turn
-out not to follow the batch dimension (logged once), and each call of a batch the backend refused
-with INVALID_ARGUMENT, so one bad request fails alone.
+from the calls that queued meanwhile (at most ``max_batch_size`` calls and
+``gateway.max_message_bytes`` of requests per batch). With ``batch_interval`` a batch that is not
+full waits until its oldest call has waited that long.
+
+A call goes alone when it cannot be batched safely: fields besides model spec, inputs and output
+filter, a scalar input, inputs that disagree on their first dimension, or a tensor whose values do
+not match its shape. A batch the backend refuses (INVALID_ARGUMENT, RESOURCE_EXHAUSTED) is retried
+call by call, so one bad request fails alone. Batching is turned off for a (model, version,
+signature, output filter) whose outputs do not follow the batch dimension, or whose batches the
+backend refuses while their calls pass alone (logged once as ``batching_off``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
 import structlog
 
 from gateway.errors import ResourceExhausted, parse
-from gateway.tensors import proto_to_numpy
+from gateway.tensors import NUMPY_OF_TF, VAL_FIELD, proto_to_numpy
 from modelmux_common.tfserving import predict_pb2, tensor_pb2
+
+if TYPE_CHECKING:
+    from gateway.calls import Forwarder
 
 log = structlog.get_logger("modelmux.gateway")
 
 TensorProto = tensor_pb2.TensorProto
-Send = Callable[..., Awaitable[bytes]]
 _STRING = 7  # DT_STRING
 # batches in flight per group and backend: one running, one on the wire
 _PER_BACKEND = 2
@@ -57,6 +65,7 @@ class _Member:
     context: grpc.aio.ServicerContext[Any, Any]
     call: Any  # gateway.calls.Call
     future: asyncio.Future[bytes]
+    arrived: float
 
 
 @dataclass(slots=True)
@@ -68,19 +77,39 @@ class _Group:
     queue: list[_Member] = field(default_factory=list)
     inflight: int = 0
     timer: asyncio.TimerHandle | None = None
-    expired: bool = False  # the batch interval is over: send what is queued
+
+
+_PLAIN_FIELDS = frozenset({"model_spec", "inputs", "output_filter"})
 
 
 def rows_of(request: Any) -> int | None:
     """The rows a request sends (every input's first dimension), or None when it cannot be
-    batched: no inputs, a scalar, or inputs that disagree on their first dimension."""
+    batched safely: other fields than model spec, inputs and output filter; no inputs; a scalar;
+    inputs that disagree on their first dimension; values that do not match a tensor's shape."""
+    if any(f.name not in _PLAIN_FIELDS for f, _ in request.ListFields()):
+        return None
     rows = None
     for tensor in request.inputs.values():
-        dims = tensor.tensor_shape.dim
-        if not dims or dims[0].size < 1 or (rows is not None and dims[0].size != rows):
+        dims = [d.size for d in tensor.tensor_shape.dim]
+        if not dims or dims[0] < 1 or min(dims) < 0 or (rows is not None and dims[0] != rows):
             return None
-        rows = dims[0].size
+        if _count(tensor) != math.prod(dims):
+            return None
+        rows = dims[0]
     return rows
+
+
+def _count(tensor: Any) -> int:
+    """How many values a tensor holds (-1: a dtype batching does not handle)."""
+    if tensor.dtype == _STRING:
+        return len(tensor.string_val)
+    dtype = NUMPY_OF_TF.get(tensor.dtype)
+    if dtype is None:
+        return -1
+    if tensor.tensor_content:
+        size, extra = divmod(len(tensor.tensor_content), dtype.itemsize)
+        return -1 if extra else size
+    return len(getattr(tensor, VAL_FIELD[tensor.dtype]))
 
 
 def _key(model: str, version: int, request: Any) -> tuple[Any, ...]:
@@ -90,63 +119,85 @@ def _key(model: str, version: int, request: Any) -> tuple[Any, ...]:
             for name, t in request.inputs.items()
         )
     )
-    spec = request.model_spec
-    return model, version, spec.signature_name, tuple(request.output_filter), inputs
+    return (*_model_key(model, version, request), inputs)
+
+
+def _model_key(model: str, version: int, request: Any) -> tuple[Any, ...]:
+    """What batching is turned off for: the outputs depend on these, not on the input shapes."""
+    return model, version, request.model_spec.signature_name, tuple(request.output_filter)
 
 
 def concat(tensors: list[Any], out: Any) -> None:
-    """Joins tensors along their first dimension into ``out`` (same dtype and trailing dims)."""
+    """Joins tensors along their first dimension into ``out`` (same dtype and trailing dims;
+    their values checked against their shapes by ``rows_of``)."""
     first = tensors[0]
     out.dtype = first.dtype
     dims = [d.size for d in first.tensor_shape.dim]
     dims[0] = sum(t.tensor_shape.dim[0].size for t in tensors)
     for size in dims:
         out.tensor_shape.dim.add(size=size)
-    if first.dtype != _STRING and all(t.tensor_content for t in tensors):
-        out.tensor_content = b"".join(t.tensor_content for t in tensors)
-        return
-    joined = np.concatenate([proto_to_numpy(t) for t in tensors])
     if first.dtype == _STRING:
-        out.string_val.extend(joined.ravel().tolist())
+        for t in tensors:
+            out.string_val.extend(t.string_val)
+    elif all(t.tensor_content for t in tensors):
+        out.tensor_content = b"".join(t.tensor_content for t in tensors)
     else:
+        joined = np.concatenate([proto_to_numpy(t) for t in tensors])
         out.tensor_content = np.ascontiguousarray(joined).tobytes()
 
 
 def split(tensor: Any, rows: list[int]) -> list[Any] | None:
-    """Cuts a batch's output back into one tensor per call; None if its first dimension is not
-    the batch's row count (the output does not follow the batch dimension)."""
+    """Cuts a batch's output back into one tensor per call; None if that cannot be done: its
+    first dimension is not the batch's row count (the output does not follow the batch
+    dimension), or its values are not one per element."""
     dims = [d.size for d in tensor.tensor_shape.dim]
-    if not dims or dims[0] != sum(rows):
+    total = sum(rows)
+    if not dims or dims[0] != total:
         return None
-    array = proto_to_numpy(tensor)
+    per_row = math.prod(dims[1:])
+    if tensor.dtype == _STRING:
+        values: Any = tensor.string_val
+        if len(values) != total * per_row:
+            return None
+    elif tensor.tensor_content:
+        values = tensor.tensor_content  # any dtype: cut by bytes
+        if len(values) % total:
+            return None
+        per_row = len(values) // total
+    elif tensor.dtype in NUMPY_OF_TF and _count(tensor) == total * per_row:
+        values = proto_to_numpy(tensor).reshape(-1)
+    else:
+        return None
     parts, start = [], 0
     for count in rows:
         part = TensorProto(dtype=tensor.dtype)
         for size in (count, *dims[1:]):
             part.tensor_shape.dim.add(size=size)
-        chunk = array[start : start + count]
+        chunk = values[start * per_row : (start + count) * per_row]
         if tensor.dtype == _STRING:
-            part.string_val.extend(chunk.ravel().tolist())
+            part.string_val.extend(chunk)
+        elif isinstance(chunk, np.ndarray):
+            part.tensor_content = chunk.tobytes()
         else:
-            part.tensor_content = np.ascontiguousarray(chunk).tobytes()
+            part.tensor_content = chunk
         parts.append(part)
         start += count
     return parts
 
 
 class Batcher:
-    """Groups Predict calls of the APIs with a batching policy; ``send`` forwards one call."""
+    """Groups the Predict calls of the APIs with a batching policy (``Forwarder.batch``)."""
 
     def __init__(
-        self, pool: Any, policies: Mapping[str, Policy], send: Send, max_inflight: int
+        self, forwarder: Forwarder, policies: Mapping[str, Policy], max_bytes: int
     ) -> None:
-        self.pool = pool
+        self.forwarder = forwarder
+        self.pool = forwarder.pool
         self.policies = policies  # by API name
-        self.send = send
-        self.max_inflight = max_inflight
-        self.waiting = 0  # calls queued in groups, counted against gateway.max_inflight
+        self.max_bytes = max_bytes
+        self.send = functools.partial(forwarder.send, alone=True)
         self._groups: dict[tuple[Any, ...], _Group] = {}
-        self._unbatchable: set[tuple[Any, ...]] = set()
+        self._off: set[tuple[Any, ...]] = set()  # _model_key()s batching is turned off for
         self._busy: dict[str, int] = {}  # calls per model inside submit
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -164,20 +215,20 @@ class Batcher:
         label: str | None,
         context: grpc.aio.ServicerContext[Any, Any],
         call: Any,
-        inflight: int,
     ) -> bytes:
         busy = self._busy.get(model, 0)
         self._busy[model] = busy + 1
         try:
             if not busy and not policy.batch_interval:
                 # nothing of this model in flight, so nothing to batch with: no parsing either
+                self._admit()
                 return await self.send(
                     "Predict", data, model=model, version=version, label=label, context=context,
                     call=call,
                 )  # fmt: skip
             return await self._submit(
                 policy, data, model=model, version=version, label=label, context=context,
-                call=call, inflight=inflight,
+                call=call,
             )  # fmt: skip
         finally:
             left = self._busy[model] - 1
@@ -185,6 +236,15 @@ class Batcher:
                 self._busy[model] = left
             else:
                 del self._busy[model]
+
+    def _admit(self) -> None:
+        """gateway.max_inflight counts every call, queued or in a batch; the forwarder does not
+        check it again for calls that come from here."""
+        fw = self.forwarder
+        if fw.inflight >= fw.max_inflight:
+            raise ResourceExhausted(
+                f"the gateway's in-flight limit ({fw.max_inflight}, gateway.max_inflight) is reached"
+            )
 
     async def _submit(
         self,
@@ -196,26 +256,22 @@ class Batcher:
         label: str | None,
         context: grpc.aio.ServicerContext[Any, Any],
         call: Any,
-        inflight: int,
     ) -> bytes:
         request = parse(predict_pb2.PredictRequest, data)
         rows = rows_of(request)
         resolved, candidates = self.pool.table.resolve(model, version, label)
-        key = _key(model, resolved, request)
-        if rows is None or key in self._unbatchable:
+        self._admit()
+        if rows is None or _model_key(model, resolved, request) in self._off:
             return await self.send(
                 "Predict", data, model=model, version=version, label=label, context=context,
                 call=call,
             )  # fmt: skip
-        if inflight + self.waiting >= self.max_inflight:
-            raise ResourceExhausted(
-                f"the gateway's in-flight limit ({self.max_inflight}, gateway.max_inflight) is reached"
-            )
+        key = _key(model, resolved, request)
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = _Group(model, resolved, 0, policy)
         group.slots = _PER_BACKEND * max(1, len(candidates))
-        if not group.queue and group.inflight < group.slots and not group.policy.batch_interval:
+        if not group.queue and group.inflight < group.slots and not policy.batch_interval:
             # a slot is free and nobody waits: this call goes now, on its own
             group.inflight += 1
             try:
@@ -226,32 +282,42 @@ class Batcher:
             finally:
                 group.inflight -= 1
                 self._kick(key, group)
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        group.queue.append(_Member(data, request, rows, version, label, context, call, future))
-        self.waiting += 1
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
+        self.forwarder.inflight += 1  # until this call's answer is out
+        future.add_done_callback(self._release)
+        member = _Member(data, request, rows, version, label, context, call, future, loop.time())
+        group.queue.append(member)
         self._kick(key, group)
         # A caller that goes away cancels its future; its batch skips or ignores it.
         return await future
 
+    def _release(self, future: asyncio.Future[bytes]) -> None:
+        self.forwarder.inflight -= 1
+
     def _kick(self, key: tuple[Any, ...], group: _Group) -> None:
-        """Sends what the group may send now: full batches, and (no interval, or the interval
-        over) whatever is queued, while fewer than ``slots`` of its batches are in flight."""
-        size = group.policy.max_batch_size
+        """Sends what the group may send now, while fewer than ``slots`` of its batches are in
+        flight: full batches, and (no interval, or its oldest call waited it out) what is
+        queued."""
+        policy = group.policy
         while group.queue and group.inflight < group.slots:
-            live = [m for m in group.queue if not m.future.done()]
-            self.waiting -= len(group.queue) - len(live)
-            group.queue = live
-            if not live:
+            group.queue = [m for m in group.queue if not m.future.done()]
+            if not group.queue:
                 break
-            if len(live) < size and not group.expired and group.policy.batch_interval > 0:
+            members: list[_Member] = []
+            size = 0
+            for member in group.queue[: policy.max_batch_size]:
+                if members and size + len(member.data) > self.max_bytes:
+                    break
+                members.append(member)
+                size += len(member.data)
+            full = len(members) < len(group.queue) or len(members) == policy.max_batch_size
+            due = group.queue[0].arrived + policy.batch_interval
+            if not full and policy.batch_interval and asyncio.get_running_loop().time() < due:
                 if group.timer is None:
-                    group.timer = asyncio.get_running_loop().call_later(
-                        group.policy.batch_interval, self._expire, key, group
-                    )
+                    group.timer = asyncio.get_running_loop().call_at(due, self._expire, key, group)
                 break
-            members, group.queue = live[:size], live[size:]
-            self.waiting -= len(members)
-            group.expired = False
+            del group.queue[: len(members)]
             group.inflight += 1
             task = asyncio.get_running_loop().create_task(self._run(key, group, members))
             self._tasks.add(task)
@@ -265,7 +331,6 @@ class Batcher:
 
     def _expire(self, key: tuple[Any, ...], group: _Group) -> None:
         group.timer = None
-        group.expired = True
         self._kick(key, group)
 
     async def _run(self, key: tuple[Any, ...], group: _Group, members: list[_Member]) -> None:
@@ -273,7 +338,7 @@ class Batcher:
             if len(members) == 1:
                 await self._alone(group.model, members[0])
             else:
-                await self._batch(key, group, members)
+                await self._batch(group, members)
         except BaseException as exc:
             for member in members:
                 _fail(member, exc)
@@ -283,7 +348,10 @@ class Batcher:
             group.inflight -= 1
             self._kick(key, group)
 
-    async def _alone(self, model: str, member: _Member) -> None:
+    async def _alone(self, model: str, member: _Member) -> bool:
+        """Sends one call of a group on its own; True when it succeeded."""
+        if member.future.done():
+            return True
         try:
             reply = await self.send(
                 "Predict", member.data, model=model, version=member.version,
@@ -291,11 +359,27 @@ class Batcher:
             )  # fmt: skip
         except Exception as exc:
             _fail(member, exc)
-        else:
-            if not member.future.done():
-                member.future.set_result(reply)
+            return False
+        if not member.future.done():
+            member.future.set_result(reply)
+        return True
 
-    async def _batch(self, key: tuple[Any, ...], group: _Group, members: list[_Member]) -> None:
+    async def _one_by_one(self, group: _Group, members: list[_Member]) -> bool:
+        results = await asyncio.gather(*(self._alone(group.model, m) for m in members))
+        return all(results)
+
+    def _turn_off(self, group: _Group, request: Any, reason: str, **details: Any) -> None:
+        key = _model_key(group.model, group.version, request)
+        if key in self._off:
+            return
+        if len(self._off) >= 4096:  # versions come and go: forget the oldest decisions
+            self._off.clear()
+        self._off.add(key)
+        log.warning(
+            "batching_off", model=group.model, version=group.version, reason=reason, **details
+        )
+
+    async def _batch(self, group: _Group, members: list[_Member]) -> None:
         request = predict_pb2.PredictRequest()
         first = members[0].request
         request.model_spec.name = group.model
@@ -312,28 +396,24 @@ class Batcher:
                 version=group.version, label=None, context=lead.context, call=lead.call,
             )  # fmt: skip
         except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+            if exc.code() not in _REFUSED:
                 raise
-            # one call may be at fault: each gets its own answer
-            await asyncio.gather(*(self._alone(group.model, m) for m in members))
+            # one call may be at fault, or the batch too large: each gets its own answer
+            if await self._one_by_one(group, members) and exc.code() in _INVALID:
+                self._turn_off(
+                    group, first, "the backend refuses batches whose calls it takes one by one",
+                    error=exc.details(),
+                )  # fmt: skip
             return
         reply = predict_pb2.PredictResponse.FromString(raw)
         rows = [m.rows for m in members]
         parts = {name: split(tensor, rows) for name, tensor in reply.outputs.items()}
         if any(p is None for p in parts.values()):
-            if key not in self._unbatchable:
-                self._unbatchable.add(key)
-                log.warning(
-                    "batching_off",
-                    model=group.model,
-                    version=group.version,
-                    reason="an output's first dimension is not the batch's row count",
-                    rows=sum(rows),
-                    outputs={
-                        n: [d.size for d in t.tensor_shape.dim] for n, t in reply.outputs.items()
-                    },
-                )
-            await asyncio.gather(*(self._alone(group.model, m) for m in members))
+            self._turn_off(
+                group, first, "an output does not follow the batch dimension", rows=sum(rows),
+                outputs={n: [d.size for d in t.tensor_shape.dim] for n, t in reply.outputs.items()},
+            )  # fmt: skip
+            await self._one_by_one(group, members)
             return
         for i, member in enumerate(members):
             member.call.model = group.model
@@ -348,6 +428,10 @@ class Batcher:
                 assert tensors is not None
                 answer.outputs[name].CopyFrom(tensors[i])
             member.future.set_result(answer.SerializeToString())
+
+
+_INVALID = (grpc.StatusCode.INVALID_ARGUMENT,)
+_REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 def _time_left(member: _Member) -> float:

@@ -233,11 +233,9 @@ class Forwarder:
         self.inflight = 0
         self.batcher: Batcher | None = None
 
-    def batch(self, policies: Mapping[str, Policy]) -> None:
+    def batch(self, policies: Mapping[str, Policy], max_bytes: int) -> None:
         """Batches the Predict calls of these APIs (by API name); see gateway.batching."""
-        self.batcher = Batcher(
-            self.pool, policies, functools.partial(self.send, alone=True), self.max_inflight
-        )
+        self.batcher = Batcher(self, policies, max_bytes)
 
     async def send(
         self,
@@ -253,19 +251,20 @@ class Forwarder:
     ) -> bytes:
         """Forwards ``data``, a serialized TF Serving request for ``model`` asking for
         ``version`` / ``label`` / latest (both None). A Predict call of an API with server-side
-        batching may share one backend call with others, unless ``alone``."""
+        batching may share one backend call with others, unless ``alone`` (a call from the
+        batcher, which applies gateway.max_inflight itself)."""
         if method == "Predict" and self.batcher is not None and not alone:
             policy = self.batcher.policy(model)
             if policy is not None:
                 call.model = model
                 return await self.batcher.submit(
                     policy, data, model=model, version=version, label=label, context=context,
-                    call=call, inflight=self.inflight,
+                    call=call,
                 )  # fmt: skip
         call.model = model
         resolved, candidates = self.pool.table.resolve(model, version, label)
         call.version = resolved
-        if self.inflight >= self.max_inflight:
+        if self.inflight >= self.max_inflight and not alone:
             raise ResourceExhausted(
                 f"the gateway's in-flight limit ({self.max_inflight}, gateway.max_inflight) is reached"
             )

@@ -94,7 +94,7 @@ class Gateway:
             if api.max_batch_size
         }
         if policies:
-            forwarder.batch(policies)
+            forwarder.batch(policies, gw.max_message_bytes)
         facade = Facade(self.pool, forwarder)
         inference = Inference(forwarder)
         self.models_api = models = Models(self.pool, forwarder, admin_token=gw.admin_token)

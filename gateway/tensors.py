@@ -44,7 +44,7 @@ NUMPY_OF_TF: dict[int, np.dtype[Any]] = {
 }
 
 # TensorProto's typed repeated fields, for tensors sent without tensor_content.
-_VAL_FIELD: dict[int, str] = {
+VAL_FIELD: dict[int, str] = {
     DT.DT_FLOAT: "float_val",
     DT.DT_DOUBLE: "double_val",
     DT.DT_INT32: "int_val",
@@ -114,7 +114,7 @@ def proto_to_numpy(proto: TensorProto) -> np.ndarray[Any, Any]:
         raise InvalidArgument(f"unsupported tensor dtype {tf_dtype_name(proto.dtype)}")
     if proto.tensor_content:
         return np.frombuffer(proto.tensor_content, dtype=np_dtype).reshape(shape)
-    field = _VAL_FIELD[proto.dtype]
+    field = VAL_FIELD[proto.dtype]
     raw = getattr(proto, field)
     if proto.dtype == DT.DT_HALF:
         array = np.array(raw, dtype=np.uint16).view(np.float16)

@@ -474,6 +474,8 @@ class _Reader:
         batching = self.mapping(
             handler.get("server_side_batching"), bkey, {"max_batch_size", "batch_interval"}
         )
+        if "server_side_batching" in handler and not batching:
+            raise self.fail(bkey, "give max_batch_size (and optionally batch_interval)")
         if batching and htype != "tensorflow":
             raise self.fail(
                 bkey,

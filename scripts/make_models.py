@@ -9,6 +9,8 @@
 * ``DIR/total/1``: ``total = sum(x)``, ``x`` float32 [-1] -> ``total`` float32 [] (a scalar): a
   model whose output does not follow the batch dimension, so server-side batching must not join
   its calls.
+* ``DIR/single/1``: ``y = 2 x`` for exactly one value, ``x`` float32 [1] -> ``y`` float32 [1]: a
+  model that takes one row per call, so the backend refuses any batch of its calls.
 * ``DIR/half_plus_two_inf/1``: the Inferentia layout (``saved_model.pb`` only, no ``variables/``):
   a graph of constants written by the TF1 ``SavedModelBuilder``, ``y = 0.5 * x + 2``. Besides
   ``serving_default`` it carries TF Serving's classic ``classify_x_to_y`` and ``regress_x_to_y``
@@ -99,7 +101,15 @@ class Total(tf.Module):
         return {"total": tf.reduce_sum(x)}
 
 
-def save_module(module: HalfPlus | Iris | Total, dest: Path) -> None:
+class Single(tf.Module):
+    """Twice its one input value: the signature fixes the first dimension at 1."""
+
+    @tf.function(input_signature=[tf.TensorSpec([1], tf.float32, name="x")])
+    def serve(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"y": 2.0 * x}
+
+
+def save_module(module: HalfPlus | Iris | Total | Single, dest: Path) -> None:
     tf.saved_model.save(module, str(dest), signatures={"serving_default": module.serve})
 
 
@@ -172,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         ("half_plus_two", 2, lambda dest: save_module(HalfPlus(3.0), dest)),
         ("iris", 1, lambda dest: save_module(Iris(), dest)),
         ("total", 1, lambda dest: save_module(Total(), dest)),
+        ("single", 1, lambda dest: save_module(Single(), dest)),
         ("half_plus_two_inf", 1, save_inferentia_half_plus_two),
     ]
     for name, spec in LINEAR_MODELS.items():

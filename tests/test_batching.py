@@ -88,6 +88,12 @@ async def gateway(
                 {"paths": [{"name": "patient", "path": str(m / "half_plus_two")}]},
                 {"max_batch_size": 4, "batch_interval": "300ms"},
             ),
+            # one row per call: the backend refuses every batch
+            api(
+                "single",
+                {"path": str(m / "single")},
+                {"max_batch_size": 4, "batch_interval": "300ms"},
+            ),
         ],
     )
     gw = await start_gateway(cfg)
@@ -165,7 +171,8 @@ async def test_own_api_json_calls_are_batched_too(gateway: Gateway) -> None:
 
 
 async def test_outputs_without_the_batch_dimension_turn_batching_off(stub: Any) -> None:
-    xs = [[float(i), 1.0] for i in range(20)]
+    # two lengths of x: two groups, one decision for the model
+    xs = [[float(i), 1.0][: 1 + i % 2] for i in range(20)]
     with structlog.testing.capture_logs() as logged:
         replies = await asyncio.gather(
             *(stub.Predict(request("total", {"x": x}), timeout=30) for x in xs)
@@ -199,6 +206,37 @@ async def test_batch_interval_waits_for_a_fuller_batch(stub: Any) -> None:
     assert batches(logged, "patient") == [2, 2, 4, 4, 4, 4]
     assert waited >= 0.3  # two calls: the interval ran out
     assert full < waited  # four calls: a full batch goes at once
+
+
+async def test_a_bad_call_in_a_group_fails_alone(stub: Any) -> None:
+    # four calls of one group (batches wait 300 ms to fill): the one whose content does not
+    # match its shape goes alone and fails, the other three share a batch
+    bad = request("patient", {"x": [9.0]})
+    bad.inputs["x"].tensor_content += b"\x00\x00\x80\x3f"  # 2 floats for shape [1]
+    calls = [stub.Predict(request("patient", {"x": [float(i)]}), timeout=10) for i in range(3)]
+    with structlog.testing.capture_logs() as logged:
+        *good, error = await asyncio.gather(
+            *calls, stub.Predict(bad, timeout=10), return_exceptions=True
+        )
+    assert [values(r.outputs["y"]).tolist() for r in good] == [[3.0], [3.5], [4.0]]
+    assert isinstance(error, grpc.aio.AioRpcError)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+    assert sorted(batches(logged, "patient")) == [1, 3, 3, 3]
+
+
+async def test_a_model_that_refuses_batches_is_served_one_by_one(stub: Any) -> None:
+    with structlog.testing.capture_logs() as logged:
+        first = await asyncio.gather(
+            *(stub.Predict(request("single", {"x": [float(i)]}), timeout=10) for i in range(3))
+        )
+        again = await asyncio.gather(
+            *(stub.Predict(request("single", {"x": [float(i)]}), timeout=10) for i in range(3))
+        )
+    for replies in (first, again):
+        assert [values(r.outputs["y"]).tolist() for r in replies] == [[0.0], [2.0], [4.0]]
+    off = [e for e in logged if e["event"] == "batching_off"]
+    assert len(off) == 1 and off[0]["model"] == "single" and "refuses" in off[0]["reason"], off
+    assert set(batches(logged, "single")) == {1}
 
 
 async def test_bad_calls_fail_alone(stub: Any, gateway: Gateway) -> None:
@@ -239,6 +277,18 @@ def test_rows_of() -> None:
     scalar = request("m", {})
     scalar.inputs["a"].CopyFrom(tensor_pb2.TensorProto(dtype=1, float_val=[1.0]))
     assert rows_of(scalar) is None
+    short = request("m", {"a": [1.0, 2.0]})
+    short.inputs["a"].tensor_content = short.inputs["a"].tensor_content[:4]
+    assert rows_of(short) is None  # values do not match the shape
+    listed = request("m", {})
+    listed.inputs["a"].CopyFrom(tensor_pb2.TensorProto(dtype=1, float_val=[1.0, 2.0]))
+    listed.inputs["a"].tensor_shape.dim.add(size=2)
+    assert rows_of(listed) == 2
+    del listed.inputs["a"].float_val[1:]
+    assert rows_of(listed) is None  # TF would repeat the last value; a batch must not
+    tagged = request("m", {"a": [1.0]})
+    tagged.client_id = b"me"
+    assert rows_of(tagged) is None  # fields the batch would lose
 
 
 def test_concat_and_split_every_encoding() -> None:
@@ -267,6 +317,15 @@ def test_concat_and_split_every_encoding() -> None:
     assert [[d.size for d in p.tensor_shape.dim] for p in parts] == [[1, 1], [2, 1]]
     assert split(joined, [1, 1]) is None  # 3 rows are not a batch of 2
 
+    # a dtype the gateway does not decode (DT_BFLOAT16) is cut by bytes
+    raw = tensor_pb2.TensorProto(dtype=14, tensor_content=bytes(range(12)))
+    raw.tensor_shape.dim.add(size=3)
+    raw.tensor_shape.dim.add(size=2)
+    parts = split(raw, [1, 2])
+    assert parts is not None
+    assert [p.tensor_content for p in parts] == [bytes(range(4)), bytes(range(4, 12))]
+    assert [[d.size for d in p.tensor_shape.dim] for p in parts] == [[1, 2], [2, 2]]
+
 
 @pytest.mark.parametrize(
     ("batching", "handler_type", "key", "reason"),
@@ -276,6 +335,7 @@ def test_concat_and_split_every_encoding() -> None:
         ({"max_batch_size": 4, "size": 3}, "tensorflow", "size", "unknown key"),
         ({"max_batch_size": 4, "batch_interval": "-1s"}, "tensorflow", "batch_interval", ""),
         ({"max_batch_size": 4}, "python", "server_side_batching", "python handler"),
+        ({}, "tensorflow", "server_side_batching", "max_batch_size"),
     ],
 )
 def test_batching_config_errors(
