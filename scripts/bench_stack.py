@@ -221,7 +221,7 @@ API = "half-plus-two"  # the API every config of a run declares (bench_requests.
 
 
 def models_api(
-    source: Path, handler: Path | None = None, batching: dict[str, Any] | None = None
+    source: Path | str, handler: Path | None = None, batching: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The API serving half_plus_two from ``source``; with ``handler``, a TensorFlow handler file
     (``handler.path``) that ``modelmux.v1.Inference/Invoke`` runs in a handler worker process;
@@ -241,7 +241,7 @@ def gateway_config(
     path: Path,
     *,
     backend: str,
-    source: Path,
+    source: Path | str,
     max_bytes: int,
     log_requests: bool,
     handler: Path | None = None,
@@ -262,13 +262,22 @@ def gateway_config(
     return path
 
 
-def modelsync_config(path: Path, *, source: Path, target: Path, settle: str, debounce: str) -> Path:
+def modelsync_config(
+    path: Path,
+    *,
+    source: Path | str,
+    target: Path,
+    settle: str,
+    debounce: str,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     doc = {
         "modelsync": {
             "listen": "127.0.0.1:0",
             "target": str(target),
             "settle": settle,
             "debounce": debounce,
+            **(extra or {}),
         },
         "apis": [models_api(source)],
     }
@@ -410,8 +419,15 @@ class Stack:
         child.address = listen
         return child
 
-    def modelsync(self, config: Path, *, name: str = "modelsync", timeout: float = 60.0) -> Child:
-        child = self.spawn(name, [*MODELMUX, "sync", "--config", str(config)])
+    def modelsync(
+        self,
+        config: Path,
+        *,
+        name: str = "modelsync",
+        timeout: float = 60.0,
+        env: dict[str, str] | None = None,
+    ) -> Child:
+        child = self.spawn(name, [*MODELMUX, "sync", "--config", str(config)], env=env)
         child.wait_serving(timeout)
         return child
 

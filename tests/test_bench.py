@@ -88,4 +88,7 @@ def test_quick_run_writes_results(example_models: Path, tmp_path: Path) -> None:
     assert results["gateway_idle"]["rss_mib"] > 0
     assert results["start"]["modelsync"]["serving_s"] > 0
     assert results["reload"]["measurable"] in (True, False) and results["reload"]["summary"]
+    s3 = results["reload"].get("s3", {})  # absent when the local reload was not measurable
+    assert not s3 or s3["summary"].startswith("S3")
+    assert not s3.get("measurable") or s3["first_answer_s"] > 0
     assert "facade-latest" in done.stdout and "issue targets" in done.stdout
