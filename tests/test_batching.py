@@ -1,7 +1,7 @@
 """Server-side batching (gateway/batching.py): concurrent Predict calls share one backend call and
 each caller still gets exactly its own rows back. A real embedded backend of this module's own
-(it serves the ``total`` model, which the session's backend does not) behind an in-process
-gateway."""
+(it serves the ``total`` and ``single`` models, which the session's backend does not) behind an
+in-process gateway."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import structlog.testing
 from conftest import Proc, start_daemon
-from gateway_helpers import start_gateway, write_config
+from gateway_helpers import start_gateway, wait_for, write_config
 
 from gateway.batching import concat, rows_of, split
 from gateway.server import Gateway
@@ -65,36 +65,37 @@ def own_backend(example_models: Path) -> Iterator[Proc]:
     proc.stop()
 
 
+def apis(m: Path) -> list[dict[str, Any]]:
+    return [
+        api(
+            "half-plus-two",
+            {"paths": [{"name": "half_plus_two", "path": str(m / "half_plus_two")}]},
+            {"max_batch_size": 8},
+        ),
+        api("iris", {"path": str(m / "iris")}, {"max_batch_size": 4}),
+        api("total", {"path": str(m / "total")}, {"max_batch_size": 8}),
+        # half_plus_two under another name, with a long interval: batches wait to fill
+        api(
+            "patient",
+            {"paths": [{"name": "patient", "path": str(m / "half_plus_two")}]},
+            {"max_batch_size": 4, "batch_interval": "300ms"},
+        ),
+        # one row per call: the backend refuses every batch
+        api(
+            "single", {"path": str(m / "single")}, {"max_batch_size": 4, "batch_interval": "300ms"}
+        ),
+    ]
+
+
 @pytest.fixture(scope="module")
 async def gateway(
     tmp_path_factory: pytest.TempPathFactory, example_models: Path, own_backend: Proc
 ) -> AsyncIterator[Gateway]:
-    m = example_models
     cfg = write_config(
         tmp_path_factory.mktemp("batching") / "modelmux.yaml",
-        models=m,
+        models=example_models,
         backends=[{"name": "cpu-0", "address": own_backend.address, "accelerator": "cpu"}],
-        apis=[
-            api(
-                "half-plus-two",
-                {"paths": [{"name": "half_plus_two", "path": str(m / "half_plus_two")}]},
-                {"max_batch_size": 8},
-            ),
-            api("iris", {"path": str(m / "iris")}, {"max_batch_size": 4}),
-            api("total", {"path": str(m / "total")}, {"max_batch_size": 8}),
-            # half_plus_two under another name, with a long interval: batches wait to fill
-            api(
-                "patient",
-                {"paths": [{"name": "patient", "path": str(m / "half_plus_two")}]},
-                {"max_batch_size": 4, "batch_interval": "300ms"},
-            ),
-            # one row per call: the backend refuses every batch
-            api(
-                "single",
-                {"path": str(m / "single")},
-                {"max_batch_size": 4, "batch_interval": "300ms"},
-            ),
-        ],
+        apis=apis(example_models),
     )
     gw = await start_gateway(cfg)
     yield gw
@@ -237,6 +238,56 @@ async def test_a_model_that_refuses_batches_is_served_one_by_one(stub: Any) -> N
     off = [e for e in logged if e["event"] == "batching_off"]
     assert len(off) == 1 and off[0]["model"] == "single" and "refuses" in off[0]["reason"], off
     assert set(batches(logged, "single")) == {1}
+
+
+async def test_a_caller_that_goes_away_leaves_its_batch(stub: Any, gateway: Gateway) -> None:
+    with structlog.testing.capture_logs() as logged:
+        calls = [stub.Predict(request("patient", {"x": [float(i)]}), timeout=10) for i in range(3)]
+        # all three wait for the batch interval; the second caller gives up meanwhile
+        await wait_for(
+            lambda: gateway.forwarder.inflight == 3, timeout=5, what="three calls queued"
+        )
+        calls[1].cancel()
+        first, last = await asyncio.gather(calls[0], calls[2])
+        with pytest.raises(asyncio.CancelledError):
+            await calls[1]
+    assert values(first.outputs["y"]).tolist() == [3.0]
+    assert values(last.outputs["y"]).tolist() == [4.0]
+    lines = [e for e in logged if e["event"] == "request" and e["model"] == "patient"]
+    assert sorted((e["status"], e["batch"]) for e in lines) == [
+        ("CANCELLED", 1),
+        ("OK", 2),
+        ("OK", 2),
+    ]
+    await wait_for(lambda: gateway.forwarder.inflight == 0, timeout=5, what="nothing in flight")
+
+
+async def test_queued_calls_count_against_max_inflight(
+    tmp_path: Path, example_models: Path, own_backend: Proc, gateway: Gateway
+) -> None:
+    # a route-only gateway (the module's gateway configures the backend) allowing 2 calls
+    cfg = write_config(
+        tmp_path / "limited.yaml",
+        models=example_models,
+        backends=[{"name": "cpu-0", "address": own_backend.address, "accelerator": "cpu"}],
+        gateway={"max_inflight": 2, "manage_backends": False},
+        apis=apis(example_models),
+    )
+    limited = await start_gateway(cfg)
+    try:
+        async with grpc.aio.insecure_channel(limited.address) as channel:
+            other = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            results = await asyncio.gather(
+                *(other.Predict(request("patient", {"x": [1.0]}), timeout=10) for _ in range(3)),
+                return_exceptions=True,
+            )
+    finally:
+        await limited.stop()
+    errors = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(errors) == 1 and errors[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "gateway.max_inflight" in (errors[0].details() or "")
+    answers = [r for r in results if not isinstance(r, BaseException)]
+    assert [values(r.outputs["y"]).tolist() for r in answers] == [[3.5], [3.5]]
 
 
 async def test_bad_calls_fail_alone(stub: Any, gateway: Gateway) -> None:
