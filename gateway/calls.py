@@ -12,7 +12,7 @@ import functools
 import itertools
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -268,10 +268,17 @@ class Forwarder:
             raise ResourceExhausted(
                 f"the gateway's in-flight limit ({self.max_inflight}, gateway.max_inflight) is reached"
             )
-        now = time.monotonic()
-        healthy = [c for c in candidates if _ejected_until(c) <= now]
-        candidates = [c for c in healthy or candidates if c.outstanding < self.backend_max_inflight]
-        target = pick(candidates)
+        if len(candidates) == 1:  # the common case; ejection only matters with a choice
+            target: Target | None = candidates[0]
+            if candidates[0].outstanding >= self.backend_max_inflight:
+                target = None
+        else:
+            now = time.monotonic()
+            healthy = [c for c in candidates if _ejected_until(c) <= now]
+            candidates = [
+                c for c in healthy or candidates if c.outstanding < self.backend_max_inflight
+            ]
+            target = pick(candidates)
         if target is None:
             raise ResourceExhausted(
                 f"every backend holding {model} version {resolved} is at its in-flight limit "
@@ -279,16 +286,21 @@ class Forwarder:
             )
         self.inflight += 1
         try:
-            return await self._with_retry(
-                target, candidates, method, data, model, version, resolved, context, call
+            return await self._once(target, method, data, model, version, resolved, context, call)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in _NEVER_RAN:
+                raise
+            return await self._retry(
+                exc, target, candidates, method, data, model, version, resolved, context, call
             )
         finally:
             self.inflight -= 1
 
-    async def _with_retry(
+    async def _retry(
         self,
+        exc: grpc.aio.AioRpcError,
         target: Target,
-        candidates: list[Target],
+        candidates: Sequence[Target],
         method: str,
         data: bytes,
         model: str,
@@ -297,31 +309,25 @@ class Forwarder:
         context: grpc.aio.ServicerContext[Any, Any],
         call: Call,
     ) -> bytes:
+        """The first backend provably never ran the call: once more on another one."""
+        first = target.backend
+        assert isinstance(first, Backend)
+        self.pool.poke(first)
+        other = pick(candidates, exclude=target)
+        if other is None or remaining(context, self.timeout) <= 0:
+            raise Unavailable(
+                f"backend {first.name} ({first.address}) could not run the call: {exc.details()}"
+            ) from None
         try:
-            return await self._once(target, method, data, model, version, resolved, context, call)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() not in _NEVER_RAN:
+            return await self._once(other, method, data, model, version, resolved, context, call)
+        except grpc.aio.AioRpcError as again:
+            if again.code() not in _NEVER_RAN:
                 raise
-            first = target.backend
-            assert isinstance(first, Backend)
-            self.pool.poke(first)
-            other = pick(candidates, exclude=target)
-            if other is None or remaining(context, self.timeout) <= 0:
-                raise Unavailable(
-                    f"backend {first.name} ({first.address}) could not run the call: {exc.details()}"
-                ) from None
-            try:
-                return await self._once(
-                    other, method, data, model, version, resolved, context, call
-                )
-            except grpc.aio.AioRpcError as again:
-                if again.code() not in _NEVER_RAN:
-                    raise
-                assert isinstance(other.backend, Backend)
-                self.pool.poke(other.backend)
-                raise Unavailable(
-                    f"backends {first.name} and {other.backend.name} could not run the call: {again.details()}"
-                ) from None
+            assert isinstance(other.backend, Backend)
+            self.pool.poke(other.backend)
+            raise Unavailable(
+                f"backends {first.name} and {other.backend.name} could not run the call: {again.details()}"
+            ) from None
 
     async def _once(
         self,
