@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -216,20 +216,48 @@ class Batcher:
         context: grpc.aio.ServicerContext[Any, Any],
         call: Any,
     ) -> bytes:
+        def alone() -> Awaitable[bytes]:
+            return self.send(
+                "Predict", data, model=model, version=version, label=label, context=context,
+                call=call,
+            )  # fmt: skip
+
         busy = self._busy.get(model, 0)
         self._busy[model] = busy + 1
         try:
             if not busy and not policy.batch_interval:
                 # nothing of this model in flight, so nothing to batch with: no parsing either
                 self._admit()
-                return await self.send(
-                    "Predict", data, model=model, version=version, label=label, context=context,
-                    call=call,
-                )  # fmt: skip
-            return await self._submit(
-                policy, data, model=model, version=version, label=label, context=context,
-                call=call,
-            )  # fmt: skip
+                return await alone()
+            request = parse(predict_pb2.PredictRequest, data)
+            rows = rows_of(request)
+            resolved, candidates = self.pool.table.resolve(model, version, label)
+            self._admit()
+            if rows is None or _model_key(model, resolved, request) in self._off:
+                return await alone()
+            key = _key(model, resolved, request)
+            group = self._groups.get(key)
+            if group is None:
+                group = self._groups[key] = _Group(model, resolved, 0, policy)
+            group.slots = _PER_BACKEND * max(1, len(candidates))
+            if not group.queue and group.inflight < group.slots and not policy.batch_interval:
+                # a slot is free and nobody waits: this call goes now, on its own
+                group.inflight += 1
+                try:
+                    return await alone()
+                finally:
+                    group.inflight -= 1
+                    self._kick(key, group)
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[bytes] = loop.create_future()
+            self.forwarder.inflight += 1  # until this call's answer is out
+            future.add_done_callback(self._release)
+            group.queue.append(
+                _Member(data, request, rows, version, label, context, call, future, loop.time())
+            )
+            self._kick(key, group)
+            # A caller that goes away cancels its future; its batch skips or ignores it.
+            return await future
         finally:
             left = self._busy[model] - 1
             if left:
@@ -245,52 +273,6 @@ class Batcher:
             raise ResourceExhausted(
                 f"the gateway's in-flight limit ({fw.max_inflight}, gateway.max_inflight) is reached"
             )
-
-    async def _submit(
-        self,
-        policy: Policy,
-        data: bytes,
-        *,
-        model: str,
-        version: int | None,
-        label: str | None,
-        context: grpc.aio.ServicerContext[Any, Any],
-        call: Any,
-    ) -> bytes:
-        request = parse(predict_pb2.PredictRequest, data)
-        rows = rows_of(request)
-        resolved, candidates = self.pool.table.resolve(model, version, label)
-        self._admit()
-        if rows is None or _model_key(model, resolved, request) in self._off:
-            return await self.send(
-                "Predict", data, model=model, version=version, label=label, context=context,
-                call=call,
-            )  # fmt: skip
-        key = _key(model, resolved, request)
-        group = self._groups.get(key)
-        if group is None:
-            group = self._groups[key] = _Group(model, resolved, 0, policy)
-        group.slots = _PER_BACKEND * max(1, len(candidates))
-        if not group.queue and group.inflight < group.slots and not policy.batch_interval:
-            # a slot is free and nobody waits: this call goes now, on its own
-            group.inflight += 1
-            try:
-                return await self.send(
-                    "Predict", data, model=model, version=version, label=label, context=context,
-                    call=call,
-                )  # fmt: skip
-            finally:
-                group.inflight -= 1
-                self._kick(key, group)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[bytes] = loop.create_future()
-        self.forwarder.inflight += 1  # until this call's answer is out
-        future.add_done_callback(self._release)
-        member = _Member(data, request, rows, version, label, context, call, future, loop.time())
-        group.queue.append(member)
-        self._kick(key, group)
-        # A caller that goes away cancels its future; its batch skips or ignores it.
-        return await future
 
     def _release(self, future: asyncio.Future[bytes]) -> None:
         self.forwarder.inflight -= 1

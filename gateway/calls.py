@@ -253,15 +253,14 @@ class Forwarder:
         ``version`` / ``label`` / latest (both None). A Predict call of an API with server-side
         batching may share one backend call with others, unless ``alone`` (a call from the
         batcher, which applies gateway.max_inflight itself)."""
+        call.model = model
         if method == "Predict" and self.batcher is not None and not alone:
             policy = self.batcher.policy(model)
             if policy is not None:
-                call.model = model
                 return await self.batcher.submit(
                     policy, data, model=model, version=version, label=label, context=context,
                     call=call,
                 )  # fmt: skip
-        call.model = model
         resolved, candidates = self.pool.table.resolve(model, version, label)
         call.version = resolved
         if self.inflight >= self.max_inflight and not alone:

@@ -217,27 +217,39 @@ class Lifecycle:
         """A new version copied into modelsync's local source folder, timed to modelsync's
         publish event and to the gateway's first answer from it (Predict for latest)."""
         sync, gateway = self.bench.procs["modelsync"], self.bench.procs["gateway"]
-        timeout = self.settings.reload_timeout
         started = time.monotonic()
         publish(self.bench.source / "2", self.bench.source / "3")
-        sync.wait_log(_published(3), timeout=timeout + 10, what="version 3 published")
-        synced = time.monotonic() - started
+        local = self._propagation(sync, gateway, started, "local folder")
+        if not local["measurable"]:
+            return local
+        s3 = self._reload_s3()
+        return {
+            **local,
+            "s3": s3,
+            "summary": f"local folder: modelsync published after"
+            f" {local['modelsync_published_s']:.2f} s, first answer from the new version"
+            f" {local['first_answer_s']:.2f} s after the copy; {s3['summary']}",
+        }
+
+    def _propagation(self, sync: Child, gateway: Child, since: float, what: str) -> dict[str, Any]:
+        """From ``since`` (version 3 complete in the source) to modelsync's publish event and to
+        the gateway's first answer from version 3."""
+        timeout = self.settings.reload_timeout
+        sync.wait_log(_published(3), timeout=timeout + 10, what=f"version 3 published ({what})")
+        synced = time.monotonic() - since
         answered = first_answer(gateway.address, version=3, timeout=timeout)
         if answered is None:
             return {
                 "measurable": False,
                 "modelsync_published_s": synced,
-                "summary": f"not yet measurable: modelsync published version 3 after {synced:.2f} s,"
-                f" but the gateway still answered latest with version 2 {timeout:.0f} s later",
+                "summary": f"{what}: not yet measurable: modelsync published version 3 after"
+                f" {synced:.2f} s, but the gateway still answered latest with version 2"
+                f" {timeout:.0f} s later",
             }
-        s3 = self._reload_s3()
         return {
             "measurable": True,
             "modelsync_published_s": synced,
-            "first_answer_s": answered - started,
-            "s3": s3,
-            "summary": f"local folder: modelsync published after {synced:.2f} s, first answer from"
-            f" the new version {answered - started:.2f} s after the copy; {s3['summary']}",
+            "first_answer_s": answered - since,
         }
 
     def _reload_s3(self) -> dict[str, Any]:
@@ -307,24 +319,16 @@ class Lifecycle:
         began = time.monotonic()
         upload(2, 3)
         uploaded = time.monotonic()
-        sync.wait_log(_published(3), timeout=timeout + 10, what="version 3 published from S3")
-        synced = time.monotonic() - uploaded
-        answered = first_answer(gateway.address, version=3, timeout=timeout)
-        if answered is None:
-            return {
-                "measurable": False,
-                "summary": f"S3: modelsync published version 3 {synced:.2f} s after the upload,"
-                f" but the gateway still answered latest with version 2 {timeout:.0f} s later",
-            }
+        s3 = self._propagation(sync, gateway, uploaded, "S3")
+        if not s3["measurable"]:
+            return s3
         return {
-            "measurable": True,
+            **s3,
             "poll_interval": S3_POLL,
             "upload_s": uploaded - began,
-            "modelsync_published_s": synced,
-            "first_answer_s": answered - uploaded,
-            "summary": f"S3 (polled every {S3_POLL}): modelsync published {synced:.2f} s and the"
-            f" first answer from the new version came {answered - uploaded:.2f} s after the"
-            f" upload ended",
+            "summary": f"S3 (polled every {S3_POLL}): modelsync published"
+            f" {s3['modelsync_published_s']:.2f} s and the first answer from the new version came"
+            f" {s3['first_answer_s']:.2f} s after the upload ended",
         }
 
 
