@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 import structlog
+import uvloop
 
 from gateway.batching import Policy
 from gateway.calls import Call, Forwarder, Handler, Lifecycle, edge, stream_edge
@@ -302,5 +303,7 @@ def main(args: argparse.Namespace) -> int:
         structlog.contextvars.bind_contextvars(worker=index)
     if config.gateway.reuse_freed_memory:
         reuse_freed_memory(4 * config.gateway.max_message_bytes)
-    asyncio.run(serve(config, manage_backends=not index))
+    # uvloop: the event loop in C; a forwarded call costs about an eighth less CPU than on
+    # asyncio's own loop (docs/benchmarks.md)
+    uvloop.run(serve(config, manage_backends=not index))
     return 0

@@ -3,7 +3,8 @@
 
 One run starts everything it measures on free loopback ports (an embedded backend, the gateway
 with request logging off and a second one with it on, one whose API has the TensorFlow handler of
-scripts/bench_handler.py, the bare hop of scripts/bench_barehop.py, nginx with grpc_pass when nginx
+scripts/bench_handler.py, the bare hop of scripts/bench_barehop.py (also on uvloop, the gateway's
+event loop), nginx with grpc_pass when nginx
 is installed, modelsync for its memory and the reload scenario),
 measures each scenario, prints a table and writes JSON to bench-results/bench-<timestamp>.json.
 Every figure is compared with calling the backend directly, and the gateway's costs with the bare
@@ -105,6 +106,7 @@ TARGETS = (
     Target("direct-latest", "backend", "tf", None, "direct-latest"),
     Target("barehop-v2", "barehop", "tf", 2, "direct-v2", "barehop-v2"),
     Target("barehop-latest", "barehop", "tf", None, "direct-latest", "barehop-latest"),
+    Target("barehop-uvloop", "barehop-uvloop", "tf", None, "direct-latest", "barehop-latest"),
     Target("nginx-v2", "nginx", "tf", 2, "direct-v2", "barehop-v2"),
     Target("nginx-latest", "nginx", "tf", None, "direct-latest", "barehop-latest"),
     Target("facade-v2", "gateway", "tf", 2, "direct-v2", "barehop-v2"),
@@ -250,6 +252,10 @@ class Bench:
         self._gateways(wanted)
         backend = self.procs["backend"]
         self.procs["barehop"] = self.stack.barehop(backend=backend.address, max_bytes=MAX_BYTES)
+        if "barehop-uvloop" in wanted:
+            self.procs["barehop-uvloop"] = self.stack.barehop(
+                backend=backend.address, max_bytes=MAX_BYTES, loop="uvloop"
+            )
         nginx = self.stack.nginx(backend=backend.address, max_bytes=MAX_BYTES)
         if nginx is None:
             self.note("nginx is not on PATH: the nginx targets are skipped")

@@ -3,6 +3,8 @@
 A grpc.aio server with one generic handler and no (de)serializers: the request bytes of
 ``/tensorflow.serving.PredictionService/Predict`` go to the backend as they came, the response bytes
 come back the same way. No routing, no deadline arithmetic, no logging, no metrics, no health.
+It runs on asyncio's own event loop, as the issue defines it; ``--loop uvloop`` runs it on uvloop,
+the gateway's loop, for a like-for-like comparison.
 
     python scripts/bench_barehop.py --listen 127.0.0.1:0 --backend 127.0.0.1:9000
 
@@ -19,6 +21,7 @@ import sys
 from typing import Any
 
 import grpc
+import uvloop
 
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
 
@@ -68,8 +71,10 @@ def main() -> int:
     parser.add_argument("--listen", default="127.0.0.1:0")
     parser.add_argument("--backend", required=True, help="host:port of a TF Serving backend")
     parser.add_argument("--max-message-bytes", type=int, default=128 * 1024 * 1024)
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args()
-    asyncio.run(serve(args.listen, args.backend, args.max_message_bytes))
+    run = uvloop.run if args.loop == "uvloop" else asyncio.run
+    run(serve(args.listen, args.backend, args.max_message_bytes))
     return 0
 
 

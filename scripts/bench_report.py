@@ -406,6 +406,13 @@ def table(results: Mapping[str, Any]) -> str:
         parts.append(
             f"  {row['what']}: {_f(row['measured'], '.2f')} (target {row['target']}) {verdict}"
         )
+    rows = results.get("small", {}).get("targets", {})
+    if "facade-latest" in rows and "barehop-uvloop" in rows:
+        ratio = _div(rows["facade-latest"]["hop_cpu_us"], rows["barehop-uvloop"]["hop_cpu_us"])
+        parts.append(
+            "  like for like, no target: facade-latest CPU/call vs the bare hop on uvloop"
+            f" (saturation): {_f(ratio, '.2f')}"
+        )
     for text in results.get("notes", []):
         parts.append(f"note: {text}")
     return "\n".join(parts)

@@ -390,7 +390,9 @@ class Stack:
         child.ready = ready - child.started
         return child
 
-    def barehop(self, *, backend: str, max_bytes: int, timeout: float = 60.0) -> Child:
+    def barehop(
+        self, *, backend: str, max_bytes: int, loop: str = "asyncio", timeout: float = 60.0
+    ) -> Child:
         argv = [
             sys.executable,
             str(SCRIPTS / "bench_barehop.py"),
@@ -400,8 +402,10 @@ class Stack:
             backend,
             "--max-message-bytes",
             str(max_bytes),
+            "--loop",
+            loop,
         ]
-        child = self.spawn("barehop", argv)
+        child = self.spawn("barehop" if loop == "asyncio" else f"barehop-{loop}", argv)
         child.wait_serving(timeout)
         return child
 
