@@ -24,6 +24,7 @@ from gateway.pool import Backend, Pool
 from gateway.routing import Target, pick
 from gateway.wire import encode_len_field
 from modelmux_common.grpcutil import remaining
+from modelmux_common.logs import hot_info
 from modelmux_common.tfserving import inference_pb2, model_pb2
 
 log = structlog.get_logger("modelmux.gateway")
@@ -90,6 +91,8 @@ class Lifecycle:
 
 
 def edge(rpc: str, handler: Handler, *, log_requests: bool, lifecycle: Lifecycle) -> RawHandler:
+    summary = hot_info("modelmux.gateway")
+
     async def run(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         call = Call(context)
         started = time.perf_counter() if log_requests else 0.0
@@ -120,7 +123,7 @@ def edge(rpc: str, handler: Handler, *, log_requests: bool, lifecycle: Lifecycle
             if not lifecycle.active:
                 lifecycle.idle.set()
             if log_requests:
-                log.info(
+                summary(
                     "request",
                     rpc=rpc,
                     request_id=call.request_id,

@@ -65,7 +65,7 @@ class Settings:
     latency_calls: int = 2000  # calls per target in the interleaved latency scenario
     warmup: int = 50
     large_mb: int = 40
-    large_calls: int = 5
+    large_calls: int = 12
     asset_mb: int = 64  # extra file in the version modelsync mirrors while "loaded"
     start_rounds: int = 3
     reload_timeout: float = 30.0
