@@ -14,7 +14,7 @@ from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_p
 from backend.errors import ServingError
 from backend.manager import ModelManager
 from backend.modelconfig import ModelSpec, read_config_file
-from backend.services import ModelService, PredictionService
+from backend.services import Device, ModelService, PredictionService
 from modelmux_common import config as mm_config
 from modelmux_common import grpcutil, logs
 from modelmux_common.config import Accelerator, ConfigError
@@ -40,6 +40,7 @@ class Settings:
     poll_interval: float = 1.0
     models: tuple[ModelSpec, ...] | None = None  # from --model-config-file
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    device: Device | None = None  # --device-time / --device-slots
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -52,6 +53,18 @@ class Settings:
             poll_interval = mm_config.parse_duration(getattr(args, "poll_interval", "1s"))
         except ValueError as exc:
             raise ConfigError("<command line>", "--poll-interval", str(exc)) from exc
+        device = None
+        try:
+            device_time = mm_config.parse_duration(getattr(args, "device_time", "0s"))
+        except ValueError as exc:
+            raise ConfigError("<command line>", "--device-time", str(exc)) from exc
+        slots = getattr(args, "device_slots", 1)
+        if slots < 1:
+            raise ConfigError(
+                "<command line>", "--device-slots", f"must be at least 1, not {slots}"
+            )
+        if device_time > 0:
+            device = Device(device_time, slots)
         model_file = getattr(args, "model_config_file", None)
         models = read_config_file(model_file) if model_file else None
         return cls(
@@ -59,6 +72,7 @@ class Settings:
             accelerator=getattr(args, "accelerator", None) or accelerator,
             poll_interval=poll_interval,
             models=tuple(models) if models is not None else None,
+            device=device,
         )
 
 
@@ -82,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
 def build_server(manager: ModelManager, settings: Settings) -> grpc.aio.Server:
     server = grpc.aio.server(options=grpcutil.message_size_options(settings.max_message_bytes))
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionService(manager), server
+        PredictionService(manager, settings.device), server
     )
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), server)
     return server

@@ -71,15 +71,32 @@ def predict(servable: Servable, request: predict_pb2.PredictRequest) -> predict_
     return response
 
 
+class Device:
+    """A stand-in for an accelerator, for benchmarks where the backend must be the bottleneck:
+    each Predict holds one of ``slots`` for ``seconds`` (the device's service time, no CPU)."""
+
+    def __init__(self, seconds: float, slots: int) -> None:
+        self.seconds = seconds
+        self.slots = slots
+        self._free = asyncio.Semaphore(slots)
+
+    async def run(self) -> None:
+        async with self._free:
+            await asyncio.sleep(self.seconds)
+
+
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):  # type: ignore[misc]
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(self, manager: ModelManager, device: Device | None = None) -> None:
         self._manager = manager
+        self._device = device
 
     @rpc_edge
     async def Predict(
         self, request: predict_pb2.PredictRequest, context: Context
     ) -> predict_pb2.PredictResponse:
         servable = resolve(self._manager, request.model_spec)
+        if self._device is not None:
+            await self._device.run()
         return await asyncio.to_thread(predict, servable, request)
 
     @rpc_edge

@@ -33,6 +33,15 @@ def _parser() -> argparse.ArgumentParser:
     backend.add_argument(
         "--poll-interval", default="1s", help="how often base paths are re-scanned"
     )
+    backend.add_argument(
+        "--device-time",
+        default="0s",
+        help="stand-in for an accelerator (benchmarks): each Predict also holds a device slot "
+        "this long, without CPU (default 0s: off)",
+    )
+    backend.add_argument(
+        "--device-slots", type=int, default=1, help="Predicts on the device at once (default 1)"
+    )
 
     gateway = sub.add_parser("gateway", help="the gateway")
     gateway.add_argument("--config", required=True, help="modelmux YAML")

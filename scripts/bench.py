@@ -18,7 +18,8 @@ multi-process Python generator of scripts/bench_load.py; the output says which.
 
 Scenarios: small (p50/p99 at concurrency 1, throughput at saturation, CPU per call), large (one
 40 MB float32 tensor per call), memory (RSS of gateway and modelsync), start (gateway start to
-SERVING), workers (gateway --workers 1 vs 2), reload (new version in a modelsync source to the
+SERVING), workers (gateway --workers 1 vs 2), bottleneck (throughput from a backend with a device
+stand-in, so the backend and not the CPU bounds it), reload (new version in a modelsync source to the
 first answer from it). See docs/benchmarks.md for what each number means.
 """
 
@@ -44,6 +45,7 @@ import bench_requests as req
 import grpc
 from bench_load import H2Load, PythonLoad, Sample, median
 from bench_stack import (
+    MODELMUX,
     ROOT,
     Child,
     Stack,
@@ -52,7 +54,7 @@ from bench_stack import (
     modelsync_config,
 )
 
-SCENARIOS = ("small", "latency", "large", "memory", "start", "workers", "reload")
+SCENARIOS = ("small", "latency", "large", "bottleneck", "memory", "start", "workers", "reload")
 MAX_BYTES = 128 * 1024 * 1024
 
 
@@ -66,6 +68,7 @@ class Settings:
     warmup: int = 50
     large_mb: int = 40
     large_calls: int = 12
+    bottleneck_rounds: int = 4
     asset_mb: int = 64  # extra file in the version modelsync mirrors while "loaded"
     start_rounds: int = 3
     reload_timeout: float = 30.0
@@ -82,6 +85,7 @@ QUICK = Settings(
     warmup=10,
     large_mb=4,
     large_calls=1,
+    bottleneck_rounds=2,
     asset_mb=4,
     start_rounds=1,
     reload_timeout=5.0,
@@ -136,6 +140,10 @@ HANDLER_GATEWAYS = ("gateway-handler",)
 HANDLER = Path(__file__).resolve().parent / "bench_handler.py"
 # facade-batched: the same API with server-side batching (at most the calls in flight at saturation)
 BATCHING = {"max_batch_size": 16}
+# the bottleneck scenario's backend: a device stand-in holding each Predict this long, this many
+# at once (at most 400 calls per second, where the hop's CPU leaves the cores room)
+DEVICE_TIME = "10ms"
+DEVICE_SLOTS = 4
 
 
 def backend_of(process: str) -> str:
@@ -506,6 +514,55 @@ class Bench:
         gw = self.procs["gateway"]
         self.results["gateway_after_large"] = {"rss_mib": gw.rss(), "peak_rss_mib": gw.rss("VmHWM")}
 
+    # ---- throughput with the backend as the bottleneck ---------------------------------------
+
+    def bottleneck(self) -> None:
+        """Saturation throughput, direct and through the gateway, from a backend whose Predict also
+        holds one of DEVICE_SLOTS device slots for DEVICE_TIME (an accelerator's service time,
+        without CPU): the backend, not the two shared cores, bounds the calls per second."""
+        conf = model_config_file(
+            self.workdir / "backend-device.conf",
+            source=self.models / "half_plus_two",
+            versions=(1, 2),
+        )
+        argv = [*MODELMUX, "backend", "--listen", "127.0.0.1:0", "--model-config-file", str(conf)]
+        device = ["--device-time", DEVICE_TIME, "--device-slots", str(DEVICE_SLOTS)]
+        backend = self.stack.spawn("backend-device", [*argv, *device])
+        backend.wait_serving(180)
+        self.procs["backend-device"] = backend
+        config = gateway_config(
+            self.workdir / "gateway-device.yaml",
+            backend=backend.address,
+            source=self.models / "half_plus_two",
+            max_bytes=MAX_BYTES,
+            log_requests=False,
+        )
+        self.procs["gateway-device"] = self.stack.gateway("gateway-device", config)
+        targets = [
+            Target("direct", "backend-device", "tf", None, "direct"),
+            Target("facade", "gateway-device", "tf", None, "direct"),
+        ]
+        payload = req.build("tf", req.SMALL, None)
+        s = self.settings
+        rps: dict[str, list[float]] = {t.name: [] for t in targets}
+        for r in range(s.bottleneck_rounds):
+            for target in targets if r % 2 == 0 else targets[::-1]:
+                sample = self._run(target, payload, calls=s.sat_calls, concurrency=s.concurrency)
+                rps[target.name].append(sample.throughput)
+        paired = [f / d for f, d in zip(rps["facade"], rps["direct"], strict=True)]
+        direct, facade, ratio = median(rps["direct"]), median(rps["facade"]), median(paired)
+        self.results["bottleneck"] = {
+            "device_time": DEVICE_TIME,
+            "device_slots": DEVICE_SLOTS,
+            "rounds": rps,
+            "direct_rps": direct,
+            "facade_rps": facade,
+            "rps_x_direct": ratio,
+            "summary": f"backend with a {DEVICE_TIME} x {DEVICE_SLOTS}-slot device stand-in:"
+            f" {direct:.0f} rps direct, {facade:.0f} through the gateway (facade, latest), median"
+            f" of per-round ratios {ratio:.2f}",
+        }
+
     # ---- the run ---------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
@@ -524,6 +581,8 @@ class Bench:
             self.results["profile"] = bench_lifecycle.profile(self)
         if "large" in self.scenarios:
             self.large()
+        if "bottleneck" in self.scenarios:
+            self.bottleneck()
         lifecycle = bench_lifecycle.Lifecycle(self)
         for name in ("memory", "start", "workers", "reload"):
             if name in self.scenarios:

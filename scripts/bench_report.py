@@ -172,6 +172,7 @@ ISSUE_TARGETS = (
     ("gateway start to SERVING, s (warm backend)", 2.0, ("start", "modelsync", "serving_s"), False),
     ("facade-latest throughput vs direct (at least)", 0.9, (*_S, "facade-latest", "rps_x_direct"), True),
     ("facade-batched throughput vs direct (at least; server-side batching)", 0.9, (*_S, "facade-batched", "rps_x_direct"), True),
+    ("facade-latest throughput vs direct, the backend the bottleneck (at least)", 0.9, ("bottleneck", "rps_x_direct"), True),
 )  # fmt: skip
 
 
@@ -363,7 +364,7 @@ def _status_lines(results: Mapping[str, Any]) -> list[str]:
             f"first gateway start, models loading in the backend: SERVING after"
             f" {_f(first.get('serving_s'), '.2f')} s"
         )
-    for key in ("workers", "reload"):
+    for key in ("workers", "bottleneck", "reload"):
         entry = results.get(key)
         if entry:
             lines.append(f"{key}: {entry.get('summary', entry)}")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +32,9 @@ from conftest import Proc, start_daemon
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
+from backend.server import Settings
+from backend.services import Device
+from modelmux_common.config import ConfigError
 from modelmux_common.tfserving import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -520,3 +526,25 @@ def test_make_models_layouts(example_models: Path) -> None:
     assert (example_models / "half_plus_two" / "1" / "variables" / "variables.index").is_file()
     inferentia = example_models / "half_plus_two_inf" / "1"
     assert sorted(p.name for p in inferentia.iterdir()) == ["saved_model.pb"]
+
+
+def test_device_stand_in_settings() -> None:
+    """--device-time / --device-slots (the bench's bottleneck scenario) and their bad values."""
+
+    def settings(**flags: object) -> Settings:
+        return Settings.from_args(argparse.Namespace(**flags))
+
+    device = settings(device_time="20ms", device_slots=2).device
+    assert device is not None and device.seconds == pytest.approx(0.02) and device.slots == 2
+    assert settings(device_time="0s", device_slots=1).device is None
+    with pytest.raises(ConfigError, match="--device-slots: must be at least 1, not 0"):
+        settings(device_time="10ms", device_slots=0)
+    with pytest.raises(ConfigError, match="--device-time"):
+        settings(device_time="soon", device_slots=1)
+
+
+async def test_device_stand_in_holds_one_slot_per_predict() -> None:
+    device = Device(0.05, slots=1)
+    started = time.monotonic()
+    await asyncio.gather(*(device.run() for _ in range(3)))
+    assert time.monotonic() - started >= 0.15  # one slot: the three calls took turns

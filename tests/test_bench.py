@@ -23,7 +23,7 @@ def test_quick_run_writes_results(example_models: Path, tmp_path: Path) -> None:
             "--quick",
             "--load",
             "python",
-            *("--scenarios", "small,latency,large,memory,start,reload"),
+            *("--scenarios", "small,latency,large,bottleneck,memory,start,reload"),
             *("--targets", TARGETS),
             *("--models", str(example_models), "--out", str(out)),
         ],
@@ -84,6 +84,9 @@ def test_quick_run_writes_results(example_models: Path, tmp_path: Path) -> None:
     assert "gateway+worker" in done.stdout
     large = results["large"]["targets"]
     assert large["facade-latest"]["s_per_call"] > 0 and large["facade-latest"]["x_direct"] > 0
+    bottleneck = results["bottleneck"]
+    assert bottleneck["direct_rps"] > 0 and bottleneck["rps_x_direct"] > 0
+    assert "device stand-in" in done.stdout
     assert results["memory"]["modelsync"]["idle_rss_mib"] > 0
     assert results["gateway_idle"]["rss_mib"] > 0
     assert results["start"]["modelsync"]["serving_s"] > 0
