@@ -286,15 +286,19 @@ class Forwarder:
                 f"every backend holding {model} version {resolved} is at its in-flight limit "
                 f"({self.backend_max_inflight}, gateway.backend_max_inflight)"
             )
+        latest = version is None and label is None
         self.inflight += 1
         try:
-            return await self._once(target, method, data, model, version, resolved, context, call)
+            return await self._once(
+                target, method, data, model, version, resolved, latest, context, call
+            )
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in _NEVER_RAN:
                 raise
             return await self._retry(
-                exc, target, candidates, method, data, model, version, resolved, context, call
-            )
+                exc, target, candidates, method, data, model, version, resolved, latest, context,
+                call,
+            )  # fmt: skip
         finally:
             self.inflight -= 1
 
@@ -308,6 +312,7 @@ class Forwarder:
         model: str,
         version: int | None,
         resolved: int,
+        latest: bool,
         context: grpc.aio.ServicerContext[Any, Any],
         call: Call,
     ) -> bytes:
@@ -321,7 +326,9 @@ class Forwarder:
                 f"backend {first.name} ({first.address}) could not run the call: {exc.details()}"
             ) from None
         try:
-            return await self._once(other, method, data, model, version, resolved, context, call)
+            return await self._once(
+                other, method, data, model, version, resolved, latest, context, call
+            )
         except grpc.aio.AioRpcError as again:
             if again.code() not in _NEVER_RAN:
                 raise
@@ -339,6 +346,7 @@ class Forwarder:
         model: str,
         asked: int | None,
         resolved: int,
+        latest: bool,
         context: grpc.aio.ServicerContext[Any, Any],
         call: Call,
     ) -> bytes:
@@ -347,7 +355,9 @@ class Forwarder:
         renamed = target.servable != model
         if method == "MultiInference":
             data = _multi_inference(data, target.servable, resolved)
-        elif renamed or asked != resolved:
+        elif renamed or (asked != resolved and not (latest and target.top)):
+            # pinned to the version routing chose, unless the client asked for latest and the
+            # backend's own latest is that version (no copy of a large request then)
             data = data + _spec_field(1, target.servable, resolved)
         call.backend = backend.name
         backend.outstanding += 1

@@ -469,12 +469,15 @@ class Pool:
 
     def _targets(self, model: DesiredModel, version: int, current: str) -> list[Target]:
         old = self.previous.get((model.name, version))
+        newest = version >= max(model.versions, default=0)
         targets = []
         for backend in self.backends:
-            if backend.available(current, version):
-                targets.append(Target(backend, current))
-            elif old is not None and backend.available(old.name, version):
-                targets.append(Target(backend, old.name))
+            for servable in (current, old.name if old is not None else None):
+                if servable is not None and backend.available(servable, version):
+                    known = backend.status.get(servable, {})
+                    top = newest and version >= max(known, default=0)
+                    targets.append(Target(backend, servable, top))
+                    break
         return targets
 
     def _rebuild(self) -> None:
