@@ -469,7 +469,9 @@ class Pool:
 
     def _targets(self, model: DesiredModel, version: int, current: str) -> list[Target]:
         old = self.previous.get((model.name, version))
-        newest = version >= max(model.versions, default=0)
+        # Only backends this gateway configures (specific versions) cannot load a newer version
+        # on their own; a backend configured elsewhere may, so its calls for latest stay pinned.
+        newest = self.config.manage_backends and version >= max(model.versions, default=0)
         targets = []
         for backend in self.backends:
             for servable in (current, old.name if old is not None else None):

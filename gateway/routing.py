@@ -27,8 +27,9 @@ class Target:
 
     backend: Backend
     servable: str
-    # The version is the highest the backend knows for the servable and the catalogue holds for
-    # the model: the backend's own latest, so a call for latest needs no pin to it.
+    # The version is the highest the backend knows for the servable, the catalogue holds none
+    # higher, and this gateway configures the backend: it is the backend's own latest, so a call
+    # for latest needs no pin to it.
     top: bool = False
 
     @property

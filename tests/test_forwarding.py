@@ -103,21 +103,22 @@ async def test_an_explicit_version_goes_out_unchanged() -> None:
 
 
 @pytest.mark.parametrize(
-    ("catalogue", "reported", "tops"),
+    ("catalogue", "reported", "managed", "tops"),
     [
-        ((1, 2), {1: "A", 2: "A"}, {1: False, 2: True}),
-        ((1, 2, 3), {1: "A", 2: "A"}, {1: False, 2: False}),  # 3 is coming: pin until routable
-        ((1, 2), {1: "A", 2: "A", 3: "L"}, {1: False, 2: False}),  # the backend has a newer one
+        ((1, 2), {1: "A", 2: "A"}, True, {1: False, 2: True}),
+        ((1, 2, 3), {1: "A", 2: "A"}, True, {1: False, 2: False}),  # 3 is coming: pinned
+        ((1, 2), {1: "A", 2: "A", 3: "L"}, True, {1: False, 2: False}),  # a newer one loading
+        ((1, 2), {1: "A", 2: "A"}, False, {1: False, 2: False}),  # configured elsewhere
     ],
 )
 async def test_routing_marks_the_backends_own_latest(
-    catalogue: tuple[int, ...], reported: dict[int, str], tops: dict[int, bool]
+    catalogue: tuple[int, ...], reported: dict[int, str], managed: bool, tops: dict[int, bool]
 ) -> None:
     states = {"A": AVAILABLE, "L": VersionState.LOADING}
     servable = Servable("m", "/models/m", catalogue)
     model = DesiredModel("m", "api", False, {v: "m" for v in catalogue}, {"m": servable})
     pool = PoolImpl(
-        config=GatewayConfig(),
+        config=GatewayConfig(manage_backends=managed),
         backends=[BackendConfig("b", "127.0.0.1:1")],
         models={"m": model},
         labels={},
