@@ -221,9 +221,10 @@ class Forwarder:
     when the first backend provably never ran it.
 
     The request's model spec is overridden when the backend must see something else than the
-    client sent: the resolved version (for "latest" and labels) and the servable's name. The
-    override is a second model spec appended to the bytes, which a parser merges over the first,
-    so the tensors are never decoded. Responses get the client's model name back the same way.
+    client sent: the resolved version (for labels, and for "latest" unless it is the chosen
+    backend's own latest, see ``Target.top``) and the servable's name. The override is a second
+    model spec appended to the bytes, which a parser merges over the first, so the tensors are
+    never decoded. Responses get the client's model name back the same way.
     """
 
     def __init__(
