@@ -89,6 +89,8 @@ class Backend:
         self.last_error = ""
         # servable -> version -> status, as last reported
         self.status: dict[str, dict[int, VersionStatus]] = {}
+        # what the last status poll returned, never pruned ahead of a push (see Pool._targets)
+        self.reported: dict[str, dict[int, VersionStatus]] = {}
         # the config last accepted by the backend; None forces a push
         self.pushed: Any = None
         # (servable, version) that failed to load -> (attempts, monotonic time of the next try)
@@ -356,9 +358,11 @@ class Pool:
         timeout = min(self.config.backend_timeout, 10.0)
         wanted = self.wanted(backend)
         config = _config(wanted)
+        pushed = False
         if not self.manage:
             backend.pushed = config  # the first worker owns the backends' configuration
         elif config != backend.pushed:
+            pushed = True
             self._forget_unwanted(backend, wanted)
             # TF Serving answers a reload adding new model names only once they loaded
             await backend.reload(
@@ -372,6 +376,7 @@ class Pool:
                 continue  # not configured (yet) by the first worker
             if reported is None:
                 backend.pushed = None  # the backend lost its config (restarted): push again
+                self._rebuild()  # and its calls for latest are pinned until it has it again
                 return False
             status[servable.name] = reported
         if not backend.reachable:
@@ -381,9 +386,9 @@ class Pool:
         keep = {(s.name, v) for s in wanted for v in s.versions} | set(backend.failures)
         backend.available_since = {k: t for k, t in backend.available_since.items() if k in keep}
         backend.retrying &= keep
-        if status != backend.status:
+        if pushed or status != backend.status or status != backend.reported:
             self._log_failures(backend, status)
-            backend.status = status
+            backend.status = backend.reported = status
             self._rebuild()
         if _config(self.wanted(backend)) != backend.pushed:
             return False
@@ -464,20 +469,25 @@ class Pool:
             )
         backend.reachable, backend.last_error, backend.pushed = False, error, None
         if backend.status:
-            backend.status = {}
+            backend.status = backend.reported = {}
             self._rebuild()
 
     def _targets(self, model: DesiredModel, version: int, current: str) -> list[Target]:
         old = self.previous.get((model.name, version))
-        # Only backends this gateway configures (specific versions) cannot load a newer version
-        # on their own; a backend configured elsewhere may, so its calls for latest stay pinned.
-        newest = self.config.manage_backends and version >= max(model.versions, default=0)
+        # Only a backend this gateway configures (specific versions), holding the config last
+        # pushed, cannot load a newer version on its own; the versions it serves are those its
+        # last status poll reported in any state but END (a version a push is about to unload
+        # stays there until a poll after the push).
+        newest = self.manage and version >= max(model.versions, default=0)
         targets = []
         for backend in self.backends:
             for servable in (current, old.name if old is not None else None):
                 if servable is not None and backend.available(servable, version):
-                    known = backend.status.get(servable, {})
-                    top = newest and version >= max(known, default=0)
+                    known = backend.reported.get(servable, {})
+                    served = (v for v, st in known.items() if st.state != END)
+                    top = (
+                        newest and backend.pushed is not None and version >= max(served, default=0)
+                    )
                     targets.append(Target(backend, servable, top))
                     break
         return targets

@@ -70,7 +70,8 @@ def hot_info(logger: str) -> Callable[..., None]:
 
     def line(event: str, **fields: Any) -> None:
         fields["event"] = event
-        fields.update(context)
+        for key, value in context.items():  # a field wins over a context variable, as in structlog
+            fields.setdefault(key, value)
         fields["level"] = "info"
         fields["timestamp"] = now(utc).isoformat().replace("+00:00", "Z")
         write(encode(fields) + "\n")

@@ -1,7 +1,8 @@
 """When the forwarder pins a call to the version routing chose, and when it sends the caller's bytes.
 
 A call for latest goes out unchanged when the chosen backend's own latest is the routed version
-(no copy of a large request); labels, traffic splits and newer versions still loading get the pin.
+(no copy of a large request); labels, a split's pick of a lower version, newer versions still
+loading or about to be unloaded, and backends this process does not configure get the pin.
 """
 
 from __future__ import annotations
@@ -103,30 +104,60 @@ async def test_an_explicit_version_goes_out_unchanged() -> None:
 
 
 @pytest.mark.parametrize(
-    ("catalogue", "reported", "managed", "tops"),
+    ("catalogue", "reported", "managed", "pushed", "tops"),
     [
-        ((1, 2), {1: "A", 2: "A"}, True, {1: False, 2: True}),
-        ((1, 2, 3), {1: "A", 2: "A"}, True, {1: False, 2: False}),  # 3 is coming: pinned
-        ((1, 2), {1: "A", 2: "A", 3: "L"}, True, {1: False, 2: False}),  # a newer one loading
-        ((1, 2), {1: "A", 2: "A"}, False, {1: False, 2: False}),  # configured elsewhere
+        ((1, 2), {1: "A", 2: "A"}, True, True, {1: False, 2: True}),
+        ((1, 2, 3), {1: "A", 2: "A"}, True, True, {1: False, 2: False}),  # 3 is coming: pinned
+        ((1, 2), {1: "A", 2: "A", 3: "L"}, True, True, {1: False, 2: False}),  # 3 loading there
+        ((1, 2), {1: "A", 2: "A", 3: "E"}, True, True, {1: False, 2: True}),  # 3 unloaded (END)
+        ((1, 2), {1: "A", 2: "A"}, False, True, {1: False, 2: False}),  # another worker configures
+        ((1, 2), {1: "A", 2: "A"}, True, False, {1: False, 2: False}),  # restarted: push pending
     ],
 )
 async def test_routing_marks_the_backends_own_latest(
-    catalogue: tuple[int, ...], reported: dict[int, str], managed: bool, tops: dict[int, bool]
+    catalogue: tuple[int, ...],
+    reported: dict[int, str],
+    managed: bool,
+    pushed: bool,
+    tops: dict[int, bool],
 ) -> None:
-    states = {"A": AVAILABLE, "L": VersionState.LOADING}
+    states = {"A": AVAILABLE, "L": VersionState.LOADING, "E": VersionState.END}
     servable = Servable("m", "/models/m", catalogue)
     model = DesiredModel("m", "api", False, {v: "m" for v in catalogue}, {"m": servable})
     pool = PoolImpl(
-        config=GatewayConfig(manage_backends=managed),
+        config=GatewayConfig(),
         backends=[BackendConfig("b", "127.0.0.1:1")],
         models={"m": model},
         labels={},
-        manage=False,
+        manage=managed,
     )
     backend = pool.backends[0]
-    backend.status = {"m": {v: VersionStatus(states[s]) for v, s in reported.items()}}
+    backend.status = backend.reported = {
+        "m": {v: VersionStatus(states[s]) for v, s in reported.items()}
+    }
+    backend.pushed = object() if pushed else None
     pool._rebuild()
     route = pool.table.routes["m"]
     assert {v: targets[0].top for v, targets in route.versions.items()} == tops
+    await backend.channel.close()
+
+
+async def test_a_version_about_to_be_unloaded_keeps_latest_pinned() -> None:
+    """Removing the highest version: routing leaves it before the push, but the backend serves it
+    as its latest until a poll after the push shows it gone."""
+    servable = Servable("m", "/models/m", (1, 2))
+    model = DesiredModel("m", "api", False, {1: "m", 2: "m"}, {"m": servable})
+    pool = PoolImpl(
+        config=GatewayConfig(), backends=[BackendConfig("b", "127.0.0.1:1")],
+        models={"m": model}, labels={},
+    )  # fmt: skip
+    backend = pool.backends[0]
+    backend.pushed = object()
+    backend.status = backend.reported = {
+        "m": {v: VersionStatus(AVAILABLE) for v in (1, 2, 3)}
+    }  # version 3 was just removed from the catalogue
+    pool._forget_unwanted(backend, [servable])
+    route = pool.table.routes["m"]
+    assert set(route.versions) == {1, 2}  # routing left version 3 ...
+    assert not route.versions[2][0].top  # ... but a call for latest stays pinned to 2
     await backend.channel.close()
