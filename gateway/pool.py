@@ -358,11 +358,11 @@ class Pool:
         timeout = min(self.config.backend_timeout, 10.0)
         wanted = self.wanted(backend)
         config = _config(wanted)
-        pushed = False
+        pushed_now = False
         if not self.manage:
             backend.pushed = config  # the first worker owns the backends' configuration
         elif config != backend.pushed:
-            pushed = True
+            pushed_now = True
             self._forget_unwanted(backend, wanted)
             # TF Serving answers a reload adding new model names only once they loaded
             await backend.reload(
@@ -386,7 +386,7 @@ class Pool:
         keep = {(s.name, v) for s in wanted for v in s.versions} | set(backend.failures)
         backend.available_since = {k: t for k, t in backend.available_since.items() if k in keep}
         backend.retrying &= keep
-        if pushed or status != backend.status or status != backend.reported:
+        if pushed_now or status != backend.status or status != backend.reported:
             self._log_failures(backend, status)
             backend.status = backend.reported = status
             self._rebuild()

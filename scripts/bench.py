@@ -45,7 +45,6 @@ import bench_requests as req
 import grpc
 from bench_load import H2Load, PythonLoad, Sample, median
 from bench_stack import (
-    MODELMUX,
     ROOT,
     Child,
     Stack,
@@ -525,11 +524,9 @@ class Bench:
             source=self.models / "half_plus_two",
             versions=(1, 2),
         )
-        argv = [*MODELMUX, "backend", "--listen", "127.0.0.1:0", "--model-config-file", str(conf)]
         device = ["--device-time", DEVICE_TIME, "--device-slots", str(DEVICE_SLOTS)]
-        backend = self.stack.spawn("backend-device", [*argv, *device])
-        backend.wait_serving(180)
-        self.procs["backend-device"] = backend
+        self.procs.update(self.stack.backends({"backend-device": conf}, extra_args=device))
+        backend = self.procs["backend-device"]
         config = gateway_config(
             self.workdir / "gateway-device.yaml",
             backend=backend.address,

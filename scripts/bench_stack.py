@@ -356,11 +356,23 @@ class Stack:
         return child
 
     def backends(
-        self, names: Mapping[str, Path | None], *, timeout: float = 180.0
+        self,
+        names: Mapping[str, Path | None],
+        *,
+        extra_args: Sequence[str] = (),
+        timeout: float = 180.0,
     ) -> dict[str, Child]:
         """Embedded backends, started together (TensorFlow takes seconds to import); each name
         maps to a model config file loaded at start, or None."""
-        argv = [*MODELMUX, "backend", "--listen", "127.0.0.1:0", "--accelerator", "cpu"]
+        argv = [
+            *MODELMUX,
+            "backend",
+            "--listen",
+            "127.0.0.1:0",
+            "--accelerator",
+            "cpu",
+            *extra_args,
+        ]
         children = {
             name: self.spawn(name, argv + (["--model-config-file", str(conf)] if conf else []))
             for name, conf in names.items()
