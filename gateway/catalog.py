@@ -6,13 +6,16 @@ published content of a version is its own servable, ``<model>@r<revision>``, who
 modelsync's immutable store folder holding just that version. Rewriting a version in place then
 publishes a new servable that loads beside the old one, and routing switches only once it is
 AVAILABLE: no request ever meets a version that is being swapped.
+
+What modelsync refuses (and sources that fail) reaches the pool as :class:`Problems`, so that a
+model the config names is listed, and its calls answered, with the reason it cannot be served.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from modelmux_common.config import NAME_RE, BackendConfig, Config, ConfigError
 
@@ -45,6 +48,43 @@ class DesiredModel:
         if self.inferentia or backend.accelerator == "inferentia":
             return self.inferentia and backend.accelerator == "inferentia"
         return backend.accelerator == "gpu" or not self.gpu_only
+
+
+@dataclass(frozen=True, slots=True)
+class Problems:
+    """What modelsync reports against models it does not publish (or not every version of)."""
+
+    # model -> version (None: the model as a whole) -> why modelsync refuses it
+    refused: Mapping[str, Mapping[int | None, str]] = field(default_factory=dict)
+    # model -> its API, for the models refused
+    apis: Mapping[str, str] = field(default_factory=dict)
+    # (api, source uri) -> the error of a source that fails now
+    source_errors: Mapping[tuple[str, str], str] = field(default_factory=dict)
+
+
+def refusal_text(refused: Mapping[int | None, str]) -> str:
+    """What modelsync refuses of one model, as calls for it and listings say it."""
+    return "; ".join(
+        f"modelsync refused {'it' if v is None else f'version {v}'}: {reason}"
+        for v, reason in sorted(refused.items(), key=lambda item: item[0] or 0)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Expected:
+    """A model the config names (a path source): it is listed even before anything is published."""
+
+    api: str
+    uri: str
+
+
+def expected_models(config: Config) -> dict[str, Expected]:
+    """The models the config's path sources name for the backends (python handlers' are not)."""
+    return {
+        s.name: Expected(s.api, s.uri)
+        for s in config.sources()
+        if s.kind == "path" and s.savedmodel
+    }
 
 
 def gpu_apis(config: Config) -> frozenset[str]:

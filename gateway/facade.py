@@ -88,6 +88,9 @@ class Facade:
         name = request.model_spec.name
         call.model = name
         if name not in self.pool.models:
+            status = self.pool.table.states.get(name)
+            if status is not None:  # known, nothing published: refused, source failing, pending
+                raise status.error(name)
             raise NotFound(f"Could not find any versions of model {name}")
         merged: dict[int, VersionStatus] = {}
         for version, entries in self.pool.states(name).items():

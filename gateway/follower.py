@@ -5,6 +5,12 @@ reconnect), then carries live events. The follower keeps the published state, re
 catalogue from it after every change, and hands it to the pool. While modelsync is unreachable the
 last catalogue stays in force and the follower reconnects with backoff. Models of the APIs in
 ``skip_apis`` (python handlers, whose versions are not SavedModels) never enter the catalogue.
+
+Revisions are those of one modelsync instance: every message names the instance that sent it, a
+resume says which instance its revision is from, and messages from another one (a restarted
+modelsync, or another stack at the same address) make the follower start again from a snapshot.
+What modelsync refuses, and sources that fail, are kept too and handed over as
+:class:`~gateway.catalog.Problems`.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from dataclasses import dataclass, field
 import grpc
 import structlog
 
-from gateway.catalog import DesiredModel, Servable
+from gateway.catalog import DesiredModel, Problems, Servable
 from modelmux.modelsync.v1 import modelsync_pb2, modelsync_pb2_grpc
 
 log = structlog.get_logger("modelmux.gateway")
@@ -30,6 +36,10 @@ _PUBLISHING = (
     K.EVENT_KIND_CONTENT_UPDATED,
 )
 MAX_BACKOFF = 5.0
+
+
+class _OtherInstance(Exception):
+    """A resumed stream carries events of another modelsync instance: subscribe again, afresh."""
 
 
 @dataclass
@@ -71,13 +81,17 @@ class Follower:
         *,
         gpu_apis: frozenset[str] = frozenset(),
         skip_apis: frozenset[str] = frozenset(),
+        on_problems: Callable[[Problems], None] | None = None,
     ) -> None:
         self.address = address
         self.gpu_apis = gpu_apis
         # APIs whose models the backends never load (python handlers): left out of the catalogue
         self.skip_apis = skip_apis
         self.on_catalog = on_catalog
+        self.on_problems = on_problems
         self.revision = 0
+        # the modelsync instance self.revision belongs to ("" before the first message)
+        self.instance = ""
         self.connected = False
         self.synced = asyncio.Event()  # set once the first snapshot arrived
         self.on_connection: Callable[[bool], None] | None = None
@@ -85,6 +99,11 @@ class Follower:
         # (model, version) -> store base path of the content first seen: while a version keeps it,
         # it is served from the view under the model's own name (no renaming on the request path)
         self._first: dict[tuple[str, int], str] = {}
+        # (model, version or None, reason) -> API: what modelsync refuses now
+        self._refused: dict[tuple[str, int | None, str], str] = {}
+        # (api, source uri) -> error, while the source fails
+        self._source_errors: dict[tuple[str, str], str] = {}
+        self._problems_changed = False
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -103,6 +122,20 @@ class Follower:
             for name, model in self._models.items()
             if model.api == api and model.versions
         }
+
+    def problems(self) -> Problems:
+        """What modelsync refuses (by model and version) and which sources fail, without the
+        APIs in ``skip_apis``."""
+        refused: dict[str, dict[int | None, str]] = {}
+        apis: dict[str, str] = {}
+        for (model, version, reason), api in sorted(self._refused.items(), key=_refusal_order):
+            if not model or api in self.skip_apis:
+                continue
+            per = refused.setdefault(model, {})
+            per[version] = f"{per[version]}; {reason}" if version in per else reason
+            apis[model] = api
+        errors = {k: e for k, e in self._source_errors.items() if k[0] not in self.skip_apis}
+        return Problems(refused, apis, errors)
 
     def catalog(self) -> dict[str, DesiredModel]:
         """Versions still holding the content first seen are one servable named after the model,
@@ -141,10 +174,10 @@ class Follower:
             stub = modelsync_pb2_grpc.ModelSyncStub(channel)
             while True:
                 try:
-                    stream = stub.WatchEvents(
-                        modelsync_pb2.WatchEventsRequest(from_revision=self.revision),
-                        wait_for_ready=True,
+                    request = modelsync_pb2.WatchEventsRequest(
+                        from_revision=self.revision, instance=self.instance
                     )
+                    stream = stub.WatchEvents(request, wait_for_ready=True)
                     # A resume at the current revision gets no message until the next event:
                     # being connected is the channel being READY with the stream open.
                     await asyncio.wait_for(channel.channel_ready(), MAX_BACKOFF)
@@ -153,6 +186,9 @@ class Follower:
                     async for item in stream:
                         self._apply(item)
                     error = "stream ended"
+                except _OtherInstance:
+                    stream.cancel()
+                    continue  # at once, from revision 0: the new instance sends a snapshot
                 except grpc.aio.AioRpcError as exc:
                     error = f"{exc.code().name}: {exc.details()}"
                 except TimeoutError:
@@ -180,13 +216,38 @@ class Follower:
 
     def _apply(self, item: modelsync_pb2.WatchEventsResponse) -> None:
         if item.HasField("snapshot"):
+            if self.instance and item.instance != self.instance:
+                log.info(
+                    "modelsync_instance_changed",
+                    address=self.address,
+                    previous=self.instance,
+                    instance=item.instance,
+                )
+            self.instance = item.instance
             self._snapshot(item.snapshot)
+            changed = True
         else:
+            if item.instance and self.instance and item.instance != self.instance:
+                # revisions of another history: what this follower knows may be stale
+                log.warning(
+                    "modelsync_instance_changed",
+                    address=self.address,
+                    previous=self.instance,
+                    instance=item.instance,
+                    action="subscribing again from a snapshot",
+                )
+                self.revision, self.instance = 0, ""
+                raise _OtherInstance
+            self.instance = self.instance or item.instance
             event = item.event
             self.revision = max(self.revision, event.revision)
-            if not self._event(event):
-                return
-        self.on_catalog(self.catalog())
+            changed = self._event(event)
+        if self._problems_changed:
+            self._problems_changed = False
+            if self.on_problems is not None:
+                self.on_problems(self.problems())
+        if changed:
+            self.on_catalog(self.catalog())
 
     def _snapshot(self, snapshot: modelsync_pb2.Snapshot) -> None:
         self._models = {}
@@ -201,12 +262,21 @@ class Follower:
             for key, base in self._first.items()
             if key[0] in self._models and key[1] in self._models[key[0]].versions
         }
+        self._refused = {
+            (r.model, r.version if r.HasField("version") else None, r.reason): r.api
+            for r in snapshot.refused
+        }
+        self._source_errors = {
+            (s.api, s.uri): s.error for s in snapshot.sources if not s.healthy and s.error
+        }
+        self._problems_changed = True
         self.revision = snapshot.revision
         log.info(
             "modelsync_snapshot",
             revision=snapshot.revision,
             reason=int(snapshot.reason),
             models=sorted(self._models),
+            refused=sorted({r.model for r in snapshot.refused if r.model}),
         )
         self.synced.set()
 
@@ -230,6 +300,7 @@ class Follower:
                 return False
             self._first = {k: b for k, b in self._first.items() if k[0] != event.model}
         else:
+            self._note(event)
             log.info(
                 "modelsync_event",
                 kind=_kind_name(kind),
@@ -246,3 +317,27 @@ class Follower:
             revision=event.revision,
         )
         return model.api not in self.skip_apis
+
+    def _note(self, event: modelsync_pb2.Event) -> None:
+        """Keeps what modelsync refuses and which sources fail."""
+        version = event.version if event.HasField("version") else None
+        refusal = (event.model, version, event.reason)
+        source = (event.api, event.source)
+        if event.kind == K.EVENT_KIND_VALIDATION_FAILED:
+            self._refused[refusal] = event.api
+        elif event.kind == K.EVENT_KIND_VALIDATION_CLEARED:
+            if self._refused.pop(refusal, None) is None:
+                return
+        elif event.kind == K.EVENT_KIND_SOURCE_ERROR:
+            self._source_errors[source] = event.reason
+        elif event.kind == K.EVENT_KIND_SOURCE_RECOVERED:
+            if self._source_errors.pop(source, None) is None:
+                return
+        else:
+            return
+        self._problems_changed = True
+
+
+def _refusal_order(item: tuple[tuple[str, int | None, str], str]) -> tuple[str, int, str]:
+    (model, version, reason), _ = item
+    return (model, -1 if version is None else version, reason)

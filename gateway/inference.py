@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,17 @@ class TensorSpec:
 class Signature:
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]
+
+
+def check_input_names(names: Iterable[str], signature: Signature, signature_name: str) -> None:
+    """INVALID_ARGUMENT for an input the signature does not have: one wording for JSON and typed
+    requests."""
+    unknown = sorted(n for n in names if n not in signature.inputs)
+    if unknown:
+        expected = ", ".join(sorted(signature.inputs)) or "none"
+        raise InvalidArgument(
+            f"unknown input {unknown[0]!r}: signature {signature_name!r} has the inputs {expected}"
+        )
 
 
 def _specs(infos: Any) -> dict[str, TensorSpec]:
@@ -89,15 +101,23 @@ class Inference:
         else:
             for name, tensor in request.inputs.items():
                 typed_to_proto(name, tensor, backend_request.inputs[name])
-        raw = await self.forwarder.send(
-            "Predict",
-            backend_request.SerializeToString(),
-            model=request.model,
-            version=version,
-            label=None,
-            context=context,
-            call=call,
-        )
+        try:
+            raw = await self.forwarder.send(
+                "Predict",
+                backend_request.SerializeToString(),
+                model=request.model,
+                version=version,
+                label=None,
+                context=context,
+                call=call,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if use_json or exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            # typed inputs are not checked on the way (no signature needed): when the backend
+            # refuses them, an unknown input name gets the same words as in the JSON form
+            await self._check_names(request, version, candidates[0].servable, context, call)
+            raise
         result = predict_pb2.PredictResponse.FromString(raw)
         response = inference_pb2.PredictResponse(
             model=request.model,
@@ -113,15 +133,25 @@ class Inference:
                 proto_to_typed(tensor, response.outputs[name])
         return bytes(response.SerializeToString())
 
+    async def _check_names(
+        self,
+        request: Any,
+        version: int,
+        servable: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+        call: Call,
+    ) -> None:
+        name = request.signature_name or DEFAULT_SIGNATURE
+        try:
+            signature = await self._signature(request.model, version, servable, name, context, call)
+        except Exception:  # the backend's own answer stands
+            return
+        check_input_names(request.inputs, signature, name)
+
     @staticmethod
     def _json_inputs(request: Any, signature: Signature, out: Any) -> None:
         values = json_format.MessageToDict(request.json_inputs)
-        for name in values:
-            if name not in signature.inputs:
-                expected = ", ".join(sorted(signature.inputs))
-                raise InvalidArgument(
-                    f"unknown input {name!r}; the signature's inputs are: {expected}"
-                )
+        check_input_names(values, signature, out.model_spec.signature_name)
         for name, value in values.items():
             spec = signature.inputs[name]
             json_to_proto(

@@ -1,5 +1,6 @@
 """``modelmux.v1.Models``: what the gateway routes, each version's state on each backend, routing
-changes as a stream, and the admin calls that move labels and split traffic."""
+changes as a stream, and the admin calls that move labels and split traffic. Every model the
+gateway knows is listed, those it cannot serve with their state and the reason."""
 
 from __future__ import annotations
 
@@ -41,35 +42,47 @@ class Models:
         self._last: dict[str, tuple[Any, ...]] = {}
 
     def describe(self, name: str) -> models_pb2.Model:
-        desired = self.pool.models[name]
-        route = self.pool.table.routes.get(name)
+        table = self.pool.table
+        route = table.routes.get(name)
         model = models_pb2.Model(
-            name=name, api=desired.api, latest_version=route.latest if route else 0
+            name=name, api=self.pool.api_of(name), latest_version=route.latest if route else 0
         )
+        status = table.states.get(name)
+        if status is not None:
+            model.state = models_pb2.ModelState.Value(f"MODEL_STATE_{status.state}")
+            model.reason = status.reason
         effective = dict(route.labels) if route else {}
         model.labels.update(effective)
         model.pending_labels.update(
             {lb: v for lb, v in self.pool.labels.get(name, {}).items() if effective.get(lb) != v}
         )
         model.traffic_split.update(self.pool.splits.get(name, {}))
-        for version, entries in self.pool.states(name).items():
+        states = self.pool.states(name) if name in self.pool.models else {}
+        refused = self.pool.problems.refused.get(name, {})
+        for version in sorted(set(states) | {v for v in refused if v is not None}):
             entry = model.versions.add(
-                version=version, routable=bool(route and version in route.versions)
+                version=version,
+                routable=bool(route and version in route.versions),
+                refusal=refused.get(version, ""),
             )
-            for backend, status in entries:
+            for backend, st in states.get(version, ()):
                 entry.backends.add(
                     backend=backend.name,
                     address=backend.address,
                     accelerator=_ACCELERATOR[backend.accelerator],
-                    state=status.state // 10,  # TF Serving states are 10..50
-                    error=status.error,
+                    state=st.state // 10,  # TF Serving states are 10..50
+                    error=st.error,
                 )
         return model
 
     def _known(self, name: str) -> None:
-        if name not in self.pool.models:
-            known = ", ".join(sorted(self.pool.models)) or "none"
+        if name not in self.pool.table.known:
+            known = ", ".join(sorted(self.pool.table.known)) or "none"
             raise NotFound(f"model {name!r} is not served here (models: {known})")
+
+    def _versions(self, name: str) -> Any:
+        desired = self.pool.models.get(name)
+        return desired.versions if desired is not None else {}
 
     async def list_models(
         self, data: bytes, context: grpc.aio.ServicerContext[Any, Any], call: Call
@@ -81,7 +94,7 @@ class Models:
             inflight=self.forwarder.inflight,
         )
         response = models_pb2.ListModelsResponse(
-            models=[self.describe(n) for n in sorted(self.pool.models)], limits=limits
+            models=[self.describe(n) for n in sorted(self.pool.table.known)], limits=limits
         )
         return bytes(response.SerializeToString())
 
@@ -116,9 +129,9 @@ class Models:
         self._known(request.model)
         if not request.label:
             raise InvalidArgument("label is required")
-        versions = self.pool.models[request.model].versions
+        versions = self._versions(request.model)
         if request.version and request.version not in versions:
-            known = ", ".join(str(v) for v in sorted(versions))
+            known = ", ".join(str(v) for v in sorted(versions)) or "none"
             raise NotFound(
                 f"model {request.model!r} has no version {request.version} (versions: {known})"
             )
@@ -136,7 +149,7 @@ class Models:
         request = parse(models_pb2.SetTrafficSplitRequest, data)
         call.model = request.model
         self._known(request.model)
-        versions = self.pool.models[request.model].versions
+        versions = self._versions(request.model)
         unknown = sorted(v for v in request.weights if v not in versions)
         if unknown:
             raise NotFound(f"model {request.model!r} has no version {unknown[0]}")
@@ -158,6 +171,7 @@ class Models:
             tuple(sorted(route.labels.items())) if route else (),
             tuple(sorted(self.pool.labels.get(name, {}).items())),
             tuple(sorted(self.pool.splits.get(name, {}).items())),
+            table.states.get(name),
         )
 
     def publish(self, table: Table) -> None:
@@ -189,7 +203,7 @@ class Models:
         queue: asyncio.Queue[models_pb2.WatchModelsResponse | None] = asyncio.Queue(WATCH_QUEUE + 1)
         self._watchers.add(queue)
         try:
-            for name in sorted(self.pool.models):
+            for name in sorted(self.pool.table.known):
                 if not wanted or name in wanted:
                     yield models_pb2.WatchModelsResponse(
                         model=self.describe(name)

@@ -7,6 +7,10 @@ flight, then polls GetModelStatus. The pool turns what the backends report into 
 When a version's content is replaced (a new servable for the same model version), the old servable
 stays in a backend's config until the new one is AVAILABLE on that backend, and routing keeps using
 the old one until then; the old one is unloaded only after routing moved away.
+
+Every model the gateway knows (named by the config, published or refused by modelsync) gets a
+:class:`~gateway.routing.ModelStatus` in the table: routable, or why not (modelsync's refusal,
+the backends' load error, a failing source, a placement no backend matches, still loading).
 """
 
 from __future__ import annotations
@@ -21,8 +25,18 @@ from typing import Any
 import grpc
 import structlog
 
-from gateway.catalog import DesiredModel, Servable
-from gateway.routing import Route, Table, Target
+from gateway.catalog import DesiredModel, Expected, Problems, Servable, refusal_text
+from gateway.routing import (
+    FAILED,
+    LOADING,
+    PENDING,
+    REFUSED,
+    SOURCE_FAILING,
+    ModelStatus,
+    Route,
+    Table,
+    Target,
+)
 from modelmux_common.config import BackendConfig, GatewayConfig
 from modelmux_common.grpcutil import message_size_options
 from modelmux_common.tfserving import (
@@ -102,6 +116,8 @@ class Backend:
         self.retrying: set[tuple[str, int]] = set()
         # (servable, version) -> monotonic time it was first seen AVAILABLE
         self.available_since: dict[tuple[str, int], float] = {}
+        # (servable, version) -> the last load error reported, until it is AVAILABLE
+        self.load_errors: dict[tuple[str, int], str] = {}
 
     def __repr__(self) -> str:
         return f"Backend({self.name}@{self.address})"
@@ -161,6 +177,7 @@ class Pool:
         labels: Mapping[str, Mapping[str, int]],
         on_change: Callable[[Table], None] | None = None,
         manage: bool = True,
+        expected: Mapping[str, Expected] | None = None,
     ) -> None:
         self.config = config
         # False in gateway workers other than the first: they watch backends, never configure them
@@ -170,6 +187,12 @@ class Pool:
         self.hold = 2 * config.status_interval + 1.0 if config.workers > 1 else 0.0
         # dns:///name:port entries are expanded by gateway.discovery into one backend per address
         self.backends = [Backend(b, config) for b in backends if not b.address.startswith("dns:")]
+        # every configured backend, dns:/// entries included: where a model could be placed
+        self.backend_configs = tuple(backends)
+        # models the config names: listed (and waited for) before anything is published
+        self.expected: dict[str, Expected] = dict(expected or {})
+        # what modelsync refuses and which sources fail (see gateway.follower)
+        self.problems = Problems()
         self.models: dict[str, DesiredModel] = dict(models)
         # labels as asked (config or admin RPC) and as in force: a label moves only once its new
         # target is AVAILABLE on every reachable backend the model is placed on
@@ -181,7 +204,8 @@ class Pool:
         self.retired: dict[tuple[str, int], tuple[DesiredModel, Servable, float]] = {}
         # (model, version) -> the servable that served it before its content was replaced
         self.previous: dict[tuple[str, int], Servable] = {}
-        self.table = Table(known=frozenset(self.models))
+        self._on_change = None
+        self._rebuild()
         self._on_change = on_change
         self._wake = {b.name: asyncio.Event() for b in self.backends}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -214,6 +238,11 @@ class Pool:
         self._rebuild()
         for event in self._wake.values():
             event.set()
+
+    def set_problems(self, problems: Problems) -> None:
+        """What modelsync refuses and which sources fail, for the models' states."""
+        self.problems = problems
+        self._rebuild()
 
     def _retire(self, models: Mapping[str, DesiredModel]) -> None:
         """With several workers, a removed version stays loaded for ``hold`` seconds, so that a
@@ -385,6 +414,7 @@ class Pool:
         self._track_failures(backend, status)
         keep = {(s.name, v) for s in wanted for v in s.versions} | set(backend.failures)
         backend.available_since = {k: t for k, t in backend.available_since.items() if k in keep}
+        backend.load_errors = {k: e for k, e in backend.load_errors.items() if k in keep}
         backend.retrying &= keep
         if pushed_now or status != backend.status or status != backend.reported:
             self._log_failures(backend, status)
@@ -428,9 +458,11 @@ class Pool:
                 if entry.state == AVAILABLE:
                     backend.available_since.setdefault(key, now)
                     backend.failures.pop(key, None)
+                    backend.load_errors.pop(key, None)
                 elif entry.state != END:
                     backend.retrying.discard(key)  # the retry is under way
                 elif entry.error:
+                    backend.load_errors[key] = entry.error
                     attempts, retry_at = backend.failures.get(key, (0, 0.0))
                     # right after a retry was sent the old failure may still be reported
                     stale = key in backend.retrying and now < retry_at + STALE_FAILURE
@@ -505,9 +537,80 @@ class Pool:
                 routes[name] = Route(name, versions, labels, dict(self.splits.get(name, {})))
         self.previous = {key: old for key, old in self.previous.items() if not self._moved_on(key)}
         configured = {name: frozenset(model.versions) for name, model in self.models.items()}
-        self.table = Table(routes=routes, known=frozenset(self.models), configured=configured)
+        known = frozenset(self.models) | frozenset(self.expected) | frozenset(self.problems.refused)
+        failed = self._failed_versions(routes)
+        states = {name: self._status(name, name in routes, failed) for name in known}
+        self.table = Table(
+            routes=routes,
+            known=known,
+            configured=configured,
+            states=states,
+            failed_versions=failed,
+        )
         if self._on_change is not None:
             self._on_change(self.table)
+
+    def api_of(self, name: str) -> str:
+        """The API a known model belongs to."""
+        if name in self.models:
+            return self.models[name].api
+        if name in self.expected:
+            return self.expected[name].api
+        return self.problems.apis.get(name, "")
+
+    def _failed_versions(self, routes: Mapping[str, Route]) -> dict[tuple[str, int], str]:
+        """Versions that are not routable and will not be by waiting: refused by modelsync and not
+        published, or failed to load on every reachable backend they are placed on."""
+        out: dict[tuple[str, int], str] = {}
+        for name, versions in self.problems.refused.items():
+            published = self.models[name].versions if name in self.models else {}
+            for version, reason in versions.items():
+                if version is not None and version not in published:
+                    out[(name, version)] = f"modelsync refused version {version}: {reason}"
+        for name, model in self.models.items():
+            route = routes.get(name)
+            placed = self._placed_backends(name)
+            for version, servable in model.versions.items():
+                if placed and (route is None or version not in route.versions):
+                    errors = [b.load_errors.get((servable, version)) for b in placed]
+                    if all(errors):
+                        out[(name, version)] = (
+                            f"version {version} failed to load on {placed[0].name}: {errors[0]}"
+                        )
+        return out
+
+    def _status(
+        self, name: str, routed: bool, failed: Mapping[tuple[str, int], str]
+    ) -> ModelStatus:
+        """Whether the model can be called, and if not, why not."""
+        if routed:
+            return ModelStatus("AVAILABLE")
+        model = self.models.get(name)
+        if model is None or not model.versions:
+            refused = self.problems.refused.get(name)
+            if refused:
+                return ModelStatus(REFUSED, refusal_text(refused))
+            expected = self.expected.get(name)
+            if expected is not None:
+                error = self.problems.source_errors.get((expected.api, expected.uri))
+                if error:
+                    return ModelStatus(SOURCE_FAILING, f"its source {expected.uri} fails: {error}")
+            return ModelStatus(PENDING, "modelsync has published no version of it yet")
+        if not any(model.placed_on(b) for b in self.backend_configs):
+            return ModelStatus(FAILED, f"no configured backend can hold it: {_placement(model)}")
+        errors = [failed[(name, v)] for v in sorted(model.versions) if (name, v) in failed]
+        if len(errors) == len(model.versions):
+            return ModelStatus(FAILED, errors[-1])
+        placed = [b for b in self.backends if model.placed_on(b.config)]
+        reachable = [b.name for b in placed if b.reachable]
+        loading = [str(v) for v in sorted(model.versions) if (name, v) not in failed]
+        if reachable:
+            what = f"version{'s' if len(loading) > 1 else ''} {', '.join(loading)}"
+            return ModelStatus(LOADING, f"{what} loading on {', '.join(reachable)}")
+        if not placed:
+            return ModelStatus(LOADING, "waiting for its backends to be discovered")
+        down = "; ".join(f"{b.name} ({b.last_error or 'not reached yet'})" for b in placed)
+        return ModelStatus(LOADING, f"no backend that can hold it is reachable: {down}")
 
     def _move_labels(self, name: str, versions: Mapping[int, Sequence[Target]]) -> dict[str, int]:
         effective = self.effective.setdefault(name, {})
@@ -547,3 +650,16 @@ class Pool:
     def _placed_backends(self, model: str) -> list[Backend]:
         desired = self.models[model]
         return [b for b in self.backends if desired.placed_on(b.config) and b.reachable]
+
+
+def _placement(model: DesiredModel) -> str:
+    if model.inferentia:
+        return (
+            f"API {model.api!r} runs on Inferentia (compute.inf > 0) and no backend has "
+            "accelerator: inferentia"
+        )
+    if model.gpu_only:
+        return (
+            f"API {model.api!r} asks for GPUs (compute.gpu > 0) and no backend has accelerator: gpu"
+        )
+    return "no backend has accelerator: cpu or gpu"

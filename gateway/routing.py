@@ -11,7 +11,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway.errors import NotFound, Unavailable
+from gateway.errors import FailedPrecondition, GatewayError, NotFound, Unavailable
+
+# What ModelStatus.state can be: modelmux.v1.ModelState without its prefix.
+AVAILABLE = "AVAILABLE"
+LOADING = "LOADING"
+PENDING = "PENDING"
+REFUSED = "REFUSED"
+FAILED = "FAILED"
+SOURCE_FAILING = "SOURCE_FAILING"
+# Not worth retrying: nothing changes until someone fixes the model, its source or the config.
+TERMINAL = frozenset({REFUSED, FAILED})
+# Known for what it is: start-up does not wait for these any longer (see Gateway._on_table).
+SETTLED = frozenset({AVAILABLE, REFUSED, FAILED, SOURCE_FAILING})
 
 
 class Backend(Protocol):
@@ -63,19 +75,43 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelStatus:
+    """Whether a model can be called, and if not, why not."""
+
+    state: str
+    reason: str = ""
+
+    def error(self, model: str) -> GatewayError:
+        """The status of a call for the model while it has no routable version."""
+        if self.state in TERMINAL:
+            return FailedPrecondition(f"model {model!r} cannot be served: {self.reason}")
+        return Unavailable(f"model {model!r} has no version available yet: {self.reason}")
+
+
+@dataclass(frozen=True, slots=True)
 class Table:
     routes: Mapping[str, Route] = field(default_factory=dict)
     # Every model the gateway is configured to serve, routable or not.
     known: frozenset[str] = frozenset()
     # model -> versions it is configured to serve (routable or still loading, failed, unreachable)
     configured: Mapping[str, frozenset[int]] = field(default_factory=dict)
+    # model -> its state and why (every known model)
+    states: Mapping[str, ModelStatus] = field(default_factory=dict)
+    # (model, version) -> why that version cannot be served: refused by modelsync, or failed to
+    # load on every backend it is placed on (routable versions never appear)
+    failed_versions: Mapping[tuple[str, int], str] = field(default_factory=dict)
 
     def resolve(
         self, model: str, version: int | None, label: str | None
     ) -> tuple[int, Sequence[Target]]:
-        """(version, candidate backends) for a request; NOT_FOUND / UNAVAILABLE with the reason."""
+        """(version, candidate backends) for a request; NOT_FOUND for what the gateway does not
+        know, FAILED_PRECONDITION for what cannot be served (refused, failed to load),
+        UNAVAILABLE for what is not loaded yet, each with the reason."""
         route = self.routes.get(model)
         if route is None:
+            status = self.states.get(model)
+            if status is not None:
+                raise status.error(model)
             if model in self.known:
                 raise Unavailable(f"model {model!r} has no version available on any backend yet")
             known = ", ".join(sorted(self.known)) or "none"
@@ -89,26 +125,20 @@ class Table:
         elif version is None or version == 0:
             version = route.pick_latest()
         backends = route.versions.get(version)
-        if not backends and version in self.configured.get(model, ()):
-            what = (
-                f"label {label!r} points at version {version}, which"
-                if label
-                else f"version {version}"
-            )
+        if backends:
+            return version, backends
+        what = (
+            f"label {label!r} points at version {version}, which" if label else f"version {version}"
+        )
+        why = self.failed_versions.get((model, version))
+        if why is not None:
+            raise FailedPrecondition(f"model {model!r}: {what} cannot be served: {why}")
+        if version in self.configured.get(model, ()):
             raise Unavailable(
                 f"model {model!r}: {what} is configured but not loaded on any reachable backend"
             )
-        if not backends:
-            versions = ", ".join(str(v) for v in sorted(route.versions)) or "none"
-            what = (
-                f"label {label!r} points at version {version}, which"
-                if label
-                else f"version {version}"
-            )
-            raise NotFound(
-                f"model {model!r}: {what} is not available (available versions: {versions})"
-            )
-        return version, backends
+        versions = ", ".join(str(v) for v in sorted(route.versions)) or "none"
+        raise NotFound(f"model {model!r}: {what} is not available (available versions: {versions})")
 
 
 def pick(candidates: Sequence[Target], exclude: Target | None = None) -> Target | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -17,7 +18,7 @@ import uvloop
 
 from gateway.batching import Policy
 from gateway.calls import Call, Forwarder, Handler, Lifecycle, edge, stream_edge
-from gateway.catalog import gpu_apis, static_catalog
+from gateway.catalog import expected_models, gpu_apis, static_catalog
 from gateway.discovery import Discovery
 from gateway.facade import MODEL_SERVICE, PREDICTION_SERVICE, Facade
 from gateway.follower import Follower
@@ -25,7 +26,7 @@ from gateway.handlers.pool import Handlers, HandlerStartError
 from gateway.inference import Inference
 from gateway.models_api import Models
 from gateway.pool import FORWARDED_METHODS, Pool
-from gateway.routing import Table
+from gateway.routing import SETTLED, Table
 from gateway.workers import supervise
 from modelmux.v1 import inference_pb2, models_pb2
 from modelmux_common import logs
@@ -51,8 +52,15 @@ MODELSYNC_HEALTH = "modelmux.modelsync.v1.ModelSync"
 class Gateway:
     """The gateway's gRPC server and everything it serves."""
 
-    def __init__(self, config: Config, *, manage_backends: bool = True) -> None:
+    def __init__(
+        self, config: Config, *, manage_backends: bool = True, strict: bool = False
+    ) -> None:
         self.config = config
+        # --strict: SERVING only once every model is routable, and start-up fails (start_failed
+        # is set) when one settles as not servable
+        self.strict = strict
+        self.start_failed = asyncio.Event()
+        self._settled_once = False
         gw = config.gateway
         for i, api in enumerate(config.apis):
             if api.handler_type == "python" and api.sources and not gw.modelsync:
@@ -63,10 +71,7 @@ class Gateway:
                 )
         self.lifecycle = Lifecycle()
         self.follower: Follower | None = None
-        # models the config names (path / paths) for the backends: SERVING waits for them
-        self.expected = frozenset(
-            s.name for s in config.sources() if s.kind == "path" and s.savedmodel
-        )
+        # models the config names (path / paths) for the backends: listed and waited for
         self.pool = Pool(
             config=gw,
             backends=config.backends,
@@ -74,12 +79,17 @@ class Gateway:
             labels=config.version_labels,
             on_change=self._on_table,
             manage=manage_backends and gw.manage_backends,
+            expected=expected_models(config),
         )
         self.discovery = Discovery(self.pool, config.backends, interval=gw.dns_refresh)
         if gw.modelsync:
             python_apis = frozenset(a.name for a in config.apis if a.handler_type == "python")
             self.follower = Follower(
-                gw.modelsync, self.pool.update, gpu_apis=gpu_apis(config), skip_apis=python_apis
+                gw.modelsync,
+                self.pool.update,
+                gpu_apis=gpu_apis(config),
+                skip_apis=python_apis,
+                on_problems=self.pool.set_problems,
             )
             self.follower.on_connection = lambda _: self._on_table(self.pool.table)
         self.server = grpc.aio.server(options=message_size_options(gw.max_message_bytes))
@@ -183,19 +193,28 @@ class Gateway:
         self.address = ""
 
     def _on_table(self, table: Table) -> None:
-        """Health: one entry per model, modelsync's link, and overall SERVING once every
-        model is routable (and, following modelsync, the first snapshot arrived)."""
+        """Health: one entry per model (SERVING while it is routable), modelsync's link, and
+        overall SERVING once nothing is left to wait for: handlers started, the first snapshot
+        arrived (following modelsync), and every model is routable or known not to be servable
+        for a reported reason (refused, failed to load, no backend for it, its source failing).
+        With --strict, every model must be routable."""
         wanted: dict[str, int] = {
             name: NOT_SERVING for name in self._health if name.startswith(MODEL_HEALTH_PREFIX)
         }
-        for name in table.known | self.expected:
+        for name in table.known:
             wanted[MODEL_HEALTH_PREFIX + name] = SERVING if name in table.routes else NOT_SERVING
-        ready = self.handlers_ready and all(
-            name in table.routes for name in table.known | self.expected
+        settled = self.handlers_ready and all(
+            name in table.routes or getattr(table.states.get(name), "state", "") in SETTLED
+            for name in table.known
         )
         if self.follower is not None:
-            ready = ready and self.follower.synced.is_set()
+            settled = settled and self.follower.synced.is_set()
             wanted[MODELSYNC_HEALTH] = SERVING if self.follower.connected else NOT_SERVING
+        unservable = sorted(name for name in table.known if name not in table.routes)
+        if settled and not self._settled_once:
+            self._settled_once = True
+            self._report_start(table, unservable)
+        ready = settled and not (self.strict and unservable)
         wanted[""] = SERVING if ready else NOT_SERVING
         if hasattr(self, "models_api"):
             self.models_api.publish(table)
@@ -213,6 +232,28 @@ class Gateway:
         self._health_task = asyncio.get_running_loop().create_task(
             self._set_health(changed, previous)
         )
+
+    def _report_start(self, table: Table, unservable: list[str]) -> None:
+        """One line when start-up settles, listing every model that cannot be served and why;
+        with --strict that ends start-up."""
+        if not unservable:
+            return
+        models = [
+            {
+                "model": name,
+                "api": self.pool.api_of(name),
+                "state": getattr(table.states.get(name), "state", ""),
+                "reason": getattr(table.states.get(name), "reason", ""),
+            }
+            for name in unservable
+        ]
+        if self.strict:
+            log.error(
+                "start_failed", reason="--strict: some models cannot be served", models=models
+            )
+            self.start_failed.set()
+        else:
+            log.warning("models_not_servable", count=len(models), models=models)
 
     async def _set_health(
         self, changed: Mapping[str, int], previous: asyncio.Task[None] | None
@@ -275,14 +316,27 @@ def _remove_stale(runtime_dir: str) -> None:
             shutil.rmtree(os.path.join(runtime_dir, name), ignore_errors=True)
 
 
-async def serve(config: Config, *, manage_backends: bool = True) -> None:
-    gateway = Gateway(config, manage_backends=manage_backends)
+async def serve(config: Config, *, manage_backends: bool = True, strict: bool = False) -> None:
+    gateway = Gateway(config, manage_backends=manage_backends, strict=strict)
     try:
         await gateway.start()
     except HandlerStartError as exc:
         log.error("start_failed", error=str(exc))
         raise SystemExit(1) from None
-    await run_until_signal(stop=gateway.stop)
+    if not strict:
+        await run_until_signal(stop=gateway.stop)
+        return
+    signals = asyncio.create_task(run_until_signal(stop=gateway.stop))
+    failed = asyncio.create_task(gateway.start_failed.wait())
+    await asyncio.wait({signals, failed}, return_when=asyncio.FIRST_COMPLETED)
+    if not failed.done():
+        failed.cancel()
+        return
+    signals.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await signals
+    await gateway.stop()
+    raise SystemExit(1)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -305,5 +359,5 @@ def main(args: argparse.Namespace) -> int:
         reuse_freed_memory(4 * config.gateway.max_message_bytes)
     # uvloop: the event loop in C; a forwarded call costs about an eighth less CPU than on
     # asyncio's own loop (docs/benchmarks.md)
-    uvloop.run(serve(config, manage_backends=not index))
+    uvloop.run(serve(config, manage_backends=not index, strict=getattr(args, "strict", False)))
     return 0

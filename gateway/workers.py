@@ -50,6 +50,7 @@ def supervise(config: Config, args: argparse.Namespace, workers: int) -> int:
                 str(workers),
                 "--worker-index",
                 str(index),
+                *(["--strict"] if getattr(args, "strict", False) else []),
             ],
             # own process group: a Ctrl-C in a terminal reaches the workers once, through here
             start_new_session=True,

@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
         "--workers", type=int, help="override gateway.workers (processes sharing the port)"
     )
     gateway.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    gateway.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail start-up (exit 1) when a model cannot be served, instead of serving the others",
+    )
 
     sync = sub.add_parser("sync", help="the modelsync daemon")
     sync.add_argument("--config", required=True, help="modelmux YAML")
@@ -59,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start embedded backends, modelsync and the gateway together")
     up.add_argument("--config", required=True, help="modelmux YAML")
+    up.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop when a model cannot be served (gateway --strict), instead of serving the others",
+    )
     return parser
 
 

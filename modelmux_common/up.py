@@ -76,7 +76,8 @@ def main(args: argparse.Namespace) -> int:
             children.insert(0, _spawn("backend", "--config", args.config, "--name", backend.name))
         if config.gateway.modelsync:
             children.insert(0, _spawn("sync", "--config", args.config))
-        children.insert(0, _spawn("gateway", "--config", args.config))
+        strict = ["--strict"] if getattr(args, "strict", False) else []
+        children.insert(0, _spawn("gateway", "--config", args.config, *strict))
         address = config.gateway.listen
         if not _wait_serving(address, children, READY_TIMEOUT):
             print("modelmux up: the stack did not become ready; stopping", file=sys.stderr)

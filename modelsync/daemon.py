@@ -112,7 +112,9 @@ async def serve(config: Config, settings: ModelsyncConfig) -> int:
 
 
 async def sync_once(config: Config, settings: ModelsyncConfig) -> int:
-    """Mirrors every source once and exits: 0 when all succeeded, 1 when a source failed."""
+    """Mirrors every source once and exits: 0 when all succeeded and every configured model has a
+    valid version published, 1 when a source failed, 3 when a model ended with none (each is
+    listed with the reasons, in one ``nothing_published`` line)."""
     syncer = Syncer(config, settings)
     syncer.open()
     try:
@@ -120,6 +122,7 @@ async def sync_once(config: Config, settings: ModelsyncConfig) -> int:
     finally:
         await syncer.stop()
     failed = [r.spec.id for r in syncer.runners if r.health.healthy is False]
+    missing = unpublished(syncer)
     log.info(
         "sync_once_done",
         ok=ok,
@@ -127,7 +130,31 @@ async def sync_once(config: Config, settings: ModelsyncConfig) -> int:
         published=len(syncer.publisher.published),
         revision=syncer.events.revision,
     )
-    return 0 if ok else 1
+    if missing:
+        log.error("nothing_published", count=len(missing), models=missing)
+    return 1 if not ok else 3 if missing else 0
+
+
+def unpublished(syncer: Syncer) -> list[dict[str, object]]:
+    """Configured models with no version published: those a path source names, those a source
+    refused outright, and dir sources that publish no model at all; each with its reasons."""
+    published = {name for name, _ in syncer.publisher.published}
+    out: list[dict[str, object]] = []
+    for runner in sorted(syncer.runners, key=lambda r: r.spec.id):
+        spec = runner.spec
+        reasons: dict[str, list[str]] = {}
+        for problem in sorted(runner.health.reported, key=lambda p: (p.model, p.reason)):
+            if problem.model and problem.model not in published:
+                where = "" if problem.version is None else f"version {problem.version}: "
+                reasons.setdefault(problem.model, []).append(where + problem.reason)
+        if spec.model is not None and spec.model not in published:
+            reasons.setdefault(spec.model, [])
+        if not reasons and spec.model is None and not syncer.publisher.of_source(spec.id):
+            reasons[""] = [runner.health.error or "the dir source holds no model folder"]
+        for model, why in sorted(reasons.items()):
+            why = why or [runner.health.error or "no valid version at the source"]
+            out.append({"model": model, "api": spec.api, "source": spec.uri, "reasons": why})
+    return out
 
 
 def main(args: argparse.Namespace) -> int:

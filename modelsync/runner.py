@@ -3,7 +3,8 @@
 One tick lists the source once. Versions that changed are fetched into staging concurrently (the
 shared :class:`~modelsync.transfer.Transfers` bounds the whole daemon), verified and published;
 versions gone from the source are removed. Problems are reported once, when they appear or change,
-not on every tick. A failing source keeps its last good mirror, is reported once (SOURCE_ERROR),
+not on every tick (VALIDATION_FAILED), and once more when they go (VALIDATION_CLEARED); a path
+source that holds no file is refused too, so that what it names is never silently missing. A failing source keeps its last good mirror, is reported once (SOURCE_ERROR),
 and is reported again when it works (SOURCE_RECOVERED).
 """
 
@@ -39,8 +40,9 @@ class SourceHealth:
     error: str = ""
     last_success: float | None = None
     ticks: int = 0
-    # Problems seen on the last tick: each is reported once, when it appears.
-    reported: set[Problem] = field(default_factory=set)
+    # Problems seen on the last tick -> revision of the VALIDATION_FAILED that reported it: each is
+    # reported once, when it appears, and cleared once, when it goes.
+    reported: dict[Problem, int] = field(default_factory=dict)
     ignored: frozenset[str] = frozenset()
 
 
@@ -120,6 +122,10 @@ class SourceRunner:
         )
         self._note_settling(plan, young_after)
         self._note_ignored(grouping.ignored)
+        model = self.spec.model
+        if model and not grouping.candidates and all(p.model != model for p in plan.rejected):
+            reason = f"nothing to publish: the source {self.spec.uri} holds no files"
+            plan.rejected.append(Problem(model, None, reason))
         for old in plan.remove:
             await self.publisher.remove(old, reason="removed at the source")
         errors = await self._apply_all(plan)
@@ -201,7 +207,24 @@ class SourceRunner:
 
     async def _report(self, problems: list[Problem]) -> None:
         current = set(problems)
-        for p in sorted(current - self.health.reported, key=_problem_order):
+        reported = self.health.reported
+        for p in sorted(set(reported) - current, key=_problem_order):
+            log.info(
+                "validation_cleared",
+                source=self.spec.id,
+                model=p.model,
+                version=p.version,
+                reason=p.reason,
+            )
+            await self.publisher.note(
+                EventKind.VALIDATION_CLEARED,
+                spec=self.spec,
+                reason=p.reason,
+                model=p.model,
+                version=p.version,
+            )
+            del reported[p]
+        for p in sorted(current - set(reported), key=_problem_order):
             log.warning(
                 "validation_failed",
                 source=self.spec.id,
@@ -209,14 +232,14 @@ class SourceRunner:
                 version=p.version,
                 reason=p.reason,
             )
-            await self.publisher.note(
+            event = await self.publisher.note(
                 EventKind.VALIDATION_FAILED,
                 spec=self.spec,
                 reason=p.reason,
                 model=p.model,
                 version=p.version,
             )
-        self.health.reported = current
+            reported[p] = event.revision
 
     def _note_settling(self, plan: Plan, young_after: float | None) -> None:
         if not plan.settling or young_after is None:

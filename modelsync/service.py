@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -83,6 +84,30 @@ def published_models(syncer: Syncer) -> list[pb.PublishedModel]:
     return list(models.values())
 
 
+def refusals(syncer: Syncer) -> list[pb.Refusal]:
+    """Every refusal in force (reported and not cleared), sorted by model, version and reason."""
+    out = []
+    for runner in syncer.runners:
+        spec = runner.spec
+        for problem, revision in runner.health.reported.items():
+            refusal = pb.Refusal(
+                model=problem.model,
+                api=spec.api,
+                inferentia=spec.inferentia,
+                source=spec.uri,
+                reason=problem.reason,
+                revision=revision,
+            )
+            if problem.version is not None:
+                refusal.version = problem.version
+            out.append(refusal)
+    return sorted(out, key=_refusal_order)
+
+
+def _refusal_order(r: pb.Refusal) -> tuple[str, int, str]:
+    return (r.model, r.version if r.HasField("version") else -1, r.reason)
+
+
 def source_statuses(syncer: Syncer) -> list[pb.SourceStatus]:
     out = []
     for runner in sorted(syncer.runners, key=lambda r: r.spec.id):
@@ -104,6 +129,8 @@ class ModelSyncService(pb_grpc.ModelSyncServicer):
     def __init__(self, syncer: Syncer, *, queue_limit: int = SUBSCRIBER_QUEUE) -> None:
         self.syncer = syncer
         self.queue_limit = queue_limit
+        # this daemon's instance: revisions and refusals are only comparable within one
+        self.instance = secrets.token_hex(8)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -112,29 +139,37 @@ class ModelSyncService(pb_grpc.ModelSyncServicer):
             revision=self.syncer.events.revision,
             models=published_models(self.syncer),
             sources=source_statuses(self.syncer),
+            refused=refusals(self.syncer),
+            instance=self.instance,
         )
 
     async def WatchEvents(
         self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchEventsResponse]:
         try:
-            async for item in self._watch(request.from_revision):
+            async for item in self._watch(request.from_revision, request.instance):
+                item.instance = self.instance
                 yield item
         except WatchError as exc:
             await context.abort(exc.code, str(exc))
 
-    def _start(self, from_revision: int) -> tuple[list[pb.WatchEventsResponse], Subscription]:
+    def _start(
+        self, from_revision: int, instance: str
+    ) -> tuple[list[pb.WatchEventsResponse], Subscription]:
         """The first messages and the live subscription, taken together (no await in between, so
         no event falls between them)."""
         if from_revision < 0:
             raise WatchError(grpc.StatusCode.INVALID_ARGUMENT, "from_revision cannot be negative")
         log = self.syncer.events
-        replay = log.after(from_revision) if from_revision > 0 else None
+        other = bool(instance) and instance != self.instance
+        replay = log.after(from_revision) if from_revision > 0 and not other else None
         if replay is not None:
             head = [pb.WatchEventsResponse(event=event_pb(e), replayed=True) for e in replay]
         else:
             if from_revision == 0:
                 reason = pb.SNAPSHOT_REASON_INITIAL
+            elif other:
+                reason = pb.SNAPSHOT_REASON_INSTANCE_CHANGED
             elif from_revision > log.revision:
                 reason = pb.SNAPSHOT_REASON_REVISION_UNKNOWN
             else:
@@ -144,12 +179,15 @@ class ModelSyncService(pb_grpc.ModelSyncServicer):
                 reason=reason,
                 models=published_models(self.syncer),
                 sources=source_statuses(self.syncer),
+                refused=refusals(self.syncer),
             )
             head = [pb.WatchEventsResponse(snapshot=snapshot)]
         return head, log.subscribe(limit=self.queue_limit)
 
-    async def _watch(self, from_revision: int) -> AsyncIterator[pb.WatchEventsResponse]:
-        head, sub = self._start(from_revision)
+    async def _watch(
+        self, from_revision: int, instance: str = ""
+    ) -> AsyncIterator[pb.WatchEventsResponse]:
+        head, sub = self._start(from_revision, instance)
         last = self.syncer.events.revision
         try:
             for item in head:

@@ -374,9 +374,11 @@ async def test_failed_version_load_is_reported_and_retried(
             pinned = inference_pb2.PredictRequest(
                 model="hpt_retry", version=3, inputs=request().inputs
             )
-            with pytest.raises(grpc.aio.AioRpcError) as info:  # configured, not loaded: retry later
+            with pytest.raises(grpc.aio.AioRpcError) as info:  # failed: not worth retrying as is
                 await stub.Predict(pinned, timeout=10)
-            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
+            assert "version 3 failed to load on cpu-0" in str(info.value.details())
+            assert "Wire format was corrupt" in str(info.value.details())
             # fix the files in place: the retry (with backoff) loads it without a restart
             shutil.rmtree(model / "3")
             shutil.copytree(example_models / "half_plus_two" / "2", model / "3")

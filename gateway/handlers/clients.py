@@ -29,7 +29,7 @@ import grpc
 import numpy as np
 import structlog
 
-from gateway.errors import InvalidArgument, NotFound, Status
+from gateway.errors import FailedPrecondition, InvalidArgument, NotFound, Status, Unavailable
 from gateway.inference import Signature, _specs
 from gateway.tensors import json_to_proto, proto_to_numpy
 from modelmux_common.tfserving import (
@@ -316,6 +316,8 @@ class ModelClient:
         self.disk_dir = disk_dir
         # model -> version -> immutable store folder of its current content
         self._paths: dict[str, dict[int, str]] = {}
+        # model -> why modelsync refuses it (see refuse())
+        self._refused: dict[str, str] = {}
         self._synced = threading.Event()
         # (model, version, store folder) -> what load_model returned; least recently used first
         self._memory: OrderedDict[tuple[str, int, str], Any] = OrderedDict()
@@ -347,6 +349,12 @@ class ModelClient:
         if not self.cache_size:
             self._preload(live)
 
+    def refuse(self, refused: Mapping[str, str]) -> None:
+        """What modelsync refuses of the API's models (model -> reason), for the errors of
+        get_model() when a model has nothing published."""
+        with self._lock:
+            self._refused = dict(refused)
+
     def _preload(self, keys: set[tuple[str, int, str]]) -> None:
         """Without a cache limit every version is loaded ahead of its first call, as it arrives."""
 
@@ -370,6 +378,15 @@ class ModelClient:
             model = default_model(model_name, names, self.api)
             versions = self._paths.get(model)
             if not versions:
+                if model in self._refused:
+                    raise FailedPrecondition(
+                        f"model {model!r} of API {self.api!r} cannot be served: "
+                        f"{self._refused[model]}"
+                    )
+                if model in self.names:
+                    raise Unavailable(
+                        f"model {model!r} of API {self.api!r} has no version published yet"
+                    )
                 raise NotFound(
                     f"API {self.api!r} has no model {model!r} (it has {', '.join(names) or 'none'})"
                 )

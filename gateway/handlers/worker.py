@@ -34,6 +34,7 @@ import structlog
 from google.protobuf import json_format, message_factory, struct_pb2
 from google.protobuf.descriptor import MethodDescriptor
 
+from gateway.catalog import Problems, refusal_text
 from gateway.errors import GatewayError, Unimplemented
 from gateway.follower import Follower
 from gateway.handlers import userproto
@@ -198,7 +199,16 @@ class Runtime:
             def changed(_: object) -> None:
                 client.update(follower.store_paths(api))
 
-            follower = Follower(address, changed)
+            def refused(problems: Problems) -> None:
+                client.refuse(
+                    {
+                        model: refusal_text(versions)
+                        for model, versions in problems.refused.items()
+                        if problems.apis.get(model) == api
+                    }
+                )
+
+            follower = Follower(address, changed, on_problems=refused)
             follower.start()
             await asyncio.Event().wait()
 
@@ -215,6 +225,8 @@ class Runtime:
                 debug = str(value).lower() == "true"
         left = context.time_remaining()
         current.request_id = request_id
+        # every line logged on this thread during the call (model_loaded, the handler's own)
+        structlog.contextvars.bind_contextvars(request_id=request_id)
         current.deadline = None if left is None else time.monotonic() + left
         context.set_trailing_metadata(MARK)
         self.busy[threading.get_ident()] = current.deadline
@@ -222,6 +234,7 @@ class Runtime:
 
     def _end(self) -> None:
         current.request_id, current.deadline = "", None
+        structlog.contextvars.unbind_contextvars("request_id")
         self.busy.pop(threading.get_ident(), None)
 
     def _fail(self, context: grpc.ServicerContext, exc: Exception, request_id: str) -> None:
@@ -377,6 +390,24 @@ def _show(value: Any) -> Any:
     return value
 
 
+def tag_lines(**fields: Any) -> None:
+    """Adds ``fields`` to every log line of the process, from any thread: context variables are
+    per thread (gRPC's call threads, load_model threads and the modelsync thread start with none),
+    so they go in as a processor right after the context variables are merged (a context variable
+    or a field of the line of the same name wins)."""
+
+    def add(logger: Any, method: str, event: Any) -> Any:
+        for key, value in fields.items():
+            event.setdefault(key, value)
+        return event
+
+    processors = list(structlog.get_config()["processors"])
+    merge = structlog.contextvars.merge_contextvars
+    at = processors.index(merge) + 1 if merge in processors else 0
+    processors.insert(at, add)
+    structlog.configure(processors=processors)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modelmux-handler-worker")
     parser.add_argument("--config", required=True)
@@ -400,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.config, "rb") as fh:
         config: Config = pickle.load(fh)  # the gateway's config as it loaded it
     logs.configure(level=config.gateway.log_level)
-    structlog.contextvars.bind_contextvars(api=args.api, handler_worker=args.index)
+    tag_lines(api=args.api, handler_worker=args.index)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18modelmux/v1/models.proto\x12\x0bmodelmux.v1\"\x9a\x01\n\x0e\x42\x61\x63kendVersion\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12-\n\x0b\x61\x63\x63\x65lerator\x18\x03 \x01(\x0e\x32\x18.modelmux.v1.Accelerator\x12(\n\x05state\x18\x04 \x01(\x0e\x32\x19.modelmux.v1.VersionState\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"`\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x10\n\x08routable\x18\x02 \x01(\x08\x12-\n\x08\x62\x61\x63kends\x18\x03 \x03(\x0b\x32\x1b.modelmux.v1.BackendVersion\"\xad\x03\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x61pi\x18\x02 \x01(\t\x12\x16\n\x0elatest_version\x18\x03 \x01(\x03\x12+\n\x08versions\x18\x04 \x03(\x0b\x32\x19.modelmux.v1.ModelVersion\x12.\n\x06labels\x18\x05 \x03(\x0b\x32\x1e.modelmux.v1.Model.LabelsEntry\x12=\n\x0epending_labels\x18\x06 \x03(\x0b\x32%.modelmux.v1.Model.PendingLabelsEntry\x12;\n\rtraffic_split\x18\x07 \x03(\x0b\x32$.modelmux.v1.Model.TrafficSplitEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x34\n\x12PendingLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x33\n\x11TrafficSplitEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x13\n\x11ListModelsRequest\"N\n\x06Limits\x12\x14\n\x0cmax_inflight\x18\x01 \x01(\x03\x12\x1c\n\x14\x62\x61\x63kend_max_inflight\x18\x02 \x01(\x03\x12\x10\n\x08inflight\x18\x03 \x01(\x03\"]\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.modelmux.v1.Model\x12#\n\x06limits\x18\x02 \x01(\x0b\x32\x13.modelmux.v1.Limits\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"5\n\x10GetModelResponse\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.modelmux.v1.Model\"$\n\x12WatchModelsRequest\x12\x0e\n\x06models\x18\x01 \x03(\t\"I\n\x13WatchModelsResponse\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.modelmux.v1.Model\x12\x0f\n\x07removed\x18\x02 \x01(\x08\"G\n\x16SetVersionLabelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\"<\n\x17SetVersionLabelResponse\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.modelmux.v1.Model\"\x9a\x01\n\x16SetTrafficSplitRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x41\n\x07weights\x18\x02 \x03(\x0b\x32\x30.modelmux.v1.SetTrafficSplitRequest.WeightsEntry\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"<\n\x17SetTrafficSplitResponse\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.modelmux.v1.Model*\xb2\x01\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13VERSION_STATE_START\x10\x01\x12\x19\n\x15VERSION_STATE_LOADING\x10\x02\x12\x1b\n\x17VERSION_STATE_AVAILABLE\x10\x03\x12\x1b\n\x17VERSION_STATE_UNLOADING\x10\x04\x12\x15\n\x11VERSION_STATE_END\x10\x05*p\n\x0b\x41\x63\x63\x65lerator\x12\x1b\n\x17\x41\x43\x43\x45LERATOR_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41\x43\x43\x45LERATOR_CPU\x10\x01\x12\x13\n\x0f\x41\x43\x43\x45LERATOR_GPU\x10\x02\x12\x1a\n\x16\x41\x43\x43\x45LERATOR_INFERENTIA\x10\x03\x32\xb0\x03\n\x06Models\x12M\n\nListModels\x12\x1e.modelmux.v1.ListModelsRequest\x1a\x1f.modelmux.v1.ListModelsResponse\x12G\n\x08GetModel\x12\x1c.modelmux.v1.GetModelRequest\x1a\x1d.modelmux.v1.GetModelResponse\x12R\n\x0bWatchModels\x12\x1f.modelmux.v1.WatchModelsRequest\x1a .modelmux.v1.WatchModelsResponse0\x01\x12\\\n\x0fSetVersionLabel\x12#.modelmux.v1.SetVersionLabelRequest\x1a$.modelmux.v1.SetVersionLabelResponse\x12\\\n\x0fSetTrafficSplit\x12#.modelmux.v1.SetTrafficSplitRequest\x1a$.modelmux.v1.SetTrafficSplitResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18modelmux/v1/models.proto\x12\x0bmodelmux.v1\"\x9a\x01\n\x0e\x42\x61\x63kendVersion\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12-\n\x0b\x61\x63\x63\x65lerator\x18\x03 \x01(\x0e\x32\x18.modelmux.v1.Accelerator\x12(\n\x05state\x18\x04 \x01(\x0e\x32\x19.modelmux.v1.VersionState\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"q\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x10\n\x08routable\x18\x02 \x01(\x08\x12-\n\x08\x62\x61\x63kends\x18\x03 \x03(\x0b\x32\x1b.modelmux.v1.BackendVersion\x12\x0f\n\x07refusal\x18\x04 \x01(\t\"\xe5\x03\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x61pi\x18\x02 \x01(\t\x12\x16\n\x0elatest_version\x18\x03 \x01(\x03\x12+\n\x08versions\x18\x04 \x03(\x0b\x32\x19.modelmux.v1.ModelVersion\x12.\n\x06labels\x18\x05 \x03(\x0b\x32\x1e.modelmux.v1.Model.LabelsEntry\x12=\n\x0epending_labels\x18\x06 \x03(\x0b\x32%.modelmux.v1.Model.PendingLabelsEntry\x12;\n\rtraffic_split\x18\x07 \x03(\x0b\x32$.modelmux.v1.Model.TrafficSplitEntry\x12&\n\x05state\x18\x08 \x01(\x0e\x32\x17.modelmux.v1.ModelState\x12\x0e\n\x06reason\x18\t \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x34\n\x12PendingLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x33\n\x11TrafficSplitEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x13\n\x11ListModelsRequest\"N\n\x06Limits\x12\x14\n\x0cmax_inflight\x18\x01 \x01(\x03\x12\x1c\n\x14\x62\x61\x63kend_max_inflight\x18\x02 \x01(\x03\x12\x10\n\x08inflight\x18\x03 \x01(\x03\"]\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.modelmux.v1.Model\x12#\n\x06limits\x18\x02 \x01(\x0b\x32\x13.modelmux.v1.Limits\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"5\n\x10GetModelResponse\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.modelmux.v1.Model\"$\n\x12WatchModelsRequest\x12\x0e\n\x06models\x18\x01 \x03(\t\"I\n\x13WatchModelsResponse\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.modelmux.v1.Model\x12\x0f\n\x07removed\x18\x02 \x01(\x08\"G\n\x16SetVersionLabelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\"<\n\x17SetVersionLabelResponse\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.modelmux.v1.Model\"\x9a\x01\n\x16SetTrafficSplitRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x41\n\x07weights\x18\x02 \x03(\x0b\x32\x30.modelmux.v1.SetTrafficSplitRequest.WeightsEntry\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"<\n\x17SetTrafficSplitResponse\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.modelmux.v1.Model*\xb2\x01\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13VERSION_STATE_START\x10\x01\x12\x19\n\x15VERSION_STATE_LOADING\x10\x02\x12\x1b\n\x17VERSION_STATE_AVAILABLE\x10\x03\x12\x1b\n\x17VERSION_STATE_UNLOADING\x10\x04\x12\x15\n\x11VERSION_STATE_END\x10\x05*\xc7\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15MODEL_STATE_AVAILABLE\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x17\n\x13MODEL_STATE_PENDING\x10\x03\x12\x17\n\x13MODEL_STATE_REFUSED\x10\x04\x12\x16\n\x12MODEL_STATE_FAILED\x10\x05\x12\x1e\n\x1aMODEL_STATE_SOURCE_FAILING\x10\x06*p\n\x0b\x41\x63\x63\x65lerator\x12\x1b\n\x17\x41\x43\x43\x45LERATOR_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41\x43\x43\x45LERATOR_CPU\x10\x01\x12\x13\n\x0f\x41\x43\x43\x45LERATOR_GPU\x10\x02\x12\x1a\n\x16\x41\x43\x43\x45LERATOR_INFERENTIA\x10\x03\x32\xb0\x03\n\x06Models\x12M\n\nListModels\x12\x1e.modelmux.v1.ListModelsRequest\x1a\x1f.modelmux.v1.ListModelsResponse\x12G\n\x08GetModel\x12\x1c.modelmux.v1.GetModelRequest\x1a\x1d.modelmux.v1.GetModelResponse\x12R\n\x0bWatchModels\x12\x1f.modelmux.v1.WatchModelsRequest\x1a .modelmux.v1.WatchModelsResponse0\x01\x12\\\n\x0fSetVersionLabel\x12#.modelmux.v1.SetVersionLabelRequest\x1a$.modelmux.v1.SetVersionLabelResponse\x12\\\n\x0fSetTrafficSplit\x12#.modelmux.v1.SetTrafficSplitRequest\x1a$.modelmux.v1.SetTrafficSplitResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,46 +39,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODEL_TRAFFICSPLITENTRY']._serialized_options = b'8\001'
   _globals['_SETTRAFFICSPLITREQUEST_WEIGHTSENTRY']._loaded_options = None
   _globals['_SETTRAFFICSPLITREQUEST_WEIGHTSENTRY']._serialized_options = b'8\001'
-  _globals['_VERSIONSTATE']._serialized_start=1480
-  _globals['_VERSIONSTATE']._serialized_end=1658
-  _globals['_ACCELERATOR']._serialized_start=1660
-  _globals['_ACCELERATOR']._serialized_end=1772
+  _globals['_VERSIONSTATE']._serialized_start=1553
+  _globals['_VERSIONSTATE']._serialized_end=1731
+  _globals['_MODELSTATE']._serialized_start=1734
+  _globals['_MODELSTATE']._serialized_end=1933
+  _globals['_ACCELERATOR']._serialized_start=1935
+  _globals['_ACCELERATOR']._serialized_end=2047
   _globals['_BACKENDVERSION']._serialized_start=42
   _globals['_BACKENDVERSION']._serialized_end=196
   _globals['_MODELVERSION']._serialized_start=198
-  _globals['_MODELVERSION']._serialized_end=294
-  _globals['_MODEL']._serialized_start=297
-  _globals['_MODEL']._serialized_end=726
-  _globals['_MODEL_LABELSENTRY']._serialized_start=574
-  _globals['_MODEL_LABELSENTRY']._serialized_end=619
-  _globals['_MODEL_PENDINGLABELSENTRY']._serialized_start=621
-  _globals['_MODEL_PENDINGLABELSENTRY']._serialized_end=673
-  _globals['_MODEL_TRAFFICSPLITENTRY']._serialized_start=675
-  _globals['_MODEL_TRAFFICSPLITENTRY']._serialized_end=726
-  _globals['_LISTMODELSREQUEST']._serialized_start=728
-  _globals['_LISTMODELSREQUEST']._serialized_end=747
-  _globals['_LIMITS']._serialized_start=749
-  _globals['_LIMITS']._serialized_end=827
-  _globals['_LISTMODELSRESPONSE']._serialized_start=829
-  _globals['_LISTMODELSRESPONSE']._serialized_end=922
-  _globals['_GETMODELREQUEST']._serialized_start=924
-  _globals['_GETMODELREQUEST']._serialized_end=955
-  _globals['_GETMODELRESPONSE']._serialized_start=957
-  _globals['_GETMODELRESPONSE']._serialized_end=1010
-  _globals['_WATCHMODELSREQUEST']._serialized_start=1012
-  _globals['_WATCHMODELSREQUEST']._serialized_end=1048
-  _globals['_WATCHMODELSRESPONSE']._serialized_start=1050
-  _globals['_WATCHMODELSRESPONSE']._serialized_end=1123
-  _globals['_SETVERSIONLABELREQUEST']._serialized_start=1125
-  _globals['_SETVERSIONLABELREQUEST']._serialized_end=1196
-  _globals['_SETVERSIONLABELRESPONSE']._serialized_start=1198
-  _globals['_SETVERSIONLABELRESPONSE']._serialized_end=1258
-  _globals['_SETTRAFFICSPLITREQUEST']._serialized_start=1261
-  _globals['_SETTRAFFICSPLITREQUEST']._serialized_end=1415
-  _globals['_SETTRAFFICSPLITREQUEST_WEIGHTSENTRY']._serialized_start=1369
-  _globals['_SETTRAFFICSPLITREQUEST_WEIGHTSENTRY']._serialized_end=1415
-  _globals['_SETTRAFFICSPLITRESPONSE']._serialized_start=1417
-  _globals['_SETTRAFFICSPLITRESPONSE']._serialized_end=1477
-  _globals['_MODELS']._serialized_start=1775
-  _globals['_MODELS']._serialized_end=2207
+  _globals['_MODELVERSION']._serialized_end=311
+  _globals['_MODEL']._serialized_start=314
+  _globals['_MODEL']._serialized_end=799
+  _globals['_MODEL_LABELSENTRY']._serialized_start=647
+  _globals['_MODEL_LABELSENTRY']._serialized_end=692
+  _globals['_MODEL_PENDINGLABELSENTRY']._serialized_start=694
+  _globals['_MODEL_PENDINGLABELSENTRY']._serialized_end=746
+  _globals['_MODEL_TRAFFICSPLITENTRY']._serialized_start=748
+  _globals['_MODEL_TRAFFICSPLITENTRY']._serialized_end=799
+  _globals['_LISTMODELSREQUEST']._serialized_start=801
+  _globals['_LISTMODELSREQUEST']._serialized_end=820
+  _globals['_LIMITS']._serialized_start=822
+  _globals['_LIMITS']._serialized_end=900
+  _globals['_LISTMODELSRESPONSE']._serialized_start=902
+  _globals['_LISTMODELSRESPONSE']._serialized_end=995
+  _globals['_GETMODELREQUEST']._serialized_start=997
+  _globals['_GETMODELREQUEST']._serialized_end=1028
+  _globals['_GETMODELRESPONSE']._serialized_start=1030
+  _globals['_GETMODELRESPONSE']._serialized_end=1083
+  _globals['_WATCHMODELSREQUEST']._serialized_start=1085
+  _globals['_WATCHMODELSREQUEST']._serialized_end=1121
+  _globals['_WATCHMODELSRESPONSE']._serialized_start=1123
+  _globals['_WATCHMODELSRESPONSE']._serialized_end=1196
+  _globals['_SETVERSIONLABELREQUEST']._serialized_start=1198
+  _globals['_SETVERSIONLABELREQUEST']._serialized_end=1269
+  _globals['_SETVERSIONLABELRESPONSE']._serialized_start=1271
+  _globals['_SETVERSIONLABELRESPONSE']._serialized_end=1331
+  _globals['_SETTRAFFICSPLITREQUEST']._serialized_start=1334
+  _globals['_SETTRAFFICSPLITREQUEST']._serialized_end=1488
+  _globals['_SETTRAFFICSPLITREQUEST_WEIGHTSENTRY']._serialized_start=1442
+  _globals['_SETTRAFFICSPLITREQUEST_WEIGHTSENTRY']._serialized_end=1488
+  _globals['_SETTRAFFICSPLITRESPONSE']._serialized_start=1490
+  _globals['_SETTRAFFICSPLITRESPONSE']._serialized_end=1550
+  _globals['_MODELS']._serialized_start=2050
+  _globals['_MODELS']._serialized_end=2482
 # @@protoc_insertion_point(module_scope)

@@ -53,6 +53,66 @@ VERSION_STATE_END: VersionState.ValueType  # 5
 """Unloaded, or failed to load (see BackendVersion.error)."""
 Global___VersionState: _TypeAlias = VersionState  # noqa: Y015
 
+class _ModelState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModelStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODEL_STATE_UNSPECIFIED: _ModelState.ValueType  # 0
+    MODEL_STATE_AVAILABLE: _ModelState.ValueType  # 1
+    """At least one version is AVAILABLE on a backend: calls are routed."""
+    MODEL_STATE_LOADING: _ModelState.ValueType  # 2
+    """Versions are published and loading (or their backends are unreachable): calls get
+    UNAVAILABLE until one is AVAILABLE.
+    """
+    MODEL_STATE_PENDING: _ModelState.ValueType  # 3
+    """Nothing is published for it yet and nothing is known against it (modelsync has not listed
+    its source yet, or the gateway has not heard from modelsync yet): calls get UNAVAILABLE.
+    """
+    MODEL_STATE_REFUSED: _ModelState.ValueType  # 4
+    """modelsync refused every version at its source (or the source holds nothing): calls get
+    FAILED_PRECONDITION naming the reason, until a valid version is published.
+    """
+    MODEL_STATE_FAILED: _ModelState.ValueType  # 5
+    """Every version published failed to load on every backend it is placed on (the backends'
+    load error is the reason; loads are retried with backoff), or no configured backend can
+    hold it: calls get FAILED_PRECONDITION naming the reason.
+    """
+    MODEL_STATE_SOURCE_FAILING: _ModelState.ValueType  # 6
+    """Nothing is published for it and its source cannot be listed or downloaded from (the
+    source's error is the reason): calls get UNAVAILABLE, the source may recover.
+    """
+
+class ModelState(_ModelState, metaclass=_ModelStateEnumTypeWrapper):
+    """Whether a model can be called, and if not, why not (Model.reason says more)."""
+
+MODEL_STATE_UNSPECIFIED: ModelState.ValueType  # 0
+MODEL_STATE_AVAILABLE: ModelState.ValueType  # 1
+"""At least one version is AVAILABLE on a backend: calls are routed."""
+MODEL_STATE_LOADING: ModelState.ValueType  # 2
+"""Versions are published and loading (or their backends are unreachable): calls get
+UNAVAILABLE until one is AVAILABLE.
+"""
+MODEL_STATE_PENDING: ModelState.ValueType  # 3
+"""Nothing is published for it yet and nothing is known against it (modelsync has not listed
+its source yet, or the gateway has not heard from modelsync yet): calls get UNAVAILABLE.
+"""
+MODEL_STATE_REFUSED: ModelState.ValueType  # 4
+"""modelsync refused every version at its source (or the source holds nothing): calls get
+FAILED_PRECONDITION naming the reason, until a valid version is published.
+"""
+MODEL_STATE_FAILED: ModelState.ValueType  # 5
+"""Every version published failed to load on every backend it is placed on (the backends'
+load error is the reason; loads are retried with backoff), or no configured backend can
+hold it: calls get FAILED_PRECONDITION naming the reason.
+"""
+MODEL_STATE_SOURCE_FAILING: ModelState.ValueType  # 6
+"""Nothing is published for it and its source cannot be listed or downloaded from (the
+source's error is the reason): calls get UNAVAILABLE, the source may recover.
+"""
+Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
+
 class _Accelerator:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -120,10 +180,16 @@ class ModelVersion(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     ROUTABLE_FIELD_NUMBER: _builtins.int
     BACKENDS_FIELD_NUMBER: _builtins.int
+    REFUSAL_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Version number."""
     routable: _builtins.bool
     """True when at least one backend holds it AVAILABLE."""
+    refusal: _builtins.str
+    """Why modelsync refuses the content this version has at its source now; empty when it does
+    not. A version whose earlier content was published keeps serving that content; one that was
+    never published is listed with this reason and no backends.
+    """
     @_builtins.property
     def backends(self) -> _containers.RepeatedCompositeFieldContainer[Global___BackendVersion]:
         """State on each backend the model is placed on."""
@@ -134,10 +200,11 @@ class ModelVersion(_message.Message):
         version: _builtins.int = ...,
         routable: _builtins.bool = ...,
         backends: _abc.Iterable[Global___BackendVersion] | None = ...,
+        refusal: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "routable", b"routable", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "refusal", b"refusal", "routable", b"routable", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -145,7 +212,9 @@ Global___ModelVersion: _TypeAlias = ModelVersion  # noqa: Y015
 
 @_typing.final
 class Model(_message.Message):
-    """A model the gateway routes."""
+    """A model the gateway is configured to serve: named by a path source of the config, published
+    by modelsync, or refused by it.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -216,12 +285,20 @@ class Model(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     PENDING_LABELS_FIELD_NUMBER: _builtins.int
     TRAFFIC_SPLIT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Model name."""
     api: _builtins.str
     """API (from the config) the model belongs to."""
     latest_version: _builtins.int
     """Highest routable version; 0 when none is routable."""
+    state: Global___ModelState.ValueType
+    """Whether it can be called."""
+    reason: _builtins.str
+    """Why it cannot, when state is not AVAILABLE: the refusal, the load error, the source error,
+    or what it waits for. The same text is in the status of calls for it.
+    """
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersion]:
         """Versions known on any backend, ascending."""
@@ -248,10 +325,12 @@ class Model(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         pending_labels: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         traffic_split: _abc.Mapping[_builtins.int, _builtins.int] | None = ...,
+        state: Global___ModelState.ValueType = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api", b"api", "labels", b"labels", "latest_version", b"latest_version", "name", b"name", "pending_labels", b"pending_labels", "traffic_split", b"traffic_split", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api", b"api", "labels", b"labels", "latest_version", b"latest_version", "name", b"name", "pending_labels", b"pending_labels", "reason", b"reason", "state", b"state", "traffic_split", b"traffic_split", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

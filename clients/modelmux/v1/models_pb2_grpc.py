@@ -67,14 +67,16 @@ class ModelsServicer:
     """
 
     def ListModels(self, request, context):
-        """Lists every configured model with its versions, labels and per-backend state.
+        """Lists every configured model with its versions, labels and per-backend state, the models
+        that have no servable version included (with their state and the reason).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetModel(self, request, context):
-        """Describes one model; NOT_FOUND when the gateway does not know it.
+        """Describes one model (one it cannot serve too, with its state and reason); NOT_FOUND when
+        the gateway does not know it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,7 +84,7 @@ class ModelsServicer:
 
     def WatchModels(self, request, context):
         """Streams routing changes: first every model as it is now, then a model each time its routable
-        versions, labels or traffic split change, or it is removed.
+        versions, labels, traffic split, state or reason change, or it is removed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -34,12 +34,16 @@ class ModelsStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ModelsAsyncStub: ...
     ListModels: _grpc.UnaryUnaryMultiCallable[_models_pb2.ListModelsRequest, _models_pb2.ListModelsResponse]
-    """Lists every configured model with its versions, labels and per-backend state."""
+    """Lists every configured model with its versions, labels and per-backend state, the models
+    that have no servable version included (with their state and the reason).
+    """
     GetModel: _grpc.UnaryUnaryMultiCallable[_models_pb2.GetModelRequest, _models_pb2.GetModelResponse]
-    """Describes one model; NOT_FOUND when the gateway does not know it."""
+    """Describes one model (one it cannot serve too, with its state and reason); NOT_FOUND when
+    the gateway does not know it.
+    """
     WatchModels: _grpc.UnaryStreamMultiCallable[_models_pb2.WatchModelsRequest, _models_pb2.WatchModelsResponse]
     """Streams routing changes: first every model as it is now, then a model each time its routable
-    versions, labels or traffic split change, or it is removed.
+    versions, labels, traffic split, state or reason change, or it is removed.
     """
     SetVersionLabel: _grpc.UnaryUnaryMultiCallable[_models_pb2.SetVersionLabelRequest, _models_pb2.SetVersionLabelResponse]
     """Points a version label at a version (admin; needs the admin token when one is configured).
@@ -57,12 +61,16 @@ class ModelsAsyncStub(ModelsStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListModels: _aio.UnaryUnaryMultiCallable[_models_pb2.ListModelsRequest, _models_pb2.ListModelsResponse]  # type: ignore[assignment]
-    """Lists every configured model with its versions, labels and per-backend state."""
+    """Lists every configured model with its versions, labels and per-backend state, the models
+    that have no servable version included (with their state and the reason).
+    """
     GetModel: _aio.UnaryUnaryMultiCallable[_models_pb2.GetModelRequest, _models_pb2.GetModelResponse]  # type: ignore[assignment]
-    """Describes one model; NOT_FOUND when the gateway does not know it."""
+    """Describes one model (one it cannot serve too, with its state and reason); NOT_FOUND when
+    the gateway does not know it.
+    """
     WatchModels: _aio.UnaryStreamMultiCallable[_models_pb2.WatchModelsRequest, _models_pb2.WatchModelsResponse]  # type: ignore[assignment]
     """Streams routing changes: first every model as it is now, then a model each time its routable
-    versions, labels or traffic split change, or it is removed.
+    versions, labels, traffic split, state or reason change, or it is removed.
     """
     SetVersionLabel: _aio.UnaryUnaryMultiCallable[_models_pb2.SetVersionLabelRequest, _models_pb2.SetVersionLabelResponse]  # type: ignore[assignment]
     """Points a version label at a version (admin; needs the admin token when one is configured).
@@ -83,7 +91,9 @@ class ModelsServicer(metaclass=_abc_1.ABCMeta):
         request: _models_pb2.ListModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_models_pb2.ListModelsResponse, _abc.Awaitable[_models_pb2.ListModelsResponse]]:
-        """Lists every configured model with its versions, labels and per-backend state."""
+        """Lists every configured model with its versions, labels and per-backend state, the models
+        that have no servable version included (with their state and the reason).
+        """
 
     @_abc_1.abstractmethod
     def GetModel(
@@ -91,7 +101,9 @@ class ModelsServicer(metaclass=_abc_1.ABCMeta):
         request: _models_pb2.GetModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_models_pb2.GetModelResponse, _abc.Awaitable[_models_pb2.GetModelResponse]]:
-        """Describes one model; NOT_FOUND when the gateway does not know it."""
+        """Describes one model (one it cannot serve too, with its state and reason); NOT_FOUND when
+        the gateway does not know it.
+        """
 
     @_abc_1.abstractmethod
     def WatchModels(
@@ -100,7 +112,7 @@ class ModelsServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_models_pb2.WatchModelsResponse], _abc.AsyncIterator[_models_pb2.WatchModelsResponse]]:
         """Streams routing changes: first every model as it is now, then a model each time its routable
-        versions, labels or traffic split change, or it is removed.
+        versions, labels, traffic split, state or reason change, or it is removed.
         """
 
     @_abc_1.abstractmethod

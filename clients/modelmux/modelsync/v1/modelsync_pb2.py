@@ -25,35 +25,37 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%modelmux/modelsync/v1/modelsync.proto\x12\x15modelmux.modelsync.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdd\x02\n\x05\x45vent\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12.\n\x04kind\x18\x02 \x01(\x0e\x32 .modelmux.modelsync.v1.EventKind\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x07version\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0b\n\x03\x61pi\x18\x05 \x01(\t\x12\x12\n\ninferentia\x18\x06 \x01(\x08\x12\x0e\n\x06\x64igest\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x12\n\nstore_path\x18\t \x01(\t\x12\x17\n\x0fstore_base_path\x18\n \x01(\t\x12\x1b\n\x13previous_store_path\x18\x0b \x01(\t\x12\x0e\n\x06source\x18\x0c \x01(\t\x12\r\n\x05\x66iles\x18\r \x01(\x03\x12\r\n\x05\x62ytes\x18\x0e \x01(\x03\x12(\n\x04time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.TimestampB\n\n\x08_version\"\xd7\x01\n\x10PublishedVersion\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x12\n\nstore_path\x18\x04 \x01(\t\x12\x17\n\x0fstore_base_path\x18\x05 \x01(\t\x12\x11\n\tview_path\x18\x06 \x01(\t\x12\r\n\x05\x66iles\x18\x07 \x01(\x03\x12\r\n\x05\x62ytes\x18\x08 \x01(\x03\x12\x32\n\x0epublished_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9d\x01\n\x0ePublishedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x61pi\x18\x02 \x01(\t\x12\x12\n\ninferentia\x18\x03 \x01(\x08\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x11\n\tbase_path\x18\x05 \x01(\t\x12\x39\n\x08versions\x18\x06 \x03(\x0b\x32\'.modelmux.modelsync.v1.PublishedVersion\"\x8b\x01\n\x0cSourceStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x0b\n\x03\x61pi\x18\x03 \x01(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x35\n\x11last_success_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc0\x01\n\x08Snapshot\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x35\n\x06reason\x18\x02 \x01(\x0e\x32%.modelmux.modelsync.v1.SnapshotReason\x12\x35\n\x06models\x18\x03 \x03(\x0b\x32%.modelmux.modelsync.v1.PublishedModel\x12\x34\n\x07sources\x18\x04 \x03(\x0b\x32#.modelmux.modelsync.v1.SourceStatus\"+\n\x12WatchEventsRequest\x12\x15\n\rfrom_revision\x18\x01 \x01(\x03\"\x93\x01\n\x13WatchEventsResponse\x12\x33\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1f.modelmux.modelsync.v1.SnapshotH\x00\x12-\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x1c.modelmux.modelsync.v1.EventH\x00\x12\x10\n\x08replayed\x18\x03 \x01(\x08\x42\x06\n\x04item\"\x13\n\x11ListModelsRequest\"\x93\x01\n\x12ListModelsResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x35\n\x06models\x18\x02 \x03(\x0b\x32%.modelmux.modelsync.v1.PublishedModel\x12\x34\n\x07sources\x18\x03 \x03(\x0b\x32#.modelmux.modelsync.v1.SourceStatus*\xa5\x02\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45VENT_KIND_VERSION_ADDED\x10\x01\x12\x1e\n\x1a\x45VENT_KIND_VERSION_REMOVED\x10\x02\x12\x1c\n\x18\x45VENT_KIND_MODEL_REMOVED\x10\x03\x12 \n\x1c\x45VENT_KIND_STRUCTURE_CHANGED\x10\x04\x12\x1e\n\x1a\x45VENT_KIND_CONTENT_UPDATED\x10\x05\x12 \n\x1c\x45VENT_KIND_VALIDATION_FAILED\x10\x06\x12\x1b\n\x17\x45VENT_KIND_SOURCE_ERROR\x10\x07\x12\x1f\n\x1b\x45VENT_KIND_SOURCE_RECOVERED\x10\x08*\x9a\x01\n\x0eSnapshotReason\x12\x1f\n\x1bSNAPSHOT_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17SNAPSHOT_REASON_INITIAL\x10\x01\x12$\n SNAPSHOT_REASON_REVISION_EXPIRED\x10\x02\x12$\n SNAPSHOT_REASON_REVISION_UNKNOWN\x10\x03\x32\xd6\x01\n\tModelSync\x12\x66\n\x0bWatchEvents\x12).modelmux.modelsync.v1.WatchEventsRequest\x1a*.modelmux.modelsync.v1.WatchEventsResponse0\x01\x12\x61\n\nListModels\x12(.modelmux.modelsync.v1.ListModelsRequest\x1a).modelmux.modelsync.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%modelmux/modelsync/v1/modelsync.proto\x12\x15modelmux.modelsync.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdd\x02\n\x05\x45vent\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12.\n\x04kind\x18\x02 \x01(\x0e\x32 .modelmux.modelsync.v1.EventKind\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x07version\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0b\n\x03\x61pi\x18\x05 \x01(\t\x12\x12\n\ninferentia\x18\x06 \x01(\x08\x12\x0e\n\x06\x64igest\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x12\n\nstore_path\x18\t \x01(\t\x12\x17\n\x0fstore_base_path\x18\n \x01(\t\x12\x1b\n\x13previous_store_path\x18\x0b \x01(\t\x12\x0e\n\x06source\x18\x0c \x01(\t\x12\r\n\x05\x66iles\x18\r \x01(\x03\x12\r\n\x05\x62ytes\x18\x0e \x01(\x03\x12(\n\x04time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.TimestampB\n\n\x08_version\"\xd7\x01\n\x10PublishedVersion\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x12\n\nstore_path\x18\x04 \x01(\t\x12\x17\n\x0fstore_base_path\x18\x05 \x01(\t\x12\x11\n\tview_path\x18\x06 \x01(\t\x12\r\n\x05\x66iles\x18\x07 \x01(\x03\x12\r\n\x05\x62ytes\x18\x08 \x01(\x03\x12\x32\n\x0epublished_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9d\x01\n\x0ePublishedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x61pi\x18\x02 \x01(\t\x12\x12\n\ninferentia\x18\x03 \x01(\x08\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x11\n\tbase_path\x18\x05 \x01(\t\x12\x39\n\x08versions\x18\x06 \x03(\x0b\x32\'.modelmux.modelsync.v1.PublishedVersion\"\x8d\x01\n\x07Refusal\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x07version\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x0b\n\x03\x61pi\x18\x03 \x01(\t\x12\x12\n\ninferentia\x18\x04 \x01(\x08\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x10\n\x08revision\x18\x07 \x01(\x03\x42\n\n\x08_version\"\x8b\x01\n\x0cSourceStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x0b\n\x03\x61pi\x18\x03 \x01(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x35\n\x11last_success_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf1\x01\n\x08Snapshot\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x35\n\x06reason\x18\x02 \x01(\x0e\x32%.modelmux.modelsync.v1.SnapshotReason\x12\x35\n\x06models\x18\x03 \x03(\x0b\x32%.modelmux.modelsync.v1.PublishedModel\x12\x34\n\x07sources\x18\x04 \x03(\x0b\x32#.modelmux.modelsync.v1.SourceStatus\x12/\n\x07refused\x18\x05 \x03(\x0b\x32\x1e.modelmux.modelsync.v1.Refusal\"=\n\x12WatchEventsRequest\x12\x15\n\rfrom_revision\x18\x01 \x01(\x03\x12\x10\n\x08instance\x18\x02 \x01(\t\"\xa5\x01\n\x13WatchEventsResponse\x12\x33\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1f.modelmux.modelsync.v1.SnapshotH\x00\x12-\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x1c.modelmux.modelsync.v1.EventH\x00\x12\x10\n\x08replayed\x18\x03 \x01(\x08\x12\x10\n\x08instance\x18\x04 \x01(\tB\x06\n\x04item\"\x13\n\x11ListModelsRequest\"\xd6\x01\n\x12ListModelsResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x35\n\x06models\x18\x02 \x03(\x0b\x32%.modelmux.modelsync.v1.PublishedModel\x12\x34\n\x07sources\x18\x03 \x03(\x0b\x32#.modelmux.modelsync.v1.SourceStatus\x12/\n\x07refused\x18\x04 \x03(\x0b\x32\x1e.modelmux.modelsync.v1.Refusal\x12\x10\n\x08instance\x18\x05 \x01(\t*\xc8\x02\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45VENT_KIND_VERSION_ADDED\x10\x01\x12\x1e\n\x1a\x45VENT_KIND_VERSION_REMOVED\x10\x02\x12\x1c\n\x18\x45VENT_KIND_MODEL_REMOVED\x10\x03\x12 \n\x1c\x45VENT_KIND_STRUCTURE_CHANGED\x10\x04\x12\x1e\n\x1a\x45VENT_KIND_CONTENT_UPDATED\x10\x05\x12 \n\x1c\x45VENT_KIND_VALIDATION_FAILED\x10\x06\x12\x1b\n\x17\x45VENT_KIND_SOURCE_ERROR\x10\x07\x12\x1f\n\x1b\x45VENT_KIND_SOURCE_RECOVERED\x10\x08\x12!\n\x1d\x45VENT_KIND_VALIDATION_CLEARED\x10\t*\xc0\x01\n\x0eSnapshotReason\x12\x1f\n\x1bSNAPSHOT_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17SNAPSHOT_REASON_INITIAL\x10\x01\x12$\n SNAPSHOT_REASON_REVISION_EXPIRED\x10\x02\x12$\n SNAPSHOT_REASON_REVISION_UNKNOWN\x10\x03\x12$\n SNAPSHOT_REASON_INSTANCE_CHANGED\x10\x04\x32\xd6\x01\n\tModelSync\x12\x66\n\x0bWatchEvents\x12).modelmux.modelsync.v1.WatchEventsRequest\x1a*.modelmux.modelsync.v1.WatchEventsResponse0\x01\x12\x61\n\nListModels\x12(.modelmux.modelsync.v1.ListModelsRequest\x1a).modelmux.modelsync.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelmux.modelsync.v1.modelsync_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EVENTKIND']._serialized_start=1531
-  _globals['_EVENTKIND']._serialized_end=1824
-  _globals['_SNAPSHOTREASON']._serialized_start=1827
-  _globals['_SNAPSHOTREASON']._serialized_end=1981
+  _globals['_EVENTKIND']._serialized_start=1827
+  _globals['_EVENTKIND']._serialized_end=2155
+  _globals['_SNAPSHOTREASON']._serialized_start=2158
+  _globals['_SNAPSHOTREASON']._serialized_end=2350
   _globals['_EVENT']._serialized_start=98
   _globals['_EVENT']._serialized_end=447
   _globals['_PUBLISHEDVERSION']._serialized_start=450
   _globals['_PUBLISHEDVERSION']._serialized_end=665
   _globals['_PUBLISHEDMODEL']._serialized_start=668
   _globals['_PUBLISHEDMODEL']._serialized_end=825
-  _globals['_SOURCESTATUS']._serialized_start=828
-  _globals['_SOURCESTATUS']._serialized_end=967
-  _globals['_SNAPSHOT']._serialized_start=970
-  _globals['_SNAPSHOT']._serialized_end=1162
-  _globals['_WATCHEVENTSREQUEST']._serialized_start=1164
-  _globals['_WATCHEVENTSREQUEST']._serialized_end=1207
-  _globals['_WATCHEVENTSRESPONSE']._serialized_start=1210
-  _globals['_WATCHEVENTSRESPONSE']._serialized_end=1357
-  _globals['_LISTMODELSREQUEST']._serialized_start=1359
-  _globals['_LISTMODELSREQUEST']._serialized_end=1378
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1381
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1528
-  _globals['_MODELSYNC']._serialized_start=1984
-  _globals['_MODELSYNC']._serialized_end=2198
+  _globals['_REFUSAL']._serialized_start=828
+  _globals['_REFUSAL']._serialized_end=969
+  _globals['_SOURCESTATUS']._serialized_start=972
+  _globals['_SOURCESTATUS']._serialized_end=1111
+  _globals['_SNAPSHOT']._serialized_start=1114
+  _globals['_SNAPSHOT']._serialized_end=1355
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=1357
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=1418
+  _globals['_WATCHEVENTSRESPONSE']._serialized_start=1421
+  _globals['_WATCHEVENTSRESPONSE']._serialized_end=1586
+  _globals['_LISTMODELSREQUEST']._serialized_start=1588
+  _globals['_LISTMODELSREQUEST']._serialized_end=1607
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1610
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1824
+  _globals['_MODELSYNC']._serialized_start=2353
+  _globals['_MODELSYNC']._serialized_end=2567
 # @@protoc_insertion_point(module_scope)

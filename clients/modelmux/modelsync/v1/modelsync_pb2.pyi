@@ -48,7 +48,9 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     """
     EVENT_KIND_VALIDATION_FAILED: _EventKind.ValueType  # 6
     """A version (or a source key) was refused; reason says why. The last good content, if any,
-    stays published.
+    stays published. A path source that holds no file at all is refused the same way (version
+    absent): the model it names has nothing to publish. The refusal holds until a
+    VALIDATION_CLEARED with the same model, version and reason.
     """
     EVENT_KIND_SOURCE_ERROR: _EventKind.ValueType  # 7
     """A source could not be listed or downloaded from; the last good mirror stays as it is.
@@ -56,6 +58,12 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     """
     EVENT_KIND_SOURCE_RECOVERED: _EventKind.ValueType  # 8
     """A failing source works again."""
+    EVENT_KIND_VALIDATION_CLEARED: _EventKind.ValueType  # 9
+    """A refusal reported earlier no longer holds: the version was fixed (its VERSION_ADDED or
+    update event comes first), left the source, or is refused for another reason now (a
+    VALIDATION_FAILED with the new reason follows). model, version and reason are those of the
+    VALIDATION_FAILED it clears.
+    """
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
     """What happened."""
@@ -82,7 +90,9 @@ republished under a new store folder. previous_store_path is the content it repl
 """
 EVENT_KIND_VALIDATION_FAILED: EventKind.ValueType  # 6
 """A version (or a source key) was refused; reason says why. The last good content, if any,
-stays published.
+stays published. A path source that holds no file at all is refused the same way (version
+absent): the model it names has nothing to publish. The refusal holds until a
+VALIDATION_CLEARED with the same model, version and reason.
 """
 EVENT_KIND_SOURCE_ERROR: EventKind.ValueType  # 7
 """A source could not be listed or downloaded from; the last good mirror stays as it is.
@@ -90,6 +100,12 @@ Sent once when the source starts failing.
 """
 EVENT_KIND_SOURCE_RECOVERED: EventKind.ValueType  # 8
 """A failing source works again."""
+EVENT_KIND_VALIDATION_CLEARED: EventKind.ValueType  # 9
+"""A refusal reported earlier no longer holds: the version was fixed (its VERSION_ADDED or
+update event comes first), left the source, or is refused for another reason now (a
+VALIDATION_FAILED with the new reason follows). model, version and reason are those of the
+VALIDATION_FAILED it clears.
+"""
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
 class _SnapshotReason:
@@ -105,6 +121,10 @@ class _SnapshotReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Snapsh
     """The events after from_revision are no longer retained (too old, or the server restarted)."""
     SNAPSHOT_REASON_REVISION_UNKNOWN: _SnapshotReason.ValueType  # 3
     """from_revision is higher than any revision the server has issued (its state was reset)."""
+    SNAPSHOT_REASON_INSTANCE_CHANGED: _SnapshotReason.ValueType  # 4
+    """WatchEventsRequest.instance names another modelsync instance than this one (a restarted
+    daemon, or another one at the same address): from_revision belongs to another history.
+    """
 
 class SnapshotReason(_SnapshotReason, metaclass=_SnapshotReasonEnumTypeWrapper):
     """Why a WatchEvents stream starts with a snapshot."""
@@ -116,6 +136,10 @@ SNAPSHOT_REASON_REVISION_EXPIRED: SnapshotReason.ValueType  # 2
 """The events after from_revision are no longer retained (too old, or the server restarted)."""
 SNAPSHOT_REASON_REVISION_UNKNOWN: SnapshotReason.ValueType  # 3
 """from_revision is higher than any revision the server has issued (its state was reset)."""
+SNAPSHOT_REASON_INSTANCE_CHANGED: SnapshotReason.ValueType  # 4
+"""WatchEventsRequest.instance names another modelsync instance than this one (a restarted
+daemon, or another one at the same address): from_revision belongs to another history.
+"""
 Global___SnapshotReason: _TypeAlias = SnapshotReason  # noqa: Y015
 
 @_typing.final
@@ -311,6 +335,56 @@ class PublishedModel(_message.Message):
 Global___PublishedModel: _TypeAlias = PublishedModel  # noqa: Y015
 
 @_typing.final
+class Refusal(_message.Message):
+    """A version (or a model) that modelsync refuses to publish now, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    API_FIELD_NUMBER: _builtins.int
+    INFERENTIA_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name; empty for keys that name no valid model."""
+    version: _builtins.int
+    """The version refused; absent for a model-level refusal (a key outside any version, a path
+    source that holds no file).
+    """
+    api: _builtins.str
+    """API (from the config) whose source holds it."""
+    inferentia: _builtins.bool
+    """True when that API runs on Inferentia."""
+    source: _builtins.str
+    """The source URI."""
+    reason: _builtins.str
+    """Why it is refused, as in the VALIDATION_FAILED event that reported it."""
+    revision: _builtins.int
+    """Revision of that event."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.int | None = ...,
+        api: _builtins.str = ...,
+        inferentia: _builtins.bool = ...,
+        source: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_version", b"_version", "version", b"version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_version", b"_version", "api", b"api", "inferentia", b"inferentia", "model", b"model", "reason", b"reason", "revision", b"revision", "source", b"source", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__version: _TypeAlias = _typing.Literal["version"]  # noqa: Y015
+    _WhichOneofArgType__version: _TypeAlias = _typing.Literal["_version", b"_version"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__version) -> _WhichOneofReturnType__version | None: ...
+
+Global___Refusal: _TypeAlias = Refusal  # noqa: Y015
+
+@_typing.final
 class SourceStatus(_message.Message):
     """State of one configured source."""
 
@@ -366,6 +440,7 @@ class Snapshot(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     SOURCES_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """The state includes every event up to and including this revision; events that follow on the
     stream have higher revisions.
@@ -380,6 +455,12 @@ class Snapshot(_message.Message):
     def sources(self) -> _containers.RepeatedCompositeFieldContainer[Global___SourceStatus]:
         """Configured sources, sorted by id."""
 
+    @_builtins.property
+    def refused(self) -> _containers.RepeatedCompositeFieldContainer[Global___Refusal]:
+        """What is refused now (every VALIDATION_FAILED not yet cleared), sorted by model, version
+        (model-level first) and reason.
+        """
+
     def __init__(
         self,
         *,
@@ -387,10 +468,11 @@ class Snapshot(_message.Message):
         reason: Global___SnapshotReason.ValueType = ...,
         models: _abc.Iterable[Global___PublishedModel] | None = ...,
         sources: _abc.Iterable[Global___SourceStatus] | None = ...,
+        refused: _abc.Iterable[Global___Refusal] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "reason", b"reason", "revision", b"revision", "sources", b"sources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "reason", b"reason", "refused", b"refused", "revision", b"revision", "sources", b"sources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -403,18 +485,25 @@ class WatchEventsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     FROM_REVISION_FIELD_NUMBER: _builtins.int
+    INSTANCE_FIELD_NUMBER: _builtins.int
     from_revision: _builtins.int
     """0: start with a snapshot. N > 0: the subscriber has seen everything up to revision N; replay
     what followed (or send a snapshot when that is no longer possible).
+    """
+    instance: _builtins.str
+    """The instance (WatchEventsResponse.instance) that from_revision was seen from. When it is set
+    and is not this server's, the stream starts with a Snapshot (SNAPSHOT_REASON_INSTANCE_CHANGED)
+    whatever from_revision is. Empty: from_revision is taken as this instance's.
     """
     def __init__(
         self,
         *,
         from_revision: _builtins.int = ...,
+        instance: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_revision", b"from_revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_revision", b"from_revision", "instance", b"instance"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -429,8 +518,15 @@ class WatchEventsResponse(_message.Message):
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    INSTANCE_FIELD_NUMBER: _builtins.int
     replayed: _builtins.bool
     """True for events replayed from the retained log on resumption; false for live events."""
+    instance: _builtins.str
+    """The modelsync instance that sent this message: drawn at random when the daemon starts, the
+    same on every message of every stream until it stops. Revisions (and the refusals, which
+    are not persisted) belong to one instance: a subscriber that reconnects and sees another
+    instance has to start again from this message's snapshot (or ask for one).
+    """
     @_builtins.property
     def snapshot(self) -> Global___Snapshot:
         """The full state; a subscriber replaces what it knew with it."""
@@ -445,10 +541,11 @@ class WatchEventsResponse(_message.Message):
         snapshot: Global___Snapshot | None = ...,
         event: Global___Event | None = ...,
         replayed: _builtins.bool = ...,
+        instance: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "item", b"item", "snapshot", b"snapshot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "item", b"item", "replayed", b"replayed", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "instance", b"instance", "item", b"item", "replayed", b"replayed", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["snapshot", "event"]  # noqa: Y015
     _WhichOneofArgType_item: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
@@ -482,8 +579,12 @@ class ListModelsResponse(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     SOURCES_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    INSTANCE_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """Revision of the last event; the listing reflects every event up to it."""
+    instance: _builtins.str
+    """This modelsync instance (see WatchEventsResponse.instance)."""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___PublishedModel]:
         """Published models, sorted by name."""
@@ -492,16 +593,22 @@ class ListModelsResponse(_message.Message):
     def sources(self) -> _containers.RepeatedCompositeFieldContainer[Global___SourceStatus]:
         """Configured sources, sorted by id."""
 
+    @_builtins.property
+    def refused(self) -> _containers.RepeatedCompositeFieldContainer[Global___Refusal]:
+        """What is refused now, as in Snapshot.refused."""
+
     def __init__(
         self,
         *,
         revision: _builtins.int = ...,
         models: _abc.Iterable[Global___PublishedModel] | None = ...,
         sources: _abc.Iterable[Global___SourceStatus] | None = ...,
+        refused: _abc.Iterable[Global___Refusal] | None = ...,
+        instance: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "revision", b"revision", "sources", b"sources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance", "models", b"models", "refused", b"refused", "revision", b"revision", "sources", b"sources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

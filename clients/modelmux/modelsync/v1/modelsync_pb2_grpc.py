@@ -72,6 +72,9 @@ class ModelSyncServicer:
         live events with higher revisions. With from_revision N > 0 it first replays the retained
         events after N (replayed = true) and then goes live; when events after N are no longer
         retained, or N is ahead of the server, it sends a Snapshot instead, whose reason says why.
+        Revisions belong to one modelsync instance (see WatchEventsResponse.instance): a subscriber
+        resuming with the instance its revision came from gets a Snapshot with reason
+        SNAPSHOT_REASON_INSTANCE_CHANGED when this server is another instance.
         A subscriber that falls too far behind gets RESOURCE_EXHAUSTED and resumes from the last
         revision it saw. INVALID_ARGUMENT when from_revision is negative.
         """
@@ -80,7 +83,8 @@ class ModelSyncServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """What is published right now, with digests, revisions and store paths, and each source's state.
+        """What is published right now, with digests, revisions and store paths, what is refused and
+        why, and each source's state.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -48,11 +48,16 @@ class ModelSyncStub:
     live events with higher revisions. With from_revision N > 0 it first replays the retained
     events after N (replayed = true) and then goes live; when events after N are no longer
     retained, or N is ahead of the server, it sends a Snapshot instead, whose reason says why.
+    Revisions belong to one modelsync instance (see WatchEventsResponse.instance): a subscriber
+    resuming with the instance its revision came from gets a Snapshot with reason
+    SNAPSHOT_REASON_INSTANCE_CHANGED when this server is another instance.
     A subscriber that falls too far behind gets RESOURCE_EXHAUSTED and resumes from the last
     revision it saw. INVALID_ARGUMENT when from_revision is negative.
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_modelsync_pb2.ListModelsRequest, _modelsync_pb2.ListModelsResponse]
-    """What is published right now, with digests, revisions and store paths, and each source's state."""
+    """What is published right now, with digests, revisions and store paths, what is refused and
+    why, and each source's state.
+    """
 
 @_typing.type_check_only
 class ModelSyncAsyncStub(ModelSyncStub):
@@ -74,11 +79,16 @@ class ModelSyncAsyncStub(ModelSyncStub):
     live events with higher revisions. With from_revision N > 0 it first replays the retained
     events after N (replayed = true) and then goes live; when events after N are no longer
     retained, or N is ahead of the server, it sends a Snapshot instead, whose reason says why.
+    Revisions belong to one modelsync instance (see WatchEventsResponse.instance): a subscriber
+    resuming with the instance its revision came from gets a Snapshot with reason
+    SNAPSHOT_REASON_INSTANCE_CHANGED when this server is another instance.
     A subscriber that falls too far behind gets RESOURCE_EXHAUSTED and resumes from the last
     revision it saw. INVALID_ARGUMENT when from_revision is negative.
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_modelsync_pb2.ListModelsRequest, _modelsync_pb2.ListModelsResponse]  # type: ignore[assignment]
-    """What is published right now, with digests, revisions and store paths, and each source's state."""
+    """What is published right now, with digests, revisions and store paths, what is refused and
+    why, and each source's state.
+    """
 
 class ModelSyncServicer(metaclass=_abc_1.ABCMeta):
     """modelsync mirrors model sources (S3 prefixes, local folders) onto a shared volume and reports
@@ -103,6 +113,9 @@ class ModelSyncServicer(metaclass=_abc_1.ABCMeta):
         live events with higher revisions. With from_revision N > 0 it first replays the retained
         events after N (replayed = true) and then goes live; when events after N are no longer
         retained, or N is ahead of the server, it sends a Snapshot instead, whose reason says why.
+        Revisions belong to one modelsync instance (see WatchEventsResponse.instance): a subscriber
+        resuming with the instance its revision came from gets a Snapshot with reason
+        SNAPSHOT_REASON_INSTANCE_CHANGED when this server is another instance.
         A subscriber that falls too far behind gets RESOURCE_EXHAUSTED and resumes from the last
         revision it saw. INVALID_ARGUMENT when from_revision is negative.
         """
@@ -113,6 +126,8 @@ class ModelSyncServicer(metaclass=_abc_1.ABCMeta):
         request: _modelsync_pb2.ListModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_modelsync_pb2.ListModelsResponse, _abc.Awaitable[_modelsync_pb2.ListModelsResponse]]:
-        """What is published right now, with digests, revisions and store paths, and each source's state."""
+        """What is published right now, with digests, revisions and store paths, what is refused and
+        why, and each source's state.
+        """
 
 def add_ModelSyncServicer_to_server(servicer: ModelSyncServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
