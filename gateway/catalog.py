@@ -63,11 +63,19 @@ class Problems:
 
 
 def refusal_text(refused: Mapping[int | None, str]) -> str:
-    """What modelsync refuses of one model, as calls for it and listings say it."""
-    return "; ".join(
-        f"modelsync refused {'it' if v is None else f'version {v}'}: {reason}"
-        for v, reason in sorted(refused.items(), key=lambda item: item[0] or 0)
-    )
+    """What modelsync refuses of one model, as calls for it and listings say it; versions refused
+    for the same reason are named together."""
+    by_reason: dict[str, list[int | None]] = {}
+    for version, reason in sorted(refused.items(), key=lambda item: item[0] or 0):
+        by_reason.setdefault(reason, []).append(version)
+    parts = []
+    for reason, versions in by_reason.items():
+        numbers = [str(v) for v in versions if v is not None]
+        what = [f"version{'s' if len(numbers) > 1 else ''} {', '.join(numbers)}"] if numbers else []
+        if None in versions:
+            what.insert(0, "it")
+        parts.append(f"modelsync refused {' and '.join(what)}: {reason}")
+    return "; ".join(parts)
 
 
 @dataclass(frozen=True, slots=True)

@@ -242,12 +242,14 @@ class Follower:
             event = item.event
             self.revision = max(self.revision, event.revision)
             changed = self._event(event)
+        # the catalogue first: were the refusals of a snapshot applied before the models it
+        # publishes, a moment with only refused models known would look settled to start-up
+        if changed:
+            self.on_catalog(self.catalog())
         if self._problems_changed:
             self._problems_changed = False
             if self.on_problems is not None:
                 self.on_problems(self.problems())
-        if changed:
-            self.on_catalog(self.catalog())
 
     def _snapshot(self, snapshot: modelsync_pb2.Snapshot) -> None:
         self._models = {}

@@ -654,3 +654,26 @@ async def test_an_unknown_input_name_reads_the_same_in_both_request_forms(
             assert answers[0] == ("unknown input 'z': signature 'serving_default' has the inputs x")
     finally:
         await gateway.stop()
+
+
+def test_refusals_and_states_read_as_one_sentence_each() -> None:
+    from gateway.catalog import refusal_text
+    from gateway.errors import FailedPrecondition, NotFound, Unavailable
+    from gateway.routing import ModelStatus, Table
+
+    assert refusal_text({2: "bad", 1: "bad"}) == "modelsync refused versions 1, 2: bad"
+    assert refusal_text({None: "empty", 3: "odd"}) == (
+        "modelsync refused it: empty; modelsync refused version 3: odd"
+    )
+    table = Table(
+        known=frozenset({"r", "l"}),
+        states={"r": ModelStatus("REFUSED", "why"), "l": ModelStatus("LOADING", "version 1")},
+    )
+    for model, kind, text in (
+        ("r", FailedPrecondition, "model 'r' cannot be served: why"),
+        ("l", Unavailable, "model 'l' has no version available yet: version 1"),
+        ("x", NotFound, "model 'x' is not served here (models: l, r)"),
+    ):
+        with pytest.raises(kind) as info:
+            table.resolve(model, None, None)
+        assert info.value.message == text
