@@ -39,6 +39,7 @@ from modelmux_common.grpcutil import (
     reuse_freed_memory,
     run_until_signal,
 )
+from modelmux_common.listen import ListenError, server_options
 
 log = structlog.get_logger("modelmux.gateway")
 
@@ -82,7 +83,12 @@ class Gateway:
                 gw.modelsync, self.pool.update, gpu_apis=gpu_apis(config), skip_apis=python_apis
             )
             self.follower.on_connection = lambda _: self._on_table(self.pool.table)
-        self.server = grpc.aio.server(options=message_size_options(gw.max_message_bytes))
+        self.server = grpc.aio.server(
+            options=[
+                *message_size_options(gw.max_message_bytes),
+                *server_options(shared_port=gw.workers > 1),  # only `--workers N` share a port
+            ]
+        )
         self.forwarder = forwarder = Forwarder(
             self.pool,
             timeout=gw.backend_timeout,
@@ -223,9 +229,14 @@ class Gateway:
             await self.health.set(name, status)
 
     async def start(self) -> str:
-        self.address = bind(self.server, self.config.gateway.listen)
-        if self.handlers.pools:  # tensorflow_client reaches the gateway here
-            bind(self.server, self.handlers.gateway)
+        try:
+            shared = self.config.gateway.workers > 1
+            self.address = bind(self.server, self.config.gateway.listen, shared_port=shared)
+            if self.handlers.pools:  # tensorflow_client reaches the gateway here
+                bind(self.server, self.handlers.gateway)
+        except ListenError:
+            self._remove_runtime_dir()
+            raise
         self._on_table(self.pool.table)
         await self.server.start()
         try:
@@ -295,7 +306,7 @@ def main(args: argparse.Namespace) -> int:
         config = dataclasses.replace(
             config, gateway=dataclasses.replace(config.gateway, workers=args.workers)
         )
-    logs.configure(level=config.gateway.log_level)
+    logs.configure(level=config.gateway.log_level, component="gateway")
     index = args.worker_index
     if index is None and config.gateway.workers > 1:
         return supervise(config, args, config.gateway.workers)
