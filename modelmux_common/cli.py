@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.metadata
 import os
 import re
 import sys
@@ -19,6 +20,11 @@ from modelmux_common import supervision
 from modelmux_common.config import ACCELERATORS, ConfigError, load
 from modelmux_common.listen import ListenError
 
+DESCRIPTION = """\
+modelmux: a gRPC-first inference gateway for TensorFlow Serving backends, with modelsync, which
+mirrors model folders from S3 or a local folder onto the volume the backends read. One YAML file
+configures every command; "modelmux up --config FILE" starts the whole stack on one machine."""
+
 # A line of TensorFlow's C++ logging (absl / TSL): "I0000 00:00:1796223555.543744  14335 port.cc:153]"
 _CXX_LOG_LINE = re.compile(
     rb"^(?:WARNING: All log messages before absl::InitializeLog\(\) is called"
@@ -27,7 +33,8 @@ _CXX_LOG_LINE = re.compile(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modelmux", description=__doc__)
+    parser = argparse.ArgumentParser(prog="modelmux", description=DESCRIPTION)
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     backend = sub.add_parser("backend", help="the embedded TF-Serving-compatible backend")
@@ -72,6 +79,21 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start embedded backends, modelsync and the gateway together")
     up.add_argument("--config", required=True, help="modelmux YAML")
     return parser
+
+
+class _Version(argparse.Action):
+    """``--version``, looked up only when asked for (reading the package metadata takes time)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="show the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        try:
+            version = importlib.metadata.version("modelmux")
+        except importlib.metadata.PackageNotFoundError:
+            version = "(not installed: run from a source tree)"
+        print(f"modelmux {version}")  # on stdout, as argparse's own version action
+        parser.exit()
 
 
 _COMMANDS = {

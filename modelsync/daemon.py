@@ -68,7 +68,7 @@ class Daemon:
             "serving",
             address=self.address,
             target=self.settings.target,
-            sources=[spec.uri for spec in self.syncer.specs],
+            sources=list(dict.fromkeys(spec.uri for spec in self.syncer.specs)),  # shared once
             revision=self.syncer.events.revision,
         )
         await self.syncer.start()
