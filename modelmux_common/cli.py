@@ -137,7 +137,7 @@ def _quiet_tensorflow(args: argparse.Namespace) -> Iterator[None]:
     ``CUDA_VISIBLE_DEVICES`` set yourself is kept.
     """
     accelerator = args.accelerator
-    if accelerator is None and args.config and args.name:
+    if accelerator is None and args.config and args.name:  # read again by the backend: cheap
         entries = {b.name: b.accelerator for b in load(args.config).backends}
         accelerator = entries.get(args.name)
     if (accelerator or "cpu") == "cpu":

@@ -74,7 +74,7 @@ def _ensure_unix_free(address: str, path: str) -> None:
             probe.connect(path)
         except (ConnectionRefusedError, FileNotFoundError):
             return  # a stale socket file: nobody listens on it
-        except BlockingIOError:
+        except (BlockingIOError, TimeoutError):
             pass  # a full backlog: someone listens
         except OSError:
             return  # not a socket at all: gRPC's bind says so

@@ -183,25 +183,18 @@ def sync_config(tmp_path: Path, example_models: Path) -> Path:
 # --- a busy address ----------------------------------------------------------------------------
 
 
-def test_second_gateway_on_a_busy_port_exits_1_and_the_first_keeps_it(
-    gateway_config: Path,
-) -> None:
-    first = start_daemon(["gateway", "--config", str(gateway_config)])
-    try:
-        done = run("gateway", "--config", str(gateway_config), "--listen", first.address)
-        refused(done, first.address, first.pid)
-        assert listeners(port_of(first.address)) == 1
-        wait_serving(first.address, timeout=10)
-    finally:
-        assert first.stop() == 0
+@pytest.fixture
+def configs(gateway_config: Path, sync_config: Path) -> dict[str, str]:
+    return {"gateway": str(gateway_config), "sync": str(sync_config)}
 
 
-def test_second_modelsync_on_a_busy_port_exits_1_and_the_first_keeps_it(
-    sync_config: Path,
+@pytest.mark.parametrize("command", ["gateway", "sync"])
+def test_second_server_on_a_busy_port_exits_1_and_the_first_keeps_it(
+    configs: dict[str, str], command: str
 ) -> None:
-    first = start_daemon(["sync", "--config", str(sync_config)])
+    first = start_daemon([command, "--config", configs[command]])
     try:
-        done = run("sync", "--config", str(sync_config), "--listen", first.address)
+        done = run(command, "--config", configs[command], "--listen", first.address)
         refused(done, first.address, first.pid)
         assert listeners(port_of(first.address)) == 1
         wait_serving(first.address, timeout=10)
@@ -218,13 +211,12 @@ def test_second_backend_on_a_busy_port_exits_1_and_the_first_keeps_it(backend: P
 
 @pytest.mark.parametrize("command", ["gateway", "sync"])
 def test_a_unix_socket_a_live_server_holds_is_not_taken_over(
-    tmp_path: Path, gateway_config: Path, sync_config: Path, command: str
+    tmp_path: Path, configs: dict[str, str], command: str
 ) -> None:
     address = f"unix:{tmp_path / 'served.sock'}"
-    config = str(gateway_config if command == "gateway" else sync_config)
-    first = start_daemon([command, "--config", config, "--listen", address])
+    first = start_daemon([command, "--config", configs[command], "--listen", address])
     try:
-        done = run(command, "--config", config, "--listen", address)
+        done = run(command, "--config", configs[command], "--listen", address)
         refused(done, address, first.pid)
         wait_serving(address, timeout=10)  # the path was not unlinked and taken over
     finally:
