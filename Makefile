@@ -8,53 +8,60 @@ MODELS := .modelmux/source
 CONFIG ?= examples/quickstart/modelmux.yaml
 PYTEST_ARGS ?=
 
-.PHONY: all venv models run test check proto proto-check lint fmt bench clean
+.PHONY: all help venv models run test check proto proto-check lint fmt bench clean
 
 all: test
 
-# Reinstalled only when pyproject.toml changes; pip's wheel cache keeps re-creation cheap.
+help: ## this list
+	@echo "make TARGET (every target creates .venv first when it needs it):"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  \1\t/' | expand -t 16
+
+# Reinstalled only when pyproject.toml changes; pip's wheel cache keeps re-creation cheap. The
+# first install downloads TensorFlow and takes minutes, so pip's own progress is shown.
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "modelmux needs Python 3.11 or later (make PYTHON=python3.11 ...)"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "Installing modelmux and its pinned dependencies into $(VENV) (about 2.5 GB with TensorFlow)"
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -e '.[dev]'
 	@touch $@
 
-venv: $(STAMP)
+venv: $(STAMP) ## create .venv from pyproject.toml (pinned versions)
 
 # Example SavedModels, written by TensorFlow (never committed).
 $(MODELS)/.done: scripts/make_models.py $(STAMP)
 	$(BIN)/python scripts/make_models.py --out $(MODELS)
 	@touch $@
 
-models: $(MODELS)/.done
+models: $(MODELS)/.done ## write the example SavedModels into .modelmux/source/
 
-run: $(STAMP) models
+run: $(STAMP) models ## start modelsync, the embedded backend and the gateway (Ctrl-C stops them)
 	$(BIN)/modelmux up --config $(CONFIG)
 
-test: $(STAMP) models
+test: $(STAMP) models ## run the test suite (PYTEST_ARGS='-k name' for a part)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-proto: $(STAMP)
+proto: $(STAMP) ## regenerate clients/ from protos/
 	PYTHON=$(BIN)/python bash scripts/gen_protos.sh
 
 # Fails when the committed generated code differs from what protos/ produces.
-proto-check: proto
+proto-check: proto ## fail when the committed generated code differs from protos/
 	@git diff --exit-code --stat -- clients/ || { echo "generated code drifted from protos/: run make proto and commit"; exit 1; }
 	@test -z "$$(git status --porcelain -- clients/)" || { git status --porcelain -- clients/; echo "untracked generated files: run make proto and commit"; exit 1; }
 
-lint: $(STAMP)
+lint: $(STAMP) ## ruff format --check, ruff check, mypy
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-fmt: $(STAMP)
+fmt: $(STAMP) ## ruff format and ruff check --fix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-check: lint proto-check
+check: lint proto-check ## lint and proto-check (what CI runs before the tests)
 
-bench: $(STAMP) models
+bench: $(STAMP) models ## the benchmarks (docs/benchmarks.md)
 	$(BIN)/python scripts/bench.py
 
-clean:
+clean: ## remove models, volumes, bench results and caches (keeps .venv)
 	rm -rf .modelmux bench-results .pytest_cache .mypy_cache .ruff_cache

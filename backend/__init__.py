@@ -2,13 +2,7 @@
 
 It speaks TensorFlow Serving's own gRPC API (``tensorflow.serving.PredictionService`` and
 ``ModelService``) and serves real SavedModels with TensorFlow in-process. It is the only modelmux
-process that imports the TensorFlow runtime. Entry point: :func:`backend.server.main`.
+process that imports the TensorFlow runtime. Entry point: :func:`backend.server.main`, through
+``modelmux backend``, which quiets TensorFlow's C++ logging before the runtime loads
+(modelmux_common/cli.py).
 """
-
-from __future__ import annotations
-
-import os
-
-# TensorFlow's C++ logging reads this once, when the runtime loads; keep its INFO chatter out of
-# the JSON log stream unless the operator asked for it.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

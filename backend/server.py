@@ -18,6 +18,7 @@ from backend.services import Device, ModelService, PredictionService
 from modelmux_common import config as mm_config
 from modelmux_common import grpcutil, logs
 from modelmux_common.config import Accelerator, ConfigError
+from modelmux_common.listen import server_options
 from modelmux_common.tfserving import model_service_pb2, prediction_service_pb2
 
 log = structlog.get_logger("modelmux.backend")
@@ -87,14 +88,20 @@ def _backend_entry(path: str, name: str) -> mm_config.BackendConfig:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``modelmux backend``; returns the process exit code."""
-    logs.configure()
+    name = getattr(args, "name", None)
+    logs.configure(component=f"backend {name}" if name else "backend")
     settings = Settings.from_args(args)
     asyncio.run(serve(settings))
     return 0
 
 
 def build_server(manager: ModelManager, settings: Settings) -> grpc.aio.Server:
-    server = grpc.aio.server(options=grpcutil.message_size_options(settings.max_message_bytes))
+    server = grpc.aio.server(
+        options=[
+            *grpcutil.message_size_options(settings.max_message_bytes),
+            *server_options(),
+        ]
+    )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionService(manager, settings.device), server
     )

@@ -40,6 +40,7 @@ from modelmux_common.grpcutil import (
     reuse_freed_memory,
     run_until_signal,
 )
+from modelmux_common.listen import ListenError, server_options
 
 log = structlog.get_logger("modelmux.gateway")
 
@@ -92,7 +93,12 @@ class Gateway:
                 on_problems=self.pool.set_problems,
             )
             self.follower.on_connection = lambda _: self._on_table(self.pool.table)
-        self.server = grpc.aio.server(options=message_size_options(gw.max_message_bytes))
+        self.server = grpc.aio.server(
+            options=[
+                *message_size_options(gw.max_message_bytes),
+                *server_options(shared_port=gw.workers > 1),  # only `--workers N` share a port
+            ]
+        )
         self.forwarder = forwarder = Forwarder(
             self.pool,
             timeout=gw.backend_timeout,
@@ -264,9 +270,14 @@ class Gateway:
             await self.health.set(name, status)
 
     async def start(self) -> str:
-        self.address = bind(self.server, self.config.gateway.listen)
-        if self.handlers.pools:  # tensorflow_client reaches the gateway here
-            bind(self.server, self.handlers.gateway)
+        try:
+            shared = self.config.gateway.workers > 1
+            self.address = bind(self.server, self.config.gateway.listen, shared_port=shared)
+            if self.handlers.pools:  # tensorflow_client reaches the gateway here
+                bind(self.server, self.handlers.gateway)
+        except ListenError:
+            self._remove_runtime_dir()
+            raise
         self._on_table(self.pool.table)
         await self.server.start()
         try:
@@ -276,6 +287,7 @@ class Gateway:
             self._remove_runtime_dir()
             raise
         self.handlers_ready = True
+        self._on_table(self.pool.table)  # nothing else may change: handler-only gateways
         self.pool.start()
         await self.discovery.refresh()
         self.discovery.start()
@@ -349,7 +361,7 @@ def main(args: argparse.Namespace) -> int:
         config = dataclasses.replace(
             config, gateway=dataclasses.replace(config.gateway, workers=args.workers)
         )
-    logs.configure(level=config.gateway.log_level)
+    logs.configure(level=config.gateway.log_level, component="gateway")
     index = args.worker_index
     if index is None and config.gateway.workers > 1:
         return supervise(config, args, config.gateway.workers)

@@ -9,34 +9,43 @@ the others watch the backends' status, so the backends see one owner of their co
 from __future__ import annotations
 
 import argparse
-import signal
 import socket
-import subprocess
 import sys
-from types import FrameType
 
+from modelmux_common import supervision
 from modelmux_common.config import Config, ConfigError
+from modelmux_common.listen import ensure_free, split
+
+# What a worker gets past gateway.shutdown_grace to finish its stop before it is killed.
+STOP_MARGIN = 5.0
 
 
 def reserve_port(listen: str, file: str) -> tuple[socket.socket, str]:
-    """Binds (without listening) the address so port 0 becomes one concrete port for all workers."""
+    """Binds (without listening) the address so port 0 becomes one concrete port for all workers.
+
+    The workers bind it with SO_REUSEPORT, which the kernel lets any process of this user share:
+    so the address is checked first with a bind that does not set it, which fails when another
+    process holds the port, with or without SO_REUSEPORT (:func:`ensure_free`).
+    """
     if listen.startswith("unix:"):
         raise ConfigError(
             file, "gateway.listen", "several workers need a TCP address, not a unix socket"
         )
-    host, _, port = listen.rpartition(":")
-    family = socket.AF_INET6 if host.startswith("[") else socket.AF_INET
+    ensure_free(listen)
+    host, port = split(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host.strip("[]"), int(port)))
-    return sock, f"{host}:{sock.getsockname()[1]}"
+    sock.bind((host, port))
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    return sock, f"{shown}:{sock.getsockname()[1]}"
 
 
 def supervise(config: Config, args: argparse.Namespace, workers: int) -> int:
     """Starts the workers, forwards SIGINT/SIGTERM to them, and exits once they all have."""
     reserved, address = reserve_port(config.gateway.listen, config.file)
     children = [
-        subprocess.Popen(
+        supervision.spawn(
             [
                 sys.executable,
                 "-m",
@@ -51,20 +60,11 @@ def supervise(config: Config, args: argparse.Namespace, workers: int) -> int:
                 "--worker-index",
                 str(index),
                 *(["--strict"] if getattr(args, "strict", False) else []),
-            ],
-            # own process group: a Ctrl-C in a terminal reaches the workers once, through here
-            start_new_session=True,
+            ]
         )
         for index in range(workers)
     ]
-
-    def forward(signum: int, frame: FrameType | None) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    supervision.forward_signals(children, grace=config.gateway.shutdown_grace + STOP_MARGIN)
     try:
         codes = [child.wait() for child in children]
     finally:

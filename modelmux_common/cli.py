@@ -7,15 +7,34 @@ runtime that ``modelmux backend`` needs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import importlib.metadata
+import os
+import re
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 
-from modelmux_common.config import ACCELERATORS, ConfigError
+from modelmux_common import supervision
+from modelmux_common.config import ACCELERATORS, ConfigError, load
+from modelmux_common.listen import ListenError
+
+DESCRIPTION = """\
+modelmux: a gRPC-first inference gateway for TensorFlow Serving backends, with modelsync, which
+mirrors model folders from S3 or a local folder onto the volume the backends read. One YAML file
+configures every command; "modelmux up --config FILE" starts the whole stack on one machine."""
+
+# A line of TensorFlow's C++ logging (absl / TSL): "I0000 00:00:1796223555.543744  14335 port.cc:153]"
+_CXX_LOG_LINE = re.compile(
+    rb"^(?:WARNING: All log messages before absl::InitializeLog\(\) is called"
+    rb"|[IWEF]\d{4} [\d:.]+ +\d+ [\w./-]+:\d+\])"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modelmux", description=__doc__)
+    parser = argparse.ArgumentParser(prog="modelmux", description=DESCRIPTION)
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     backend = sub.add_parser("backend", help="the embedded TF-Serving-compatible backend")
@@ -72,6 +91,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Version(argparse.Action):
+    """``--version``, looked up only when asked for (reading the package metadata takes time)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="show the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        try:
+            version = importlib.metadata.version("modelmux")
+        except importlib.metadata.PackageNotFoundError:
+            version = "(not installed: run from a source tree)"
+        print(f"modelmux {version}")  # on stdout, as argparse's own version action
+        parser.exit()
+
+
 _COMMANDS = {
     "backend": "backend.server",
     "gateway": "gateway.server",
@@ -81,16 +115,62 @@ _COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    supervision.watch_parent()  # first: a parent that dies while this starts stops it too
     args = _parser().parse_args(argv)
     try:
-        module = importlib.import_module(_COMMANDS[args.command])
+        if args.command == "backend":
+            with _quiet_tensorflow(args):
+                module = importlib.import_module(_COMMANDS[args.command])
+        else:
+            module = importlib.import_module(_COMMANDS[args.command])
         code: int = module.main(args)
         return code
     except ConfigError as exc:
         print(f"modelmux {args.command}: bad config: {exc}", file=sys.stderr)
         return 2
+    except ListenError as exc:
+        print(f"modelmux {args.command}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+
+
+@contextlib.contextmanager
+def _quiet_tensorflow(args: argparse.Namespace) -> Iterator[None]:
+    """TensorFlow's C++ logging off, and CUDA hidden from a ``cpu`` backend, while it loads.
+
+    Its C++ logging (a cuInit error on a machine without a GPU, oneDNN notices) would otherwise
+    fill the terminal; the backend's own log says what matters (a version that fails to load and
+    why). Some of those lines are written while the libraries load, before any log level applies,
+    so stderr is filtered for them during the import. Setting ``TF_CPP_MIN_LOG_LEVEL`` yourself
+    (``TF_CPP_MIN_LOG_LEVEL=0`` shows everything) turns all of this off, and
+    ``CUDA_VISIBLE_DEVICES`` set yourself is kept.
+    """
+    accelerator = args.accelerator
+    if accelerator is None and args.config and args.name:  # read again by the backend: cheap
+        entries = {b.name: b.accelerator for b in load(args.config).backends}
+        accelerator = entries.get(args.name)
+    if (accelerator or "cpu") == "cpu":
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+        yield
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"  # errors too: cuInit's is one
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured if not _CXX_LOG_LINE.match(line)]
+            if kept:
+                sys.stderr.buffer.write(b"".join(kept))
+                sys.stderr.flush()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from modelmux_common.listen import ListenError, ensure_free
+
 log = structlog.get_logger("modelmux")
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -58,16 +60,23 @@ def add_health_and_reflection(
     return health
 
 
-def bind(server: grpc.aio.Server, address: str) -> str:
+def bind(server: grpc.aio.Server | grpc.Server, address: str, *, shared_port: bool = False) -> str:
     """Binds ``address`` (host:port, [v6]:port or unix:path) and returns what was bound.
 
-    Port 0 picks a free port; the returned address carries the real one.
+    Port 0 picks a free port; the returned address carries the real one. A taken address raises
+    :class:`ListenError` (the server must be made with ``listen.server_options``): checked first,
+    unless ``shared_port`` (a worker of ``gateway --workers N``, whose parent holds the port).
     """
-    port = server.add_insecure_port(address)
+    if not shared_port:
+        ensure_free(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # taken since the check (gRPC has logged why)
+        raise ListenError(f"cannot listen on {address}") from None
     if address.startswith("unix:"):
         return address
-    if port == 0:
-        raise OSError(f"cannot listen on {address}")
+    if port == 0:  # what older gRPC releases return instead of raising
+        raise ListenError(f"cannot listen on {address}")
     host = address.rsplit(":", 1)[0]
     return f"{host}:{port}"
 

@@ -7,32 +7,51 @@ import json as jsonlib
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 import structlog
 
-_settings = {"json": False, "level": logging.INFO}
+_settings: dict[str, Any] = {"json": False, "level": logging.INFO, "every_line": {}}
+COMPONENT_WIDTH = 13  # the console's component column ("backend cpu-0")
 
 
-def configure(*, level: str = "info", json: bool | None = None) -> None:
+def configure(
+    *,
+    level: str = "info",
+    json: bool | None = None,
+    component: str = "",
+    fields: Mapping[str, Any] | None = None,
+) -> None:
     """Configure structlog once per process.
 
     ``json`` defaults to JSON lines unless stderr is a TTY; ``MODELMUX_LOG_FORMAT=json|console``
-    overrides the guess.
+    overrides the guess. ``component`` (``gateway``, ``modelsync``, ``backend cpu-0``, ...) goes
+    on every line, so a terminal or a log store that mixes several processes' lines tells them
+    apart: a ``component`` field in JSON, a column after the level on the console. ``fields``
+    go on every line too, from any thread (context variables are per thread: gRPC's call threads
+    start with none); a context variable or a field of the line of the same name wins.
     """
     fmt = os.environ.get("MODELMUX_LOG_FORMAT", "")
     if json is None:
         json = fmt == "json" or (fmt != "console" and not sys.stderr.isatty())
     renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        structlog.processors.JSONRenderer() if json else _console(colors=sys.stderr.isatty())
     )
-    _settings.update(json=json, level=logging.getLevelNamesMapping()[level.upper()])
+    every_line = {**({"component": component} if component else {}), **(fields or {})}
+    _settings.update(
+        json=json, level=logging.getLevelNamesMapping()[level.upper()], every_line=every_line
+    )
+
+    def add_fields(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+        for key, value in every_line.items():
+            event.setdefault(key, value)
+        return event
+
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_fields,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
@@ -49,6 +68,18 @@ def configure(*, level: str = "info", json: bool | None = None) -> None:
     )
 
 
+def _console(*, colors: bool) -> structlog.dev.ConsoleRenderer:
+    """structlog's console renderer with the component in a column of its own after the level."""
+    renderer = structlog.dev.ConsoleRenderer(colors=colors)
+    columns = renderer.columns
+    at = next(i for i, c in enumerate(columns) if c.key == "level") + 1
+    plain = structlog.dev.KeyValueColumnFormatter(
+        key_style=None, value_style="", reset_style="", value_repr=str, width=COMPONENT_WIDTH
+    )
+    renderer.columns = [*columns[:at], structlog.dev.Column("component", plain), *columns[at:]]
+    return renderer
+
+
 def hot_info(logger: str) -> Callable[..., None]:
     """``structlog.get_logger(logger).info`` for a line written on every request.
 
@@ -63,6 +94,7 @@ def hot_info(logger: str) -> Callable[..., None]:
     if _settings["level"] > logging.INFO:
         return lambda event, **fields: None
     context = structlog.contextvars.get_contextvars()
+    every_line: Mapping[str, Any] = _settings["every_line"]
     encode = jsonlib.JSONEncoder().encode  # json.dumps' defaults, as structlog's JSONRenderer
     now = datetime.datetime.now
     utc = datetime.UTC
@@ -71,6 +103,8 @@ def hot_info(logger: str) -> Callable[..., None]:
     def line(event: str, **fields: Any) -> None:
         fields["event"] = event
         for key, value in context.items():  # a field wins over a context variable, as in structlog
+            fields.setdefault(key, value)
+        for key, value in every_line.items():
             fields.setdefault(key, value)
         fields["level"] = "info"
         fields["timestamp"] = now(utc).isoformat().replace("+00:00", "Z")

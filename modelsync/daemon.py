@@ -21,6 +21,7 @@ from modelmux_common.grpcutil import (
     bind,
     run_until_signal,
 )
+from modelmux_common.listen import server_options
 from modelsync.publisher import SourceSpec
 from modelsync.service import SERVICE_NAME, ModelSyncService
 from modelsync.state import StateError
@@ -51,11 +52,12 @@ class Daemon:
 
     async def start(self) -> str:
         """Loads state, starts serving (logs ``serving``), then starts syncing."""
-        self.syncer.open()
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=server_options())
         pb_grpc.add_ModelSyncServicer_to_server(ModelSyncService(self.syncer), server)
         self.health = add_health_and_reflection(server, [SERVICE_NAME])
+        # a busy address fails here, before the state is loaded or the target touched
         self.address = bind(server, self.settings.listen)
+        self.syncer.open()
         await server.start()
         self.server = server
         for name in ("", SERVICE_NAME):
@@ -66,7 +68,7 @@ class Daemon:
             "serving",
             address=self.address,
             target=self.settings.target,
-            sources=[spec.uri for spec in self.syncer.specs],
+            sources=list(dict.fromkeys(spec.uri for spec in self.syncer.specs)),  # shared once
             revision=self.syncer.events.revision,
         )
         await self.syncer.start()
@@ -81,12 +83,14 @@ class Daemon:
         if self._stopped:
             return
         self._stopped = True
+        if self.server is None:  # start() failed before serving: nothing to drain or announce
+            await self.syncer.stop()
+            return
         log.info("stopping", forced=force)
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
         await self.syncer.stop()
-        if self.server is not None:
-            await self.server.stop(0 if force else SHUTDOWN_GRACE)
+        await self.server.stop(0 if force else SHUTDOWN_GRACE)
         log.info("stopped")
 
 
@@ -160,7 +164,7 @@ def unpublished(syncer: Syncer) -> list[dict[str, object]]:
 def main(args: argparse.Namespace) -> int:
     config = load(args.config)
     settings = settings_from(config, args)
-    logs.configure(level=settings.log_level)
+    logs.configure(level=settings.log_level, component="modelsync")
     try:
         if getattr(args, "once", False):
             return asyncio.run(sync_once(config, settings))

@@ -14,7 +14,7 @@ SCRIPT = textwrap.dedent(
     import structlog
     from modelmux_common import logs
 
-    logs.configure(level=sys.argv[1], json=sys.argv[2] == "json")
+    logs.configure(level=sys.argv[1], json=sys.argv[2] == "json", component="gateway")
     structlog.contextvars.bind_contextvars(worker=3)
     fields = dict(rpc="a/Predict", request_id="r-1", model="m", version=2, status="OK", ms=1.5)
     structlog.get_logger("t").info("request", **fields)
@@ -42,9 +42,11 @@ def test_hot_info_writes_structlogs_json_line() -> None:
     del theirs["timestamp"], ours["timestamp"]
     assert list(ours.items()) == list(theirs.items())  # same keys, values and order
     assert ours["worker"] == 3 and ours["event"] == "request"
+    assert ours["component"] == "gateway"  # which process wrote it, on every line
 
 
 def test_hot_info_follows_the_level_and_the_console_format() -> None:
     assert _lines("warning", "json") == []
     console = _lines("info", "console")
     assert len(console) == 2 and all("request" in line and "r-1" in line for line in console)
+    assert all(re.search(r"\] gateway +request ", line) for line in console), console

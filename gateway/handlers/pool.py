@@ -13,7 +13,6 @@ call whose worker dies gets INTERNAL saying so, and the worker is replaced; past
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import pickle
@@ -44,6 +43,7 @@ from gateway.handlers import userproto
 from modelmux.v1 import inference_pb2
 from modelmux_common.config import ApiConfig, Config, ConfigError
 from modelmux_common.grpcutil import message_size_options, remaining
+from modelmux_common.supervision import AsyncChild
 
 log = structlog.get_logger("modelmux.gateway")
 
@@ -64,7 +64,7 @@ class HandlerStartError(Exception):
 class _Worker:
     index: int
     socket: str
-    process: asyncio.subprocess.Process | None = None
+    process: AsyncChild | None = None
     channel: grpc.aio.Channel | None = None
     inflight: int = 0
     live: bool = False
@@ -111,8 +111,6 @@ class HandlerPool:
         ]
 
     async def _spawn(self, worker: _Worker) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(worker.socket)
         command = [
             sys.executable,
             "-m",
@@ -134,24 +132,17 @@ class HandlerPool:
             command += ["--descriptors", self.descriptors]
         what = f"API {self.api.name!r}: handler {self.api.handler_path}"
         try:
-            # a session of its own: a terminal's Ctrl-C reaches the gateway, which stops workers
-            process = await asyncio.create_subprocess_exec(
-                *command,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                start_new_session=True,
-            )
+            # dies with the gateway, in a session of its own (modelmux_common/supervision.py)
+            process = AsyncChild(command, stdout=True)
         except OSError as exc:
             raise HandlerStartError(f"{what}: cannot start a worker: {exc}") from None
         worker.process = process  # close() stops it even while it starts
-        assert process.stdout is not None
         try:
             line = await asyncio.wait_for(
-                process.stdout.readline(), self.config.gateway.handler_start_timeout
+                process.readline(), self.config.gateway.handler_start_timeout
             )
         except (TimeoutError, ValueError) as exc:
-            process.kill()
-            await process.wait()
+            await process.stop(grace=0)
             raise HandlerStartError(
                 f"{what} did not start within gateway.handler_start_timeout "
                 f"({self.config.gateway.handler_start_timeout:g} s)"
@@ -238,14 +229,8 @@ class HandlerPool:
 
     async def _stop(self, worker: _Worker) -> None:
         process, worker.live = worker.process, False
-        if process is not None and process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), self.config.gateway.shutdown_grace + 2)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        if process is not None:
+            await process.stop(grace=self.config.gateway.shutdown_grace + 2)
         if worker.channel is not None:
             await worker.channel.close()
 

@@ -3,7 +3,8 @@
 The gateway starts ``processes_per_replica`` of these per API (gateway/handlers/pool.py), each
 serving ``threads_per_process`` calls at once. The first line on stdout is ``{"ready": true}`` or
 ``{"failed": "<reason>"}``; after it, stdout is the log stream (stderr), so a handler's prints
-land in the log. A worker exits on SIGTERM / SIGINT, and when its stdin closes (the gateway died).
+land in the log. A worker exits on SIGTERM / SIGINT, and when the gateway is gone, however it died
+(modelmux_common/supervision.py).
 
 Errors: a :class:`GatewayError` (bad input to ``tensorflow_client``, an unknown model, a status the
 gateway returned) keeps its status; anything else the handler raises is INTERNAL with the request
@@ -47,9 +48,10 @@ from gateway.handlers.clients import (
     plain,
 )
 from modelmux.v1 import inference_pb2
-from modelmux_common import logs
+from modelmux_common import logs, supervision
 from modelmux_common.config import ApiConfig, Config
-from modelmux_common.grpcutil import message_size_options
+from modelmux_common.grpcutil import bind, message_size_options
+from modelmux_common.listen import ListenError, server_options
 
 log = structlog.get_logger("modelmux.handler")
 
@@ -390,24 +392,6 @@ def _show(value: Any) -> Any:
     return value
 
 
-def tag_lines(**fields: Any) -> None:
-    """Adds ``fields`` to every log line of the process, from any thread: context variables are
-    per thread (gRPC's call threads, load_model threads and the modelsync thread start with none),
-    so they go in as a processor right after the context variables are merged (a context variable
-    or a field of the line of the same name wins)."""
-
-    def add(logger: Any, method: str, event: Any) -> Any:
-        for key, value in fields.items():
-            event.setdefault(key, value)
-        return event
-
-    processors = list(structlog.get_config()["processors"])
-    merge = structlog.contextvars.merge_contextvars
-    at = processors.index(merge) + 1 if merge in processors else 0
-    processors.insert(at, add)
-    structlog.configure(processors=processors)
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modelmux-handler-worker")
     parser.add_argument("--config", required=True)
@@ -425,13 +409,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    supervision.watch_parent()  # first: a gateway that dies while this starts stops it too
     args = _parser().parse_args(argv)
     ready = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)  # from here on stdout is the log stream
     with open(args.config, "rb") as fh:
         config: Config = pickle.load(fh)  # the gateway's config as it loaded it
-    logs.configure(level=config.gateway.log_level)
-    tag_lines(api=args.api, handler_worker=args.index)
+    logs.configure(
+        level=config.gateway.log_level,
+        component="handler",
+        fields={"api": args.api, "handler_worker": args.index},
+    )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -446,7 +434,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         server = grpc.server(
             futures.ThreadPoolExecutor(api.threads_per_process, thread_name_prefix="handler"),
-            options=message_size_options(config.gateway.max_message_bytes),
+            options=[
+                *message_size_options(config.gateway.max_message_bytes),
+                *server_options(),
+            ],
         )
         handlers = [
             grpc.method_handlers_generic_handler(
@@ -462,11 +453,15 @@ def main(argv: list[str] | None = None) -> int:
         ]
         handlers.extend(runtime.service_handlers())
         server.add_generic_rpc_handlers(handlers)
-        server.add_insecure_port(f"unix:{args.socket}")
+        bind(server, f"unix:{args.socket}")  # refuses a path a live server holds
         server.start()
     except Exception as exc:
-        log.exception("handler_start_failed")
-        reason = str(exc) if isinstance(exc, StartError) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, ListenError):  # its one line says it all
+            log.error("handler_start_failed", error=str(exc))
+        else:
+            log.exception("handler_start_failed")
+        known = isinstance(exc, StartError | ListenError)
+        reason = str(exc) if known else f"{type(exc).__name__}: {exc}"
         reason = reason if len(reason) < 4000 else reason[:4000] + " ..."
         ready.write(json.dumps({"failed": reason}) + "\n")
         ready.close()
@@ -474,10 +469,6 @@ def main(argv: list[str] | None = None) -> int:
     ready.write(json.dumps({"ready": True}) + "\n")
     ready.close()
     log.info("handler_worker_ready", pid=os.getpid(), threads=api.threads_per_process)
-
-    def orphaned() -> None:
-        sys.stdin.buffer.read()  # EOF once the gateway is gone
-        stop.set()
 
     def watchdog() -> None:
         """Exits when every thread is stuck in a call long past its deadline: Python cannot stop
@@ -494,7 +485,6 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stderr.flush()
                 os._exit(70)
 
-    threading.Thread(target=orphaned, name="parent-watch", daemon=True).start()
     threading.Thread(target=watchdog, name="watchdog", daemon=True).start()
     stop.wait()
     server.stop(config.gateway.shutdown_grace).wait()
