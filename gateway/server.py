@@ -330,19 +330,16 @@ def _remove_stale(runtime_dir: str) -> None:
 
 async def serve(config: Config, *, manage_backends: bool = True, strict: bool = False) -> None:
     gateway = Gateway(config, manage_backends=manage_backends, strict=strict)
-    try:
-        await gateway.start()
-    except HandlerStartError as exc:
-        log.error("start_failed", error=str(exc))
-        raise SystemExit(1) from None
-    if not strict:
-        await run_until_signal(stop=gateway.stop)
-        return
-    signals = asyncio.create_task(run_until_signal(stop=gateway.stop))
-    failed = asyncio.create_task(gateway.start_failed.wait())
+    signals = asyncio.create_task(run_until_signal(start=gateway.start, stop=gateway.stop))
+    failed = asyncio.create_task(gateway.start_failed.wait())  # only ever set with --strict
     await asyncio.wait({signals, failed}, return_when=asyncio.FIRST_COMPLETED)
     if not failed.done():
         failed.cancel()
+        try:
+            await signals
+        except HandlerStartError as exc:
+            log.error("start_failed", error=str(exc))
+            raise SystemExit(1) from None
         return
     signals.cancel()
     with contextlib.suppress(asyncio.CancelledError):

@@ -6,7 +6,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import signal
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 
 import grpc
 import structlog
@@ -90,9 +90,13 @@ def remaining(context: grpc.aio.ServicerContext[object, object], ceiling: float)
 async def run_until_signal(
     *,
     stop: Callable[[bool], Coroutine[object, object, None]],
+    start: Callable[[], Awaitable[object]] | None = None,
     signals: Sequence[signal.Signals] = (signal.SIGINT, signal.SIGTERM),
 ) -> None:
-    """Waits for SIGINT/SIGTERM, then calls ``stop(False)``; a second signal calls ``stop(True)``."""
+    """Runs ``start`` (when given) with the signal handlers already in place, so a daemon that
+    says it is serving never dies of a SIGTERM's default action; waits for SIGINT/SIGTERM, then
+    calls ``stop(False)``; a second signal calls ``stop(True)``. A signal during ``start`` stops
+    once it has returned."""
     loop = asyncio.get_running_loop()
     first = asyncio.Event()
     forced = asyncio.Event()
@@ -103,6 +107,8 @@ async def run_until_signal(
     for sig in signals:
         loop.add_signal_handler(sig, on_signal)
     try:
+        if start is not None:
+            await start()
         await first.wait()
         graceful = asyncio.create_task(stop(False))
         force_wait = asyncio.create_task(forced.wait())

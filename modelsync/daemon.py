@@ -106,12 +106,15 @@ def settings_from(config: Config, args: argparse.Namespace) -> ModelsyncConfig:
 
 async def serve(config: Config, settings: ModelsyncConfig) -> int:
     daemon = Daemon(config, settings)
-    try:
-        await daemon.start()
-    except BaseException:
-        await daemon.stop(force=True)
-        raise
-    await run_until_signal(stop=daemon.stop)
+
+    async def start() -> None:
+        try:
+            await daemon.start()
+        except BaseException:
+            await daemon.stop(force=True)
+            raise
+
+    await run_until_signal(start=start, stop=daemon.stop)
     return 0
 
 
