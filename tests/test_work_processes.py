@@ -107,3 +107,22 @@ async def test_consumers_in_several_processes_share_one_queue(backend: Backend) 
     assert set(got.values()) == {1}  # no message went to two consumers
     leftover: list[Message] = await queue.receive(visibility_timeout=30)
     assert leftover == []
+
+
+async def test_a_receiver_in_another_process_is_woken_by_its_doorbell(backend: Backend) -> None:
+    if backend.kind == "aws":
+        pytest.skip("SQS's long poll wakes receivers itself")
+    queue = await backend.work.queue("bell")
+    bells = Path(backend.spec["folder"]) / "bells"
+    # it polls once a minute: only the doorbell can wake it within the test's deadline
+    child = start_child({**backend.spec, "poll": 60}, "wake", "bell")
+    try:
+        await wait_until(lambda: bells.is_dir() and list(bells.iterdir()), timeout=30, what="bell")
+        await queue.enqueue("ding")
+        await wait_until(lambda: child.said("got"), timeout=10, what="the woken receiver")
+    finally:
+        child.kill()
+    assert child.said("got") == [["ding"]]
+    # the killed process's pipe is removed by the next ring
+    await queue.enqueue("dong")
+    assert list(bells.iterdir()) == []

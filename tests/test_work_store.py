@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from modelsync_helpers import MotoServer
 from work_helpers import KINDS, Backend, backend_for, moto_fixture
 
-from gateway.work import AlreadyExists, Conflict
+from gateway.work import AlreadyExists, Conflict, open_embedded
 from gateway.work.base import Store
 
 
@@ -168,3 +169,24 @@ async def test_bad_keys_are_refused(backend: Backend) -> None:
             await backend.work.store.put(key, b"x")
     with pytest.raises(ValueError):
         await backend.work.store.put("a", b"x", if_absent=True, if_version="v")
+
+
+async def test_embedded_sweep_removes_orphaned_body_files(tmp_path: Path) -> None:
+    """A body file whose row never committed (the writer died in between) goes once it is an
+    hour old; a younger one may still be a write in progress and stays."""
+    work = await open_embedded(tmp_path / "state")
+    try:
+        await work.store.put("kept/big", b"k" * 300_000)
+        blobs = tmp_path / "state" / "blobs"
+        (blobs / "ee").mkdir(exist_ok=True)
+        old, young = blobs / "ee" / "old-orphan", blobs / "ee" / "young-orphan"
+        old.write_bytes(b"o" * 300_000)
+        young.write_bytes(b"y" * 300_000)
+        hours_ago = time.time() - 7200
+        os.utime(old, (hours_ago, hours_ago))
+        assert await work.store.sweep() == 0
+        assert not old.exists() and young.exists()
+        kept = await work.store.get("kept/big")
+        assert kept is not None and kept.body == b"k" * 300_000
+    finally:
+        await work.close()

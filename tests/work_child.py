@@ -16,7 +16,7 @@ from gateway.work import AlreadyExists, AwsConfig, Work, open_aws, open_embedded
 
 async def open_backend(spec: dict[str, Any]) -> Work:
     if spec["kind"] == "embedded":
-        return await open_embedded(Path(spec["folder"]), poll_interval=0.005)
+        return await open_embedded(Path(spec["folder"]), poll_interval=spec.get("poll", 0.5))
     return await open_aws(
         AwsConfig(
             bucket=spec["bucket"],
@@ -49,6 +49,15 @@ async def hold(work: Work, queue_name: str, lease: float) -> None:
     while not (got := await queue.receive(visibility_timeout=lease, wait=5)):
         pass
     say("holding", got[0].id, got[0].receive_count)
+    await asyncio.Event().wait()
+
+
+async def wake(work: Work, queue_name: str) -> None:
+    """Waits once (up to 20 s) for a message, saying ``got BODY`` when it comes."""
+    queue = await work.queue(queue_name)
+    for message in await queue.receive(visibility_timeout=60, wait=20):
+        say("got", message.body)
+        await queue.delete(message)
     await asyncio.Event().wait()
 
 
@@ -87,6 +96,8 @@ async def main() -> None:
             await produce(work, args[0])
         elif role == "hold":
             await hold(work, args[0], float(args[1]))
+        elif role == "wake":
+            await wake(work, args[0])
         elif role == "drain":
             await drain(work, args[0])
         elif role == "create":

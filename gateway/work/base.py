@@ -350,15 +350,17 @@ class Lease:
         self.message = message
         self.visibility_timeout = visibility_timeout
         self.lost = asyncio.Event()
+        self.error: WorkError | None = None
 
     async def _keep(self, every: Seconds) -> None:
         while True:
             await asyncio.sleep(every)
             try:
                 await self.queue.renew(self.message, visibility_timeout=self.visibility_timeout)
-            except LeaseLost:
+            except (LeaseLost, QueueGone) as exc:
                 log.warning("lease_lost", queue=self.queue.name, message=self.message.id)
                 self.lost.set()
+                self.error = exc
                 return
             except Unavailable as exc:  # the next renew may get through before the lease ends
                 log.warning("renew_failed", queue=self.queue.name, error=str(exc))
@@ -382,3 +384,5 @@ async def holding(
         keeper.cancel()
         # waits for the keeper without swallowing a cancellation of this task
         await asyncio.wait([keeper])
+        if not keeper.cancelled() and (crash := keeper.exception()) is not None:
+            log.error("renew_crashed", queue=queue.name, error=repr(crash))

@@ -3,21 +3,25 @@ bodies in files beside it. No server; every process of one machine that opens th
 shares the same queues and objects (the gateway, its workers, ``modelmux worker`` processes).
 
 A message's lease is a time in its row (``visible_at``) and a random receipt: a receiver that
-dies holds nothing but that row, which becomes receivable again when the time passes. Receivers
-in the process that enqueues are woken at once; receivers in other processes notice new messages
-within ``poll_interval``.
+dies holds nothing but that row, which becomes receivable again when the time passes. A waiting
+receiver is woken at once by a message made visible in its own process, through its doorbell
+(:mod:`gateway.work.doorbell`) by one from another process, by its own timer when a delay or a
+lease it saw ends, and in any case every ``poll_interval``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
+import math
 import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.work import threads
@@ -38,11 +42,14 @@ from gateway.work.base import (
     check_queue_name,
     log,
 )
+from gateway.work.doorbell import Doorbell
 from gateway.work.embedded_store import INLINE_LIMIT, EmbeddedStore
 from gateway.work.sqlite import Database, write
 from modelmux_common.config import Seconds
 
 MAX_WAIT: Seconds = 20.0  # as SQS's long poll, so callers written for one work on the other
+# How often a waiting receiver looks anyway: rings make it wake sooner, this bounds a lost ring.
+POLL_INTERVAL: Seconds = 0.5
 DB_NAME = "work.sqlite3"
 
 
@@ -79,23 +86,28 @@ class _Bells:
 _BELLS = _Bells()
 
 
+@dataclass(frozen=True, slots=True)
+class _Shared:
+    """What every queue handle of one :class:`EmbeddedWork` uses."""
+
+    db: Database
+    doorbell: Doorbell
+    poll_interval: Seconds
+
+    def ring(self, queue: str) -> None:
+        """After a commit that made messages of ``queue`` visible (blocking, in the pool)."""
+        _BELLS.ring((str(self.db.path), queue))
+        self.doorbell.ring(queue)
+
+
 class EmbeddedQueue(Queue):
-    def __init__(
-        self,
-        db: Database,
-        name: str,
-        *,
-        max_receive_count: int | None,
-        poll_interval: Seconds,
-    ) -> None:
+    def __init__(self, shared: _Shared, name: str, *, max_receive_count: int | None) -> None:
         super().__init__(name, max_receive_count=max_receive_count)
-        self._db = db
-        self._poll = poll_interval
-        self._bell = (str(db.path), name)
+        self._shared = shared
+        self._db = shared.db
+        self._bell = (str(shared.db.path), name)
         self._dead = (
-            EmbeddedQueue(
-                db, name + DEAD_SUFFIX, max_receive_count=None, poll_interval=poll_interval
-            )
+            EmbeddedQueue(shared, name + DEAD_SUFFIX, max_receive_count=None)
             if max_receive_count is not None
             else None
         )
@@ -110,7 +122,6 @@ class EmbeddedQueue(Queue):
         attrs = check_message(body, attributes)
         check_duration("delay", delay, high=MAX_ENQUEUE_DELAY)
         ids = await self._db.run(lambda conn: self._insert(conn, [body], attrs, delay))
-        _BELLS.ring(self._bell)
         return ids[0]
 
     async def enqueue_many(
@@ -119,9 +130,7 @@ class EmbeddedQueue(Queue):
         attrs: dict[str, str] = {}
         for body in bodies:
             attrs = check_message(body, attributes)
-        ids = await self._db.run(lambda conn: self._insert(conn, list(bodies), attrs, 0.0))
-        _BELLS.ring(self._bell)
-        return ids
+        return await self._db.run(lambda conn: self._insert(conn, list(bodies), attrs, 0.0))
 
     def _insert(
         self, conn: sqlite3.Connection, bodies: list[str], attrs: dict[str, str], delay: Seconds
@@ -139,6 +148,7 @@ class EmbeddedQueue(Queue):
                     for i, b in zip(ids, bodies, strict=True)
                 ],
             )
+        self._shared.ring(self.name)
         return ids
 
     def _require(self, conn: sqlite3.Connection) -> int | None:
@@ -157,37 +167,45 @@ class EmbeddedQueue(Queue):
             raise ValueError(f"max_messages {max_messages}: expected 1 to {MAX_RECEIVE}")
         check_duration("visibility_timeout", visibility_timeout, high=MAX_VISIBILITY)
         check_duration("wait", wait, high=MAX_WAIT)
+        if not self._shared.doorbell.listening:
+            self._shared.doorbell.listen(lambda queue: _BELLS.ring((str(self._db.path), queue)))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         with _BELLS.listen(self._bell) as bell:
             while True:
                 bell.clear()
+                hint = [math.inf]  # when the next message becomes visible, by the claim's look
                 got = await threads.claim(
                     lambda fn: self._db.run(lambda _conn: fn()),
-                    lambda: self._claim(self._db.connection(), max_messages, visibility_timeout),
+                    functools.partial(self._claim, max_messages, visibility_timeout, hint),
                     undo=self._undo,
                     spawn=self._db.spawn,
                 )
                 left = deadline - loop.time()
                 if got or left <= 0:
                     return got
+                pause = min(left, self._shared.poll_interval, max(0.0, hint[0] - time.time()))
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(min(left, self._poll)):
+                    async with asyncio.timeout(pause):
                         await bell.wait()
 
-    def _claim(self, conn: sqlite3.Connection, count: int, lease: Seconds) -> list[Message]:
+    def _claim(self, count: int, lease: Seconds, hint: list[float]) -> list[Message]:
+        conn = self._db.connection()
         now = time.time()
-        # Most polls find nothing: a read without the write lock answers them.
-        if not conn.execute(
-            "SELECT 1 FROM messages WHERE queue = ? AND visible_at <= ? LIMIT 1", (self.name, now)
-        ).fetchone():
+        # Most looks find nothing: a read without the write lock answers them.
+        (soonest,) = conn.execute(
+            "SELECT MIN(visible_at) FROM messages WHERE queue = ?", (self.name,)
+        ).fetchone()
+        if soonest is None or soonest > now:
+            hint[0] = math.inf if soonest is None else soonest
             return []
         got: list[Message] = []
         with write(conn):
             limit = self._require(conn)
             while len(got) < count:
                 rows = conn.execute(
-                    "SELECT seq, id, body, attributes, enqueued_at, receive_count FROM messages"
+                    "SELECT seq, id, body, attributes, enqueued_at, receive_count"
+                    " FROM messages INDEXED BY messages_order"
                     " WHERE queue = ? AND visible_at <= ? ORDER BY seq LIMIT ?",
                     (self.name, now, count - len(got)),
                 ).fetchall()
@@ -229,7 +247,8 @@ class EmbeddedQueue(Queue):
             self._db.call(put_back)
         except Exception as exc:  # their lease lapses in time anyway
             log.warning("put_back_failed", queue=self.name, error=str(exc))
-        _BELLS.ring(self._bell)
+            return
+        self._shared.ring(self.name)
 
     async def renew(self, message: Message, *, visibility_timeout: Seconds) -> None:
         check_duration("visibility_timeout", visibility_timeout, high=MAX_VISIBILITY)
@@ -261,9 +280,9 @@ class EmbeddedQueue(Queue):
                     " WHERE id = ? AND receipt = ?",
                     (time.time() + delay, message.id, message.receipt),
                 )
+            self._shared.ring(self.name)
 
         await self._db.run(give_back)
-        _BELLS.ring(self._bell)
 
     async def stats(self) -> QueueStats:
         def count(conn: sqlite3.Connection) -> QueueStats:
@@ -297,13 +316,13 @@ class EmbeddedWork(Work):
         self,
         folder: Path,
         *,
-        poll_interval: Seconds = 0.01,
+        poll_interval: Seconds = POLL_INTERVAL,
         inline_limit: int = INLINE_LIMIT,
         busy_timeout: Seconds = 10.0,
     ) -> None:
         self.folder = folder
-        self._poll = poll_interval
         self._db = Database(folder / DB_NAME, busy_timeout=busy_timeout)
+        self._shared = _Shared(self._db, Doorbell(folder), poll_interval)
         self.store = EmbeddedStore(self._db, folder / "blobs", inline_limit=inline_limit)
 
     async def queue(self, name: str, *, max_receive_count: int | None = None) -> Queue:
@@ -323,9 +342,7 @@ class EmbeddedWork(Work):
                     )
 
         await self._db.run(declare)
-        return EmbeddedQueue(
-            self._db, name, max_receive_count=max_receive_count, poll_interval=self._poll
-        )
+        return EmbeddedQueue(self._shared, name, max_receive_count=max_receive_count)
 
     async def drop_queue(self, name: str) -> None:
         check_queue_name(name)
@@ -339,13 +356,14 @@ class EmbeddedWork(Work):
         await self._db.run(drop)
 
     async def close(self) -> None:
+        self._shared.doorbell.close()
         await asyncio.get_running_loop().run_in_executor(None, self._db.close)
 
 
 async def open_embedded(
     folder: Path,
     *,
-    poll_interval: Seconds = 0.01,
+    poll_interval: Seconds = POLL_INTERVAL,
     inline_limit: int = INLINE_LIMIT,
     busy_timeout: Seconds = 10.0,
 ) -> EmbeddedWork:

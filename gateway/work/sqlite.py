@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS messages (
     receipt TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_order ON messages (queue, seq, visible_at);
+CREATE INDEX IF NOT EXISTS messages_visible ON messages (queue, visible_at);
 CREATE TABLE IF NOT EXISTS objects (
     key TEXT PRIMARY KEY,
     version TEXT NOT NULL,
@@ -117,7 +118,7 @@ class Database:
             return fn(self.connection())
         except sqlite3.IntegrityError:
             raise
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:  # locked too long, disk full, I/O error
             raise Unavailable(f"{self.path}: {exc}") from exc
 
     def spawn(self, fn: Callable[[], None]) -> None:
