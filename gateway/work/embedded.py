@@ -44,7 +44,7 @@ from gateway.work.base import (
 )
 from gateway.work.doorbell import Doorbell
 from gateway.work.embedded_store import INLINE_LIMIT, EmbeddedStore
-from gateway.work.sqlite import Database, write
+from gateway.work.sqlite import Database
 from modelmux_common.config import Seconds
 
 MAX_WAIT: Seconds = 20.0  # as SQS's long poll, so callers written for one work on the other
@@ -138,7 +138,7 @@ class EmbeddedQueue(Queue):
         now = time.time()
         ids = [uuid.uuid4().hex for _ in bodies]
         encoded = json.dumps(attrs)
-        with write(conn):
+        with self._db.write(conn):
             self._require(conn)
             conn.executemany(
                 "INSERT INTO messages (queue, id, body, attributes, enqueued_at, visible_at)"
@@ -200,7 +200,7 @@ class EmbeddedQueue(Queue):
             hint[0] = math.inf if soonest is None else soonest
             return []
         got: list[Message] = []
-        with write(conn):
+        with self._db.write(conn):
             limit = self._require(conn)
             while len(got) < count:
                 rows = conn.execute(
@@ -236,7 +236,7 @@ class EmbeddedQueue(Queue):
         so their receive count goes back too."""
 
         def put_back(conn: sqlite3.Connection) -> None:
-            with write(conn):
+            with self._db.write(conn):
                 conn.executemany(
                     "UPDATE messages SET visible_at = ?, receipt = NULL,"
                     " receive_count = receive_count - 1 WHERE id = ? AND receipt = ?",
@@ -254,7 +254,7 @@ class EmbeddedQueue(Queue):
         check_duration("visibility_timeout", visibility_timeout, high=MAX_VISIBILITY)
 
         def extend(conn: sqlite3.Connection) -> int:
-            with write(conn):
+            with self._db.write(conn):
                 return conn.execute(
                     "UPDATE messages SET visible_at = ? WHERE id = ? AND receipt = ?",
                     (time.time() + visibility_timeout, message.id, message.receipt),
@@ -265,7 +265,7 @@ class EmbeddedQueue(Queue):
 
     async def delete(self, message: Message) -> None:
         def remove(conn: sqlite3.Connection) -> None:
-            with write(conn):
+            with self._db.write(conn):
                 conn.execute("DELETE FROM messages WHERE id = ?", (message.id,))
 
         await self._db.run(remove)
@@ -274,7 +274,7 @@ class EmbeddedQueue(Queue):
         check_duration("delay", delay, high=MAX_VISIBILITY)
 
         def give_back(conn: sqlite3.Connection) -> None:
-            with write(conn):
+            with self._db.write(conn):
                 conn.execute(
                     "UPDATE messages SET visible_at = ?, receipt = NULL"
                     " WHERE id = ? AND receipt = ?",
@@ -330,7 +330,7 @@ class EmbeddedWork(Work):
         check_max_receive_count(max_receive_count)
 
         def declare(conn: sqlite3.Connection) -> None:
-            with write(conn):
+            with self._db.write(conn):
                 conn.execute(
                     "INSERT INTO queues (name, max_receive_count) VALUES (?, ?) ON CONFLICT (name)"
                     " DO UPDATE SET max_receive_count = excluded.max_receive_count",
@@ -349,7 +349,7 @@ class EmbeddedWork(Work):
         names = (name, name + DEAD_SUFFIX)
 
         def drop(conn: sqlite3.Connection) -> None:
-            with write(conn):
+            with self._db.write(conn):
                 conn.execute("DELETE FROM messages WHERE queue IN (?, ?)", names)
                 conn.execute("DELETE FROM queues WHERE name IN (?, ?)", names)
 

@@ -34,7 +34,7 @@ from gateway.work.base import (
     content_version,
     log,
 )
-from gateway.work.sqlite import Database, fsync_dir, write
+from gateway.work.sqlite import Database, fsync_dir
 from modelmux_common.config import Seconds
 
 INLINE_LIMIT = 128 * 1024  # SQLite reads and writes blobs below ~100 KB faster than files
@@ -134,7 +134,7 @@ class EmbeddedStore(Store):
         file = self._write_file(body) if len(body) > self._inline_limit else None
         old: str | None = None
         try:
-            with write(conn):
+            with self._db.write(conn):
                 row = conn.execute("SELECT version, file FROM objects WHERE key = ?", (key,))
                 current = row.fetchone()
                 _check(key, current[0] if current else None, *condition)
@@ -186,7 +186,7 @@ class EmbeddedStore(Store):
         check_key(key)
 
         def remove(conn: sqlite3.Connection) -> None:
-            with write(conn):
+            with self._db.write(conn):
                 row = conn.execute("SELECT version, file FROM objects WHERE key = ?", (key,))
                 current = row.fetchone()
                 if if_version is not None:
@@ -222,7 +222,7 @@ class EmbeddedStore(Store):
             where, args = "key >= ?", [prefix]
             if (upper := _after(prefix)) is not None:
                 where, args = where + " AND key < ?", [*args, upper]
-            with write(conn):
+            with self._db.write(conn):
                 files = [
                     f for (f,) in conn.execute(f"SELECT file FROM objects WHERE {where}", args)
                 ]
@@ -237,7 +237,7 @@ class EmbeddedStore(Store):
         cutoff = time.time() if now is None else now
 
         def remove(conn: sqlite3.Connection) -> int:
-            with write(conn):
+            with self._db.write(conn):
                 rows = conn.execute(
                     "SELECT key, file FROM objects WHERE expires_at <= ? LIMIT ?", (cutoff, limit)
                 ).fetchall()

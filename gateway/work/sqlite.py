@@ -61,11 +61,18 @@ CREATE INDEX IF NOT EXISTS objects_file ON objects (file) WHERE file IS NOT NULL
 """
 
 
+# One lock per database file and process, shared by every Database object opened on it.
+_REGISTRY = threading.Lock()
+_WRITE_LOCKS: dict[str, threading.Lock] = {}
+
+
 class Database:
     """``work.sqlite3`` in a state folder."""
 
     def __init__(self, path: Path, *, busy_timeout: Seconds = 10.0, threads: int = 4) -> None:
-        self.path = path
+        self.path = path.absolute()
+        with _REGISTRY:
+            self._writing = _WRITE_LOCKS.setdefault(str(self.path), threading.Lock())
         self._busy_timeout = busy_timeout
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="work-sqlite")
         self._local = threading.local()
@@ -100,7 +107,7 @@ class Database:
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise Unavailable(f"{self.path}: cannot use a WAL journal (got {mode})")
-        with write(conn):
+        with self.write(conn):
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise Unavailable(f"{self.path}: schema {version} is newer than this modelmux")
@@ -120,6 +127,21 @@ class Database:
             raise
         except (sqlite3.Error, OSError) as exc:  # locked too long, disk full, I/O error
             raise Unavailable(f"{self.path}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def write(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        """A write transaction holding the database's write lock from its start. Writers of
+        this process queue on a lock first: SQLite's own wait for a busy database sleeps in
+        steps of up to 100 ms, which only writers in other processes should ever meet."""
+        with self._writing:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:  # some errors (a full disk) already rolled it back
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def spawn(self, fn: Callable[[], None]) -> None:
         """Runs ``fn`` in the pool, nobody waiting for it."""
@@ -141,16 +163,3 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-@contextlib.contextmanager
-def write(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """A write transaction holding the database's write lock from its start."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-    except BaseException:
-        if conn.in_transaction:  # some errors (a full disk) already rolled it back
-            conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
