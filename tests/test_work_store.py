@@ -15,7 +15,7 @@ import pytest
 from modelsync_helpers import MotoServer
 from work_helpers import KINDS, Backend, backend_for, moto_fixture
 
-from gateway.work import AlreadyExists, Conflict, open_embedded
+from gateway.work import AlreadyExists, AwsConfig, Conflict, Unavailable, open_aws, open_embedded
 from gateway.work.base import Store
 
 
@@ -190,3 +190,9 @@ async def test_embedded_sweep_removes_orphaned_body_files(tmp_path: Path) -> Non
         assert kept is not None and kept.body == b"k" * 300_000
     finally:
         await work.close()
+
+
+async def test_open_aws_names_a_bucket_it_cannot_use(moto: MotoServer) -> None:
+    config = AwsConfig(bucket="no-such-bucket-here", endpoint_url=moto.endpoint, region="us-east-1")
+    with pytest.raises(Unavailable, match="s3://no-such-bucket-here"):
+        await open_aws(config)

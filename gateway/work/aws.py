@@ -144,5 +144,9 @@ class AwsWork(Work):
 async def open_aws(config: AwsConfig) -> AwsWork:
     """The AWS backend; checks that the bucket is reachable."""
     work = AwsWork(config)
-    await work.store.check()
+    try:
+        await work.store.check()
+    except BaseException:
+        await work.close()
+        raise
     return work

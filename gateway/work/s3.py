@@ -65,7 +65,11 @@ class S3Store(Store):
         self._calls = calls
 
     async def check(self) -> None:
-        await self._calls(lambda: self._client.head_bucket(Bucket=self.bucket))
+        """Unavailable, naming the bucket, when it does not exist or cannot be reached."""
+        try:
+            await self._calls(lambda: self._client.head_bucket(Bucket=self.bucket))
+        except Unavailable as exc:
+            raise Unavailable(f"s3://{self.bucket}: {exc}") from exc
 
     def close(self) -> None:
         self._client.close()
