@@ -123,8 +123,6 @@ class Database:
     def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
             return fn(self.connection())
-        except sqlite3.IntegrityError:
-            raise
         except (sqlite3.Error, OSError) as exc:  # locked too long, disk full, I/O error
             raise Unavailable(f"{self.path}: {exc}") from exc
 
