@@ -95,6 +95,11 @@ async def test_consumers_in_several_processes_share_one_queue(backend: Backend) 
             await wait_until(lambda child=child: child.said("ready"), timeout=30, what="ready")
         bodies = [f"task {i}" for i in range(30)]
         await queue.enqueue_many(bodies)
+        await wait_until(
+            lambda: sum(len(c.said("got")) for c in children) >= 30, timeout=30, what="30 gots"
+        )
+        for child in children:
+            child.tell("stop")
         for child in children:
             assert child.finish() == 0
     finally:

@@ -62,14 +62,12 @@ async def wake(work: Work, queue_name: str) -> None:
 
 
 async def drain(work: Work, queue_name: str) -> None:
-    """Receives and deletes until the queue stays empty, saying ``got BODY`` for each."""
+    """Receives and deletes, saying ``got BODY`` for each, until a line arrives on stdin."""
     queue = await work.queue(queue_name)
+    stop = asyncio.ensure_future(asyncio.to_thread(sys.stdin.readline))
     say("ready")
-    idle = 0
-    while idle < 2:
-        got = await queue.receive(max_messages=3, visibility_timeout=60, wait=1)
-        idle = 0 if got else idle + 1
-        for message in got:
+    while not stop.done():
+        for message in await queue.receive(max_messages=3, visibility_timeout=60, wait=0.5):
             say("got", message.body)
             await queue.delete(message)
 
