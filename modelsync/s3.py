@@ -41,9 +41,16 @@ _GONE = {"NoSuchKey", "404", "PreconditionFailed", "412"}
 
 
 def make_client(
-    *, endpoint_url: str, region: str, max_attempts: int, stall_timeout: float, pool: int
+    *,
+    endpoint_url: str,
+    region: str,
+    max_attempts: int,
+    stall_timeout: float,
+    pool: int,
+    service: str = "s3",
 ) -> Any:
-    """A boto3 S3 client with the default credential chain (env, profile, IAM role/IRSA)."""
+    """A boto3 client (S3 unless ``service`` says otherwise: the work layer's SQS client shares
+    this configuration) with the default credential chain (env, profile, IAM role/IRSA)."""
     config = BotoConfig(
         retries={"mode": "standard", "max_attempts": max_attempts},
         connect_timeout=min(10.0, stall_timeout),
@@ -54,7 +61,7 @@ def make_client(
     )
     session = boto3.session.Session()
     return session.client(
-        "s3", endpoint_url=endpoint_url or None, region_name=region or None, config=config
+        service, endpoint_url=endpoint_url or None, region_name=region or None, config=config
     )
 
 
