@@ -14,7 +14,7 @@ TS_STAMP := $(TS)/node_modules/.installed
 BUF := $(TS)/node_modules/.bin/buf
 PROTO_BASELINE := 6d1e1055a801d3efb75aadca5f813627bec35164
 
-.PHONY: all help venv models run test check proto proto-check lint fmt bench clean ts-deps ts-check proto-lint
+.PHONY: all help venv models run test check proto proto-check lint fmt bench clean ts-deps ts-check proto-lint deploy-check
 
 all: test
 
@@ -82,7 +82,12 @@ proto-lint: $(TS_STAMP) ## buf lint and buf breaking over protos/
 ts-check: $(TS_STAMP) ## type-check the TypeScript client
 	$(TS)/node_modules/.bin/tsc -p $(TS) --noEmit
 
-check: lint proto-check proto-lint ts-check ## lint, proto-check, buf, tsc (what CI runs before the tests)
+# hadolint on deploy/docker, every deploy/k8s overlay rendered and validated against the
+# Kubernetes schemas (deploy/check.py: no cluster, no Docker engine).
+deploy-check: $(STAMP) ## hadolint the Dockerfiles, render and validate every Kubernetes overlay
+	$(BIN)/python deploy/check.py
+
+check: lint proto-check proto-lint ts-check deploy-check ## lint, proto-check, buf, tsc, deploy-check (what CI runs before the tests)
 
 bench: $(STAMP) models ## the benchmarks (docs/benchmarks.md)
 	$(BIN)/python scripts/bench.py
