@@ -58,9 +58,12 @@ proto: $(STAMP) $(TS_STAMP) ## regenerate clients/ (Python and TypeScript) from 
 	$(BUF) generate --template $(TS)/buf.gen.yaml
 
 # Fails when the committed generated code differs from what protos/ produces.
+# Fails when the committed generated code differs from what protos/ produces (only the generated
+# paths: clients/ also holds the hand-written client libraries).
+GENERATED := clients/modelmux/__init__.py clients/modelmux/v1 clients/modelmux/modelsync $(TS)/src/gen
 proto-check: proto ## fail when the committed generated code differs from protos/
-	@git diff --exit-code --stat -- clients/ || { echo "generated code drifted from protos/: run make proto and commit"; exit 1; }
-	@test -z "$$(git status --porcelain -- clients/)" || { git status --porcelain -- clients/; echo "untracked generated files: run make proto and commit"; exit 1; }
+	@git diff --exit-code --stat -- $(GENERATED) || { echo "generated code drifted from protos/: run make proto and commit"; exit 1; }
+	@test -z "$$(git status --porcelain -- $(GENERATED))" || { git status --porcelain -- $(GENERATED); echo "untracked generated files: run make proto and commit"; exit 1; }
 
 lint: $(STAMP) ## ruff format --check, ruff check, mypy
 	$(BIN)/ruff format --check .
