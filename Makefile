@@ -57,7 +57,6 @@ proto: $(STAMP) $(TS_STAMP) ## regenerate clients/ (Python and TypeScript) from 
 	PYTHON=$(BIN)/python bash scripts/gen_protos.sh
 	$(BUF) generate --template $(TS)/buf.gen.yaml
 
-# Fails when the committed generated code differs from what protos/ produces.
 # Fails when the committed generated code differs from what protos/ produces (only the generated
 # paths: clients/ also holds the hand-written client libraries).
 GENERATED := clients/modelmux/__init__.py clients/modelmux/v1 clients/modelmux/modelsync $(TS)/src/gen
