@@ -7,8 +7,14 @@ STAMP := $(VENV)/.installed
 MODELS := .modelmux/source
 CONFIG ?= examples/quickstart/modelmux.yaml
 PYTEST_ARGS ?=
+# The TypeScript client and buf (npm's @bufbuild/buf) live under clients/ts, installed from its
+# package-lock.json; PROTO_BASELINE is what `buf breaking` compares protos/ with (docs/clients.md).
+TS := clients/ts
+TS_STAMP := $(TS)/node_modules/.installed
+BUF := $(TS)/node_modules/.bin/buf
+PROTO_BASELINE := 6d1e1055a801d3efb75aadca5f813627bec35164
 
-.PHONY: all help venv models run test check proto proto-check lint fmt bench clean
+.PHONY: all help venv models run test check proto proto-check lint fmt bench clean ts-deps ts-check proto-lint deploy-check
 
 all: test
 
@@ -28,6 +34,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## create .venv from pyproject.toml (pinned versions)
 
+$(TS_STAMP): $(TS)/package-lock.json
+	npm ci --prefix $(TS) --no-audit --no-fund --loglevel=error
+	@touch $@
+
+ts-deps: $(TS_STAMP) ## install clients/ts's npm packages from its package-lock.json
+
 # Example SavedModels, written by TensorFlow (never committed).
 $(MODELS)/.done: scripts/make_models.py $(STAMP)
 	$(BIN)/python scripts/make_models.py --out $(MODELS)
@@ -38,16 +50,19 @@ models: $(MODELS)/.done ## write the example SavedModels into .modelmux/source/
 run: $(STAMP) models ## start modelsync, the embedded backend and the gateway (Ctrl-C stops them)
 	$(BIN)/modelmux up --config $(CONFIG)
 
-test: $(STAMP) models ## run the test suite (PYTEST_ARGS='-k name' for a part)
+test: $(STAMP) models $(TS_STAMP) ## run the test suite, the TypeScript client's included (PYTEST_ARGS='-k name' for a part)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-proto: $(STAMP) ## regenerate clients/ from protos/
+proto: $(STAMP) $(TS_STAMP) ## regenerate clients/ (Python and TypeScript) from protos/
 	PYTHON=$(BIN)/python bash scripts/gen_protos.sh
+	$(BUF) generate --template $(TS)/buf.gen.yaml
 
-# Fails when the committed generated code differs from what protos/ produces.
+# Fails when the committed generated code differs from what protos/ produces (only the generated
+# paths: clients/ also holds the hand-written client libraries).
+GENERATED := clients/modelmux/__init__.py clients/modelmux/v1 clients/modelmux/modelsync $(TS)/src/gen
 proto-check: proto ## fail when the committed generated code differs from protos/
-	@git diff --exit-code --stat -- clients/ || { echo "generated code drifted from protos/: run make proto and commit"; exit 1; }
-	@test -z "$$(git status --porcelain -- clients/)" || { git status --porcelain -- clients/; echo "untracked generated files: run make proto and commit"; exit 1; }
+	@git diff --exit-code --stat -- $(GENERATED) || { echo "generated code drifted from protos/: run make proto and commit"; exit 1; }
+	@test -z "$$(git status --porcelain -- $(GENERATED))" || { git status --porcelain -- $(GENERATED); echo "untracked generated files: run make proto and commit"; exit 1; }
 
 lint: $(STAMP) ## ruff format --check, ruff check, mypy
 	$(BIN)/ruff format --check .
@@ -58,7 +73,23 @@ fmt: $(STAMP) ## ruff format and ruff check --fix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-check: lint proto-check ## lint and proto-check (what CI runs before the tests)
+# buf lint (buf.yaml), and buf breaking against protos/ as of PROTO_BASELINE.
+proto-lint: $(TS_STAMP) ## buf lint and buf breaking over protos/
+	$(BUF) lint
+	@base=$$(mktemp -d) && trap 'rm -rf "$$base"' EXIT && \
+	  git archive $(PROTO_BASELINE) protos | tar -x -C "$$base" && \
+	  $(BUF) breaking --against "$$base/protos"
+
+# The TypeScript client type-checks (tsc --noEmit, strict).
+ts-check: $(TS_STAMP) ## type-check the TypeScript client
+	$(TS)/node_modules/.bin/tsc -p $(TS) --noEmit
+
+# hadolint on deploy/docker, every deploy/k8s overlay rendered and validated against the
+# Kubernetes schemas (deploy/check.py: no cluster, no Docker engine).
+deploy-check: $(STAMP) ## hadolint the Dockerfiles, render and validate every Kubernetes overlay
+	$(BIN)/python deploy/check.py
+
+check: lint proto-check proto-lint ts-check deploy-check ## lint, proto-check, buf, tsc, deploy-check (what CI runs before the tests)
 
 bench: $(STAMP) models ## the benchmarks (docs/benchmarks.md)
 	$(BIN)/python scripts/bench.py

@@ -15,6 +15,10 @@
   a graph of constants written by the TF1 ``SavedModelBuilder``, ``y = 0.5 * x + 2``. Besides
   ``serving_default`` it carries TF Serving's classic ``classify_x_to_y`` and ``regress_x_to_y``
   signatures, which read ``x`` from serialized ``tf.Example`` protos.
+* ``DIR/dtypes/1``: the identity for every dtype ``modelmux.v1.Tensor`` carries, one input per
+  dtype, each of unknown rank (``float32``, ``float64``, ``float16``, ``int8``, ``int16``,
+  ``int32``, ``int64``, ``uint8``, ``uint16``, ``uint32``, ``uint64``, ``bool``, ``string``), each
+  output named like its input: what the clients' round-trip tests call.
 * ``DIR/python/fahrenheit/1`` and ``DIR/python/kelvin/1``: not TensorFlow models but the linear
   models of the ``python-handler`` example (examples/python-handler/): ``model.json`` with the
   input names, one weight per input, a bias and the output name.
@@ -109,7 +113,33 @@ class Single(tf.Module):
         return {"y": 2.0 * x}
 
 
-def save_module(module: HalfPlus | Iris | Total | Single, dest: Path) -> None:
+# Input (and output) name -> dtype of the dtypes model: every dtype modelmux.v1.Tensor carries.
+DTYPES = {
+    "float32": tf.float32,
+    "float64": tf.float64,
+    "float16": tf.float16,
+    "int8": tf.int8,
+    "int16": tf.int16,
+    "int32": tf.int32,
+    "int64": tf.int64,
+    "uint8": tf.uint8,
+    "uint16": tf.uint16,
+    "uint32": tf.uint32,
+    "uint64": tf.uint64,
+    "bool": tf.bool,
+    "string": tf.string,
+}
+
+
+class Dtypes(tf.Module):
+    """Returns each input unchanged under its own name, whatever its shape."""
+
+    @tf.function(input_signature=[tf.TensorSpec(None, dt, name=n) for n, dt in DTYPES.items()])
+    def serve(self, *tensors: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {name: tf.identity(t) for name, t in zip(DTYPES, tensors, strict=True)}
+
+
+def save_module(module: HalfPlus | Iris | Total | Single | Dtypes, dest: Path) -> None:
     tf.saved_model.save(module, str(dest), signatures={"serving_default": module.serve})
 
 
@@ -184,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         ("total", 1, lambda dest: save_module(Total(), dest)),
         ("single", 1, lambda dest: save_module(Single(), dest)),
         ("half_plus_two_inf", 1, save_inferentia_half_plus_two),
+        ("dtypes", 1, lambda dest: save_module(Dtypes(), dest)),
     ]
     for name, spec in LINEAR_MODELS.items():
         jobs.append((f"python/{name}", 1, functools.partial(save_linear, spec)))

@@ -1,0 +1,59 @@
+"""modelmux's Python client: typed tensors in and out as numpy arrays, sync and asyncio.
+
+```python
+import numpy as np
+from modelmux.client import Client
+
+with Client("127.0.0.1:8500") as client:
+    result = client.predict("half_plus_two", {"x": np.array([1.0, 2.0], dtype=np.float32)})
+    print(result.version, result["y"])
+```
+
+``AsyncClient`` has the same methods, awaited. Both take the same options (deadline, retry
+policy, TLS, several channels for several gateway workers): see ``Client``. Failed calls raise a
+``ModelmuxError`` subclass per status (``NotFoundError``, ``UnavailableError``, ...).
+
+Async requests and batch jobs (``modelmux.v1.Async``, ``modelmux.v1.Jobs``) are not served by the
+gateway yet; their methods will join Predict and Invoke on both faces.
+"""
+
+from modelmux.client.aio import AsyncClient
+from modelmux.client.calls import HealthStatus, JsonValue, Payload, Prediction
+from modelmux.client.errors import (
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    ModelmuxError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from modelmux.client.options import RetryPolicy, Tls
+from modelmux.client.sync import Client
+from modelmux.v1.models_pb2 import Model, WatchModelsResponse
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "HealthStatus",
+    "InternalError",
+    "InvalidArgumentError",
+    "JsonValue",
+    "Model",
+    "ModelmuxError",
+    "NotFoundError",
+    "Payload",
+    "PermissionDeniedError",
+    "Prediction",
+    "ResourceExhaustedError",
+    "RetryPolicy",
+    "Tls",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "WatchModelsResponse",
+]

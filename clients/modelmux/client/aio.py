@@ -1,0 +1,195 @@
+"""The asyncio face: ``AsyncClient``, the same methods as ``Client``, awaited."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import numpy.typing as npt
+from grpc_health.v1 import health_pb2
+
+from modelmux.client import calls
+from modelmux.client.errors import from_rpc_error
+from modelmux.client.options import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT,
+    ChannelOption,
+    RetryPolicy,
+    Settings,
+    Tls,
+)
+from modelmux.v1 import inference_pb2_grpc, models_pb2, models_pb2_grpc
+
+Reply = TypeVar("Reply")
+_DEFAULT_RETRY = RetryPolicy()
+
+
+class _Stubs:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.inference = inference_pb2_grpc.InferenceStub(channel)
+        self.models = models_pb2_grpc.ModelsStub(channel)
+        # grpc_health's stub has no type stubs for its methods: the same call, declared here.
+        self.health_check = channel.unary_unary(
+            calls.HEALTH_CHECK,
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+
+
+def open_channel(settings: Settings) -> grpc.aio.Channel:
+    options = settings.channel_options()
+    if settings.tls is None:
+        return grpc.aio.insecure_channel(settings.target, options=options)
+    return grpc.aio.secure_channel(settings.target, settings.tls.credentials(), options=options)
+
+
+class AsyncClient:
+    """An asyncio modelmux client, with the arguments and methods of ``Client``.
+
+    Build it inside the event loop that uses it, and ``await client.close()`` (or use
+    ``async with``) when done.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = _DEFAULT_RETRY,
+        tls: Tls | None = None,
+        channels: int = 1,
+        wait_for_ready: bool = False,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        metadata: Sequence[tuple[str, str]] = (),
+        options: Sequence[ChannelOption] = (),
+    ) -> None:
+        self.settings = Settings(
+            target=target,
+            timeout=timeout,
+            retry=retry,
+            tls=tls,
+            channels=channels,
+            wait_for_ready=wait_for_ready,
+            max_message_bytes=max_message_bytes,
+            metadata=tuple(metadata),
+            options=tuple(options),
+        )
+        self._pool = [_Stubs(open_channel(self.settings)) for _ in range(channels)]
+        self._next = itertools.cycle(self._pool)
+
+    async def _call(
+        self,
+        method: Callable[..., Awaitable[Reply]],
+        request: Any,
+        timeout: float | None,
+    ) -> Reply:
+        try:
+            return await method(
+                request,
+                timeout=self.settings.call_timeout(timeout),
+                metadata=self.settings.metadata or None,
+                wait_for_ready=self.settings.wait_for_ready,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    async def predict(
+        self,
+        model: str,
+        inputs: Mapping[str, npt.ArrayLike],
+        *,
+        version: int | None = None,
+        label: str | None = None,
+        signature: str = "",
+        output_filter: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> calls.Prediction:
+        """Runs ``model`` (latest, or ``version``, or the version ``label`` points at)."""
+        request = calls.predict_request(
+            model,
+            inputs,
+            version=version,
+            label=label,
+            signature=signature,
+            output_filter=tuple(output_filter),
+        )
+        reply = await self._call(next(self._next).inference.Predict, request, timeout)
+        return calls.prediction(reply)
+
+    async def invoke(
+        self,
+        api: str,
+        payload: calls.Payload = None,
+        *,
+        query_params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> calls.Payload:
+        """Calls an API's handler with a JSON value or raw bytes; returns what it returned."""
+        request = calls.invoke_request(api, payload, query_params=query_params, headers=headers)
+        reply = await self._call(next(self._next).inference.Invoke, request, timeout)
+        return calls.invoke_result(reply)
+
+    async def list_models(self, *, timeout: float | None = None) -> list[models_pb2.Model]:
+        """Every model the gateway knows, with versions, labels, state and reason."""
+        stub = next(self._next).models
+        return calls.models(
+            await self._call(stub.ListModels, models_pb2.ListModelsRequest(), timeout)
+        )
+
+    async def get_model(self, name: str, *, timeout: float | None = None) -> models_pb2.Model:
+        """One model; NotFoundError when the gateway does not know it."""
+        request = models_pb2.GetModelRequest(name=name)
+        return (await self._call(next(self._next).models.GetModel, request, timeout)).model
+
+    async def watch_models(
+        self, models: Sequence[str] = (), *, timeout: float | None = None
+    ) -> AsyncGenerator[models_pb2.WatchModelsResponse, None]:
+        """Every model as it is now, then one update per change, until the iterator is closed
+        (``aclose()``, or leaving an ``async for``/``aclosing`` block) or ``timeout`` passes."""
+        stream = next(self._next).models.WatchModels(
+            models_pb2.WatchModelsRequest(models=list(models)),
+            timeout=timeout,
+            metadata=self.settings.metadata or None,
+            wait_for_ready=self.settings.wait_for_ready,
+        )
+        try:
+            async for update in stream:
+                yield update
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                raise from_rpc_error(exc) from exc
+        finally:
+            stream.cancel()
+
+    async def health(
+        self, service: str = "", *, timeout: float | None = None
+    ) -> calls.HealthStatus:
+        """grpc.health.v1 status of the gateway ("") or of one model
+        (``"modelmux.v1.Model/<name>"``); NotFoundError for a service it does not know."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        reply = await self._call(next(self._next).health_check, request, timeout)
+        return calls.health_status(reply)
+
+    # Async requests (modelmux.v1.Async: submit / get / watch) and batch jobs (modelmux.v1.Jobs)
+    # get their methods here, beside Predict and Invoke, once the gateway serves those services.
+
+    async def close(self) -> None:
+        for stubs in self._pool:
+            await stubs.channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

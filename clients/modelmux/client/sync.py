@@ -1,0 +1,205 @@
+"""The blocking face: ``Client``. Each method is one gRPC call through ``calls``."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable, Generator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import numpy.typing as npt
+from grpc_health.v1 import health_pb2
+
+from modelmux.client import calls
+from modelmux.client.errors import from_rpc_error
+from modelmux.client.options import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT,
+    ChannelOption,
+    RetryPolicy,
+    Settings,
+    Tls,
+)
+from modelmux.v1 import inference_pb2_grpc, models_pb2, models_pb2_grpc
+
+Reply = TypeVar("Reply")
+_DEFAULT_RETRY = RetryPolicy()
+
+
+class _Stubs:
+    """The stubs of one channel."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.channel = channel
+        self.inference = inference_pb2_grpc.InferenceStub(channel)
+        self.models = models_pb2_grpc.ModelsStub(channel)
+        # grpc_health's stub has no type stubs for its methods: the same call, declared here.
+        self.health_check = channel.unary_unary(
+            calls.HEALTH_CHECK,
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+
+
+def open_channel(settings: Settings) -> grpc.Channel:
+    options = settings.channel_options()
+    if settings.tls is None:
+        return grpc.insecure_channel(settings.target, options=options)
+    return grpc.secure_channel(settings.target, settings.tls.credentials(), options=options)
+
+
+class Client:
+    """A blocking modelmux client; thread-safe, meant to be shared and closed once.
+
+    ``target`` is what gRPC dials: ``host:port``, ``unix:/path`` (a sidecar's socket),
+    ``dns:///name:port``. Every call gets ``timeout`` seconds unless it passes its own;
+    UNAVAILABLE is retried with backoff per ``retry`` (``None``: never). ``channels`` > 1 opens
+    that many connections and spreads calls over them (for ``gateway.workers`` > 1).
+    ``metadata`` goes with every call (e.g. ``("authorization", "Bearer ...")``); ``options``
+    are raw gRPC channel arguments that win over the client's own.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = _DEFAULT_RETRY,
+        tls: Tls | None = None,
+        channels: int = 1,
+        wait_for_ready: bool = False,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        metadata: Sequence[tuple[str, str]] = (),
+        options: Sequence[ChannelOption] = (),
+    ) -> None:
+        self.settings = Settings(
+            target=target,
+            timeout=timeout,
+            retry=retry,
+            tls=tls,
+            channels=channels,
+            wait_for_ready=wait_for_ready,
+            max_message_bytes=max_message_bytes,
+            metadata=tuple(metadata),
+            options=tuple(options),
+        )
+        self._pool = [_Stubs(open_channel(self.settings)) for _ in range(channels)]
+        self._next = itertools.cycle(self._pool)
+        self._lock = threading.Lock()
+
+    def _stubs(self) -> _Stubs:
+        with self._lock:
+            return next(self._next)
+
+    def _call(
+        self,
+        method: Callable[..., Reply],
+        request: Any,
+        timeout: float | None,
+    ) -> Reply:
+        try:
+            return method(
+                request,
+                timeout=self.settings.call_timeout(timeout),
+                metadata=self.settings.metadata or None,
+                wait_for_ready=self.settings.wait_for_ready,
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    def predict(
+        self,
+        model: str,
+        inputs: Mapping[str, npt.ArrayLike],
+        *,
+        version: int | None = None,
+        label: str | None = None,
+        signature: str = "",
+        output_filter: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> calls.Prediction:
+        """Runs ``model`` (latest, or ``version``, or the version ``label`` points at)."""
+        request = calls.predict_request(
+            model,
+            inputs,
+            version=version,
+            label=label,
+            signature=signature,
+            output_filter=tuple(output_filter),
+        )
+        return calls.prediction(self._call(self._stubs().inference.Predict, request, timeout))
+
+    def invoke(
+        self,
+        api: str,
+        payload: calls.Payload = None,
+        *,
+        query_params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> calls.Payload:
+        """Calls an API's handler with a JSON value or raw bytes; returns what it returned."""
+        request = calls.invoke_request(api, payload, query_params=query_params, headers=headers)
+        return calls.invoke_result(self._call(self._stubs().inference.Invoke, request, timeout))
+
+    def list_models(self, *, timeout: float | None = None) -> list[models_pb2.Model]:
+        """Every model the gateway knows, with versions, labels, state and reason."""
+        reply = self._call(self._stubs().models.ListModels, models_pb2.ListModelsRequest(), timeout)
+        return calls.models(reply)
+
+    def get_model(self, name: str, *, timeout: float | None = None) -> models_pb2.Model:
+        """One model; NotFoundError when the gateway does not know it."""
+        request = models_pb2.GetModelRequest(name=name)
+        return self._call(self._stubs().models.GetModel, request, timeout).model
+
+    def watch_models(
+        self, models: Sequence[str] = (), *, timeout: float | None = None
+    ) -> Generator[models_pb2.WatchModelsResponse, None, None]:
+        """Every model as it is now, then one update per change, until the generator is closed
+        (``close()``, ``contextlib.closing``) or ``timeout`` passes: a watch has no deadline
+        unless given one."""
+        request = models_pb2.WatchModelsRequest(models=list(models))
+        stream = self._stubs().models.WatchModels(
+            request,
+            timeout=timeout,
+            metadata=self.settings.metadata or None,
+            wait_for_ready=self.settings.wait_for_ready,
+        )
+        return _watch(stream)
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> calls.HealthStatus:
+        """grpc.health.v1 status of the gateway ("") or of one model
+        (``"modelmux.v1.Model/<name>"``); NotFoundError for a service it does not know."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        return calls.health_status(self._call(self._stubs().health_check, request, timeout))
+
+    # Async requests (modelmux.v1.Async: submit / get / watch) and batch jobs (modelmux.v1.Jobs)
+    # get their methods here, beside Predict and Invoke, once the gateway serves those services.
+
+    def close(self) -> None:
+        for stubs in self._pool:
+            stubs.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _watch(stream: Any) -> Generator[models_pb2.WatchModelsResponse, None, None]:
+    try:
+        yield from stream
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.CANCELLED:
+            raise from_rpc_error(exc) from exc
+    finally:
+        stream.cancel()
