@@ -198,13 +198,18 @@ def test_health(client: Client) -> None:
         client.health("no.such.Service")
 
 
+HANG = {"mode": "hang", "seconds": "1"}  # the echo API's handler sleeps this long
+
+
 def test_deadline_applies_to_live_calls(client: Client, gateway: Proc) -> None:
+    # a handler that takes seconds, not a sub-millisecond deadline on a fast call: grpc may
+    # round a tiny deadline up far enough for a quick Predict to finish first
     x = {"x": np.array([1.0], dtype=np.float32)}
     with pytest.raises(DeadlineExceededError):
-        client.predict("half_plus_two", x, timeout=0.0001)
-    with Client(gateway.address, timeout=0.0001) as hurried:
+        client.invoke("echo", None, query_params=HANG, timeout=0.2)
+    with Client(gateway.address, timeout=0.2) as hurried:
         with pytest.raises(DeadlineExceededError):
-            hurried.predict("half_plus_two", x)
+            hurried.invoke("echo", None, query_params=HANG)
         assert hurried.predict("half_plus_two", x, timeout=10).version == 2
 
 
@@ -234,7 +239,7 @@ async def test_async_face(gateway: Proc) -> None:
         with pytest.raises(NotFoundError):
             await aclient.predict("half_plus_two", x, label="nightly")
         with pytest.raises(DeadlineExceededError):
-            await aclient.predict("half_plus_two", x, timeout=0.0001)
+            await aclient.invoke("echo", None, query_params=HANG, timeout=0.2)
 
 
 def test_several_channels_reach_several_gateway_workers(
