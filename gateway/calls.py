@@ -252,13 +252,16 @@ class Forwarder:
         context: grpc.aio.ServicerContext[Any, Any],
         call: Call,
         alone: bool = False,
+        partial: bool = False,
     ) -> bytes:
         """Forwards ``data``, a serialized TF Serving request for ``model`` asking for
         ``version`` / ``label`` / latest (both None). A Predict call of an API with server-side
         batching may share one backend call with others, unless ``alone`` (a call from the
-        batcher, which applies gateway.max_inflight itself)."""
+        batcher, which applies gateway.max_inflight itself). ``partial``: the model spec was read
+        from the request's first fields only (see gateway.facade.model_spec_of), so the backend
+        gets the resolved one, and the call is not batched (batching parses the whole request)."""
         call.model = model
-        if method == "Predict" and self.batcher is not None and not alone:
+        if method == "Predict" and self.batcher is not None and not (alone or partial):
             policy = self.batcher.policy(model)
             if policy is not None:
                 return await self.batcher.submit(
@@ -288,6 +291,8 @@ class Forwarder:
                 f"({self.backend_max_inflight}, gateway.backend_max_inflight)"
             )
         latest = version is None and label is None
+        if partial:  # as if the request asked for nothing: the resolved spec is always appended
+            version, latest = None, False
         self.inflight += 1
         try:
             return await self._once(
