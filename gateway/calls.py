@@ -19,7 +19,15 @@ import grpc
 import structlog
 
 from gateway.batching import Batcher, Policy
-from gateway.errors import GatewayError, ResourceExhausted, Unavailable, parse
+from gateway.errors import (
+    ECHO_LIMIT,
+    GatewayError,
+    ResourceExhausted,
+    Unavailable,
+    bounded,
+    parse,
+    shown,
+)
 from gateway.pool import Backend, Pool
 from gateway.routing import Target, pick
 from gateway.wire import encode_len_field
@@ -105,10 +113,10 @@ def edge(rpc: str, handler: Handler, *, log_requests: bool, lifecycle: Lifecycle
             return await handler(request, context, call)
         except GatewayError as exc:
             code = exc.code
-            await context.abort(code, exc.message)
+            await context.abort(code, bounded(exc.message))
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
-            await context.abort(code, exc.details() or code.name)
+            await context.abort(code, bounded(exc.details() or code.name))
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
@@ -127,7 +135,7 @@ def edge(rpc: str, handler: Handler, *, log_requests: bool, lifecycle: Lifecycle
                     "request",
                     rpc=rpc,
                     request_id=call.request_id,
-                    model=call.model,
+                    model=call.model if len(call.model) <= ECHO_LIMIT else shown(call.model),
                     version=call.version,
                     backend=call.backend,
                     batch=call.batch,
@@ -184,7 +192,7 @@ def stream_edge(
             async for item in handler(request, context):
                 yield item
         except GatewayError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, bounded(exc.message))
 
     return run
 

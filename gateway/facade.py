@@ -12,7 +12,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from gateway.calls import Call, Forwarder, Handler
-from gateway.errors import InvalidArgument, NotFound, Unimplemented, parse
+from gateway.errors import InvalidArgument, NotFound, Unimplemented, parse, shown
 from gateway.pool import AVAILABLE, Pool, VersionStatus
 from gateway.wire import MAX_FIELDS, WireError, field_bytes
 from modelmux_common.tfserving import (
@@ -131,7 +131,7 @@ class Facade:
             status = self.pool.table.states.get(name)
             if status is not None:  # known, nothing published: refused, source failing, pending
                 raise status.error(name)
-            raise NotFound(f"Could not find any versions of model {name}")
+            raise NotFound(f"Could not find any versions of model {shown(name, quote=False)}")
         merged: dict[int, VersionStatus] = {}
         for version, entries in self.pool.states(name).items():
             if entries:
