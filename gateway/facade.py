@@ -50,41 +50,45 @@ def model_spec_of(method: str, data: bytes) -> tuple[Any, bool]:
     than a walk reads (gateway.wire.MAX_FIELDS) is routed by the model spec among those, and its
     backend must be given the resolved spec (the rest may hold more of field 1, which a parser
     would merge)."""
-    what = _REQUEST[method].DESCRIPTOR.full_name
     try:
         if method != "MultiInference" and len(data) <= _PARSE_WHOLE:
             # every other forwarded request has its model spec in field 1, as this message does
             partial = False
             spec = get_model_status_pb2.GetModelStatusRequest.FromString(data).model_spec
         else:
-            spec, partial = _walk(method, data, what)
+            spec, partial = _walk(method, data)
     except WireError as exc:
-        raise InvalidArgument(f"request is not a valid {what}: {exc}") from None
+        raise InvalidArgument(f"request is not a valid {_name(method)}: {exc}") from None
     except DecodeError:
-        raise InvalidArgument(f"request is not a valid {what}: the bytes do not parse") from None
+        raise InvalidArgument(
+            f"request is not a valid {_name(method)}: the bytes do not parse"
+        ) from None
     if not spec.name:
         raise InvalidArgument("model_spec.name is required")
     return spec, partial
 
 
-def _walk(method: str, data: bytes, what: str) -> tuple[Any, bool]:
+def _walk(method: str, data: bytes) -> tuple[Any, bool]:
     if method == "MultiInference":
         task, whole = field_bytes(data, 1, first=True)
         raw, whole_task = field_bytes(task, 1)
         if not (whole and whole_task):  # every task is rewritten, so parsed, by the forwarder
-            raise InvalidArgument(f"a {what} of more than {MAX_FIELDS} fields is not served")
+            raise InvalidArgument(
+                f"a {_name(method)} of more than {MAX_FIELDS} fields is not served"
+            )
         return model_pb2.ModelSpec.FromString(raw), False
     raw, whole = field_bytes(data, 1)
     if not (whole or raw):
         raise InvalidArgument(
-            f"request is not a valid {what}: no model_spec among its first {MAX_FIELDS} fields"
+            f"request is not a valid {_name(method)}: no model_spec among its first "
+            f"{MAX_FIELDS} fields"
         )
     return model_pb2.ModelSpec.FromString(raw), not whole
 
 
-def _check_parses(method: str, data: bytes) -> None:
-    """INVALID_ARGUMENT naming the message when ``data`` is not a valid request of ``method``."""
-    parse(_REQUEST[method], data)
+def _name(method: str) -> str:
+    name: str = _REQUEST[method].DESCRIPTOR.full_name
+    return name
 
 
 class Facade:
@@ -115,7 +119,7 @@ class Facade:
                 # a backend that cannot say why (e.g. one that failed to decode the bytes): when
                 # the request does not parse, the caller is told so, as the README promises
                 if exc.code() == grpc.StatusCode.UNKNOWN:
-                    _check_parses(method, data)
+                    parse(_REQUEST[method], data)
                 raise
 
         return handle
