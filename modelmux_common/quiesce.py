@@ -29,10 +29,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from modelmux_common.listen import TCP_LISTEN, UNIX_LISTENING, split
+
 # TCP states (include/net/tcp_states.h) in which our FIN, and so some data before it, is unacked
 _UNACKED = {"01", "04", "09", "0B"}  # ESTABLISHED, FIN_WAIT1, LAST_ACK, CLOSING
-_LISTEN = "0A"
-_UNIX_ACCEPTING = 0x10000  # __SO_ACCEPTCON in /proc/net/unix's Flags
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,20 +70,25 @@ def _unix_table(paths: set[str]) -> dict[int, bool]:
     for row in rows:
         fields = row.split(maxsplit=7)
         if len(fields) == 8 and fields[7] in paths:
-            found[int(fields[6])] = bool(int(fields[3], 16) & _UNIX_ACCEPTING)
+            found[int(fields[6])] = bool(int(fields[3], 16) & UNIX_LISTENING)
     return found
 
 
-def _own_sockets(addresses: Iterable[str]) -> list[_Socket]:
-    """This process's sockets listening on, or accepted on, ``addresses`` (host:port, unix:path)."""
+def _targets(addresses: Iterable[str]) -> tuple[set[int], set[str]]:
+    """The TCP ports and unix socket paths of ``addresses`` (host:port, [v6]:port, unix:path)."""
     ports: set[int] = set()
     paths: set[str] = set()
     for address in addresses:
         if address.startswith("unix:"):
             path = address.removeprefix("unix:").removeprefix("//")
-            paths.update((path, os.path.abspath(path)))
-        elif ":" in address and address.rsplit(":", 1)[1].isdigit():
-            ports.add(int(address.rsplit(":", 1)[1]))
+            paths.update((path, os.path.abspath(path)))  # /proc shows it as it was bound
+        else:
+            ports.add(split(address)[1])
+    return ports, paths
+
+
+def _own_sockets(ports: set[int], paths: set[str]) -> list[_Socket]:
+    """This process's sockets listening on, or accepted on, those ports and paths."""
     tcp = _tcp_table(ports) if ports else {}
     unix = _unix_table(paths) if paths else {}
     out: list[_Socket] = []
@@ -99,7 +104,7 @@ def _own_sockets(addresses: Iterable[str]) -> list[_Socket]:
         inode = int(link[8:-1])
         if inode in tcp:
             family, state = tcp[inode]
-            out.append(_Socket(int(entry.name), inode, family, state == _LISTEN))
+            out.append(_Socket(int(entry.name), inode, family, state == TCP_LISTEN))
         elif inode in unix:
             out.append(_Socket(int(entry.name), inode, socket.AF_UNIX, unix[inode]))
     return out
@@ -125,16 +130,15 @@ def _half_close(connection: _Socket) -> None:
 async def close_listeners_and_connections(addresses: Iterable[str], *, timeout: float) -> int:
     """Steps 1 and 2 above for a server bound to ``addresses``; returns the connections closed.
     Waits at most ``timeout`` seconds for TCP peers to acknowledge what was sent to them."""
-    addresses = list(addresses)
-    for listener in [s for s in _own_sockets(addresses) if s.listening]:
+    ports, paths = _targets(addresses)
+    for listener in [s for s in _own_sockets(ports, paths) if s.listening]:
         _retire(listener)
     # listed after the listeners are gone: no connection can be accepted after this
-    connections = [s for s in _own_sockets(addresses) if not s.listening]
+    connections = [s for s in _own_sockets(ports, paths) if not s.listening]
     for connection in connections:
         _half_close(connection)
     tcp = {c.inode for c in connections if c.family != socket.AF_UNIX}
     deadline = time.monotonic() + timeout
-    ports = {int(a.rsplit(":", 1)[1]) for a in addresses if not a.startswith("unix:")}
     while tcp and time.monotonic() < deadline:
         table = _tcp_table(ports)
         tcp = {i for i in tcp if i in table and table[i][1] in _UNACKED}
