@@ -277,20 +277,26 @@ def proto_to_json(proto: TensorProto) -> Any:
 
 
 def struct_values(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """A Struct as Python values (numbers as floats, NaN and ±Infinity included: a binary caller
-    can send those, which json_format.MessageToDict refuses)."""
-    return {name: _value(v) for name, v in struct.fields.items()}
+    """A Struct as Python values, NaN and ±Infinity included (a binary caller can send those as
+    numbers; json_format.MessageToDict refuses them)."""
+    return {name: from_value(v) for name, v in struct.fields.items()}
 
 
-def _value(value: struct_pb2.Value) -> Any:
+def from_value(value: struct_pb2.Value) -> Any:
+    """A google.protobuf.Value as the Python value ``json.loads`` would give (whole numbers as int)."""
     kind = value.WhichOneof("kind")
-    if kind == "list_value":
-        return [_value(v) for v in value.list_value.values]
+    if kind == "number_value":
+        number = value.number_value
+        return int(number) if number.is_integer() and abs(number) <= 2**53 else number
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
     if kind == "struct_value":
         return struct_values(value.struct_value)
-    if kind is None or kind == "null_value":
-        return None
-    return getattr(value, kind)
+    if kind == "list_value":
+        return [from_value(v) for v in value.list_value.values]
+    return None
 
 
 def _decode_strings(value: Any) -> Any:

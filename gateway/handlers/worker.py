@@ -32,7 +32,7 @@ from typing import Any
 
 import grpc
 import structlog
-from google.protobuf import json_format, message_factory, struct_pb2
+from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import DecodeError
 
@@ -48,6 +48,7 @@ from gateway.handlers.clients import (
     loading,
     plain,
 )
+from gateway.tensors import from_value
 from modelmux.v1 import inference_pb2
 from modelmux_common import logs, supervision
 from modelmux_common.config import ApiConfig, Config
@@ -69,23 +70,6 @@ class StartError(Exception):
 
 class ResultError(Exception):
     """What the handler returned cannot be sent as the RPC's response (the message says why)."""
-
-
-def from_value(value: struct_pb2.Value) -> Any:
-    """A google.protobuf.Value as the Python value ``json.loads`` would give (whole numbers as int)."""
-    kind = value.WhichOneof("kind")
-    if kind == "number_value":
-        number = value.number_value
-        return int(number) if number.is_integer() and abs(number) <= 2**53 else number
-    if kind == "string_value":
-        return value.string_value
-    if kind == "bool_value":
-        return value.bool_value
-    if kind == "struct_value":
-        return {k: from_value(v) for k, v in value.struct_value.fields.items()}
-    if kind == "list_value":
-        return [from_value(v) for v in value.list_value.values]
-    return None
 
 
 def _params(fn: Callable[..., Any]) -> list[inspect.Parameter]:
