@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import math
 import random
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -25,6 +24,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_properties import as_json
 
 from gateway.errors import STATUS_LIMIT
 from modelmux.modelsync.v1 import modelsync_pb2
@@ -400,14 +400,6 @@ def test_set_version_label_takes_exactly_the_names_the_config_takes(
     else:
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details[:200])
         assert len(details) < 1000
-
-
-def as_json(value: float) -> float | str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "Infinity" if value > 0 else "-Infinity"
-    return value
 
 
 @LIVE
