@@ -80,13 +80,27 @@ def _from_handler(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
 
 
 class Lifecycle:
-    """Counts calls in progress and refuses new ones once the server drains."""
+    """Counts calls in progress and refuses new ones once the server drains.
+
+    A call counts until grpc has sent its status (a done callback), not only until its handler
+    returned: the shutdown closes connections once no call counts, and a reply still on its way
+    out then would be lost, the caller seeing UNAVAILABLE for a call that ran."""
 
     def __init__(self) -> None:
         self.active = 0
         self.draining = False
         self.idle = asyncio.Event()
         self.idle.set()
+
+    def begin(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self.active += 1
+        self.idle.clear()
+        context.add_done_callback(self._done)  # type: ignore[arg-type]  # (the stub wants its own class)
+
+    def _done(self, _: object) -> None:
+        self.active -= 1
+        if not self.active:
+            self.idle.set()
 
     async def drained(self, grace: float) -> bool:
         """Refuse new calls and wait (at most ``grace`` s) for those in progress; True if all ended."""
@@ -105,8 +119,7 @@ def edge(rpc: str, handler: Handler, *, log_requests: bool, lifecycle: Lifecycle
         call = Call(context)
         started = time.perf_counter() if log_requests else 0.0
         code = grpc.StatusCode.OK
-        lifecycle.active += 1
-        lifecycle.idle.clear()
+        lifecycle.begin(context)
         try:
             if lifecycle.draining and not _from_handler(context):
                 raise Unavailable("the gateway is shutting down; retry on another instance")
@@ -127,9 +140,6 @@ def edge(rpc: str, handler: Handler, *, log_requests: bool, lifecycle: Lifecycle
             log.exception("internal_error", rpc=rpc, request_id=call.request_id)
             await context.abort(code, f"internal error (request id {call.request_id})")
         finally:
-            lifecycle.active -= 1
-            if not lifecycle.active:
-                lifecycle.idle.set()
             if log_requests:
                 summary(
                     "request",
