@@ -102,10 +102,13 @@ def build_server(manager: ModelManager, settings: Settings) -> grpc.aio.Server:
             *server_options(),
         ]
     )
+    # parsing: bytes that do not parse are INVALID_ARGUMENT, as with TF Serving (not UNKNOWN)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionService(manager, settings.device), server
+        PredictionService(manager, settings.device), grpcutil.parsing(server)
     )
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+        ModelService(manager), grpcutil.parsing(server)
+    )
     return server
 
 

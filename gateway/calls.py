@@ -19,7 +19,15 @@ import grpc
 import structlog
 
 from gateway.batching import Batcher, Policy
-from gateway.errors import GatewayError, ResourceExhausted, Unavailable, parse
+from gateway.errors import (
+    ECHO_LIMIT,
+    GatewayError,
+    ResourceExhausted,
+    Unavailable,
+    bounded,
+    parse,
+    shown,
+)
 from gateway.pool import Backend, Pool
 from gateway.routing import Target, pick
 from gateway.wire import encode_len_field
@@ -72,13 +80,27 @@ def _from_handler(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
 
 
 class Lifecycle:
-    """Counts calls in progress and refuses new ones once the server drains."""
+    """Counts calls in progress and refuses new ones once the server drains.
+
+    A call counts until grpc has sent its status (a done callback), not only until its handler
+    returned: the shutdown closes connections once no call counts, and a reply still on its way
+    out then would be lost, the caller seeing UNAVAILABLE for a call that ran."""
 
     def __init__(self) -> None:
         self.active = 0
         self.draining = False
         self.idle = asyncio.Event()
         self.idle.set()
+
+    def begin(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self.active += 1
+        self.idle.clear()
+        context.add_done_callback(self._done)  # type: ignore[arg-type]  # (the stub wants its own class)
+
+    def _done(self, _: object) -> None:
+        self.active -= 1
+        if not self.active:
+            self.idle.set()
 
     async def drained(self, grace: float) -> bool:
         """Refuse new calls and wait (at most ``grace`` s) for those in progress; True if all ended."""
@@ -97,18 +119,17 @@ def edge(rpc: str, handler: Handler, *, log_requests: bool, lifecycle: Lifecycle
         call = Call(context)
         started = time.perf_counter() if log_requests else 0.0
         code = grpc.StatusCode.OK
-        lifecycle.active += 1
-        lifecycle.idle.clear()
+        lifecycle.begin(context)
         try:
             if lifecycle.draining and not _from_handler(context):
                 raise Unavailable("the gateway is shutting down; retry on another instance")
             return await handler(request, context, call)
         except GatewayError as exc:
             code = exc.code
-            await context.abort(code, exc.message)
+            await context.abort(code, bounded(exc.message))
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
-            await context.abort(code, exc.details() or code.name)
+            await context.abort(code, bounded(exc.details() or code.name))
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
@@ -119,15 +140,12 @@ def edge(rpc: str, handler: Handler, *, log_requests: bool, lifecycle: Lifecycle
             log.exception("internal_error", rpc=rpc, request_id=call.request_id)
             await context.abort(code, f"internal error (request id {call.request_id})")
         finally:
-            lifecycle.active -= 1
-            if not lifecycle.active:
-                lifecycle.idle.set()
             if log_requests:
                 summary(
                     "request",
                     rpc=rpc,
                     request_id=call.request_id,
-                    model=call.model,
+                    model=call.model if len(call.model) <= ECHO_LIMIT else shown(call.model),
                     version=call.version,
                     backend=call.backend,
                     batch=call.batch,
@@ -184,7 +202,7 @@ def stream_edge(
             async for item in handler(request, context):
                 yield item
         except GatewayError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, bounded(exc.message))
 
     return run
 
@@ -252,13 +270,16 @@ class Forwarder:
         context: grpc.aio.ServicerContext[Any, Any],
         call: Call,
         alone: bool = False,
+        partial: bool = False,
     ) -> bytes:
         """Forwards ``data``, a serialized TF Serving request for ``model`` asking for
         ``version`` / ``label`` / latest (both None). A Predict call of an API with server-side
         batching may share one backend call with others, unless ``alone`` (a call from the
-        batcher, which applies gateway.max_inflight itself)."""
+        batcher, which applies gateway.max_inflight itself). ``partial``: the model spec was read
+        from the request's first fields only (see gateway.facade.model_spec_of), so the backend
+        gets the resolved one, and the call is not batched (batching parses the whole request)."""
         call.model = model
-        if method == "Predict" and self.batcher is not None and not alone:
+        if method == "Predict" and self.batcher is not None and not (alone or partial):
             policy = self.batcher.policy(model)
             if policy is not None:
                 return await self.batcher.submit(
@@ -288,6 +309,8 @@ class Forwarder:
                 f"({self.backend_max_inflight}, gateway.backend_max_inflight)"
             )
         latest = version is None and label is None
+        if partial:  # as if the request asked for nothing: the resolved spec is always appended
+            version, latest = None, False
         self.inflight += 1
         try:
             return await self._once(

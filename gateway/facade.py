@@ -12,21 +12,29 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from gateway.calls import Call, Forwarder, Handler
-from gateway.errors import InvalidArgument, NotFound, Unimplemented, parse
+from gateway.errors import InvalidArgument, NotFound, Unimplemented, parse, shown
 from gateway.pool import AVAILABLE, Pool, VersionStatus
-from gateway.wire import WireError, field_bytes
-from modelmux_common.tfserving import get_model_status_pb2, model_pb2
+from gateway.wire import MAX_FIELDS, WireError, field_bytes
+from modelmux_common.tfserving import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    inference_pb2,
+    model_pb2,
+    predict_pb2,
+    regression_pb2,
+)
 
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
 
-# request message of each forwarded method, for error messages
+# request message of each forwarded method
 _REQUEST = {
-    "Predict": "PredictRequest",
-    "Classify": "ClassificationRequest",
-    "Regress": "RegressionRequest",
-    "MultiInference": "MultiInferenceRequest",
-    "GetModelMetadata": "GetModelMetadataRequest",
+    "Predict": predict_pb2.PredictRequest,
+    "Classify": classification_pb2.ClassificationRequest,
+    "Regress": regression_pb2.RegressionRequest,
+    "MultiInference": inference_pb2.MultiInferenceRequest,
+    "GetModelMetadata": get_model_metadata_pb2.GetModelMetadataRequest,
 }
 
 
@@ -36,23 +44,51 @@ _REQUEST = {
 _PARSE_WHOLE = 16 * 1024
 
 
-def model_spec_of(method: str, data: bytes) -> Any:
-    """The request's ModelSpec (MultiInference: the first task's), parsed without the tensors."""
+def model_spec_of(method: str, data: bytes) -> tuple[Any, bool]:
+    """The request's ModelSpec (MultiInference: the first task's), parsed without the tensors, and
+    whether it was read from the request's first fields only: a request of more top-level fields
+    than a walk reads (gateway.wire.MAX_FIELDS) is routed by the model spec among those, and its
+    backend must be given the resolved spec (the rest may hold more of field 1, which a parser
+    would merge)."""
     try:
-        if method == "MultiInference":
-            spec = model_pb2.ModelSpec.FromString(field_bytes(field_bytes(data, 1, first=True), 1))
-        elif len(data) <= _PARSE_WHOLE:
+        if method != "MultiInference" and len(data) <= _PARSE_WHOLE:
             # every other forwarded request has its model spec in field 1, as this message does
+            partial = False
             spec = get_model_status_pb2.GetModelStatusRequest.FromString(data).model_spec
         else:
-            spec = model_pb2.ModelSpec.FromString(field_bytes(data, 1))
-    except (WireError, DecodeError) as exc:
+            spec, partial = _walk(method, data)
+    except WireError as exc:
+        raise InvalidArgument(f"request is not a valid {_name(method)}: {exc}") from None
+    except DecodeError:
         raise InvalidArgument(
-            f"request is not a valid tensorflow.serving.{_REQUEST[method]}: {exc}"
+            f"request is not a valid {_name(method)}: the bytes do not parse"
         ) from None
     if not spec.name:
         raise InvalidArgument("model_spec.name is required")
-    return spec
+    return spec, partial
+
+
+def _walk(method: str, data: bytes) -> tuple[Any, bool]:
+    if method == "MultiInference":
+        task, whole = field_bytes(data, 1, first=True)
+        raw, whole_task = field_bytes(task, 1)
+        if not (whole and whole_task):  # every task is rewritten, so parsed, by the forwarder
+            raise InvalidArgument(
+                f"a {_name(method)} of more than {MAX_FIELDS} fields is not served"
+            )
+        return model_pb2.ModelSpec.FromString(raw), False
+    raw, whole = field_bytes(data, 1)
+    if not (whole or raw):
+        raise InvalidArgument(
+            f"request is not a valid {_name(method)}: no model_spec among its first "
+            f"{MAX_FIELDS} fields"
+        )
+    return model_pb2.ModelSpec.FromString(raw), not whole
+
+
+def _name(method: str) -> str:
+    name: str = _REQUEST[method].DESCRIPTOR.full_name
+    return name
 
 
 class Facade:
@@ -64,19 +100,27 @@ class Facade:
         async def handle(
             data: bytes, context: grpc.aio.ServicerContext[Any, Any], call: Call
         ) -> bytes:
-            spec = model_spec_of(method, data)
+            spec, partial = model_spec_of(method, data)
             choice = spec.WhichOneof("version_choice")
             version = spec.version.value if choice == "version" else None
             label = spec.version_label if choice == "version_label" else None
-            return await self.forwarder.send(
-                method,
-                data,
-                model=spec.name,
-                version=version,
-                label=label,
-                context=context,
-                call=call,
-            )
+            try:
+                return await self.forwarder.send(
+                    method,
+                    data,
+                    model=spec.name,
+                    version=version,
+                    label=label,
+                    context=context,
+                    call=call,
+                    partial=partial,
+                )
+            except grpc.aio.AioRpcError as exc:
+                # a backend that cannot say why (e.g. one that failed to decode the bytes): when
+                # the request does not parse, the caller is told so, as the README promises
+                if exc.code() == grpc.StatusCode.UNKNOWN:
+                    parse(_REQUEST[method], data)
+                raise
 
         return handle
 
@@ -91,7 +135,7 @@ class Facade:
             status = self.pool.table.states.get(name)
             if status is not None:  # known, nothing published: refused, source failing, pending
                 raise status.error(name)
-            raise NotFound(f"Could not find any versions of model {name}")
+            raise NotFound(f"Could not find any versions of model {shown(name, quote=False)}")
         merged: dict[int, VersionStatus] = {}
         for version, entries in self.pool.states(name).items():
             if entries:

@@ -8,15 +8,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
 from gateway.calls import Call, Forwarder
-from gateway.errors import InvalidArgument, parse
+from gateway.errors import InvalidArgument, parse, shown
 from gateway.tensors import (
+    in_modelmux_names,
     json_to_proto,
     proto_to_json,
     proto_to_typed,
     struct_from,
+    struct_values,
     typed_to_proto,
 )
 from modelmux.v1 import inference_pb2
@@ -68,6 +69,19 @@ class Inference:
         self._signatures: dict[tuple[str, int], asyncio.Future[dict[str, Signature]]] = {}
 
     async def predict(
+        self, data: bytes, context: grpc.aio.ServicerContext[Any, Any], call: Call
+    ) -> bytes:
+        """Errors name dtypes as modelmux.v1 does (DATA_TYPE_INT32), the backend's too."""
+        try:
+            return await self._predict(data, context, call)
+        except InvalidArgument as exc:
+            raise InvalidArgument(in_modelmux_names(exc.message)) from None
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            raise InvalidArgument(in_modelmux_names(exc.details() or "")) from None
+
+    async def _predict(
         self, data: bytes, context: grpc.aio.ServicerContext[Any, Any], call: Call
     ) -> bytes:
         request = parse(inference_pb2.PredictRequest, data)
@@ -150,7 +164,7 @@ class Inference:
 
     @staticmethod
     def _json_inputs(request: Any, signature: Signature, out: Any) -> None:
-        values = json_format.MessageToDict(request.json_inputs)
+        values = struct_values(request.json_inputs)
         check_input_names(values, signature, out.model_spec.signature_name)
         for name, value in values.items():
             spec = signature.inputs[name]
@@ -194,7 +208,7 @@ class Inference:
         if name not in signatures:
             known = ", ".join(sorted(signatures)) or "none"
             raise InvalidArgument(
-                f"model {model!r} version {version} has no signature {name!r} (signatures: {known})"
+                f"model {model!r} version {version} has no signature {shown(name)} (signatures: {known})"
             )
         return signatures[name]
 

@@ -12,10 +12,18 @@ from typing import Any
 import grpc
 
 from gateway.calls import Call, Forwarder
-from gateway.errors import GatewayError, InvalidArgument, NotFound, ResourceExhausted, parse
+from gateway.errors import (
+    GatewayError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    parse,
+    shown,
+)
 from gateway.pool import Pool
 from gateway.routing import Table
 from modelmux.v1 import models_pb2
+from modelmux_common.config import NAME_RE
 
 _ACCELERATOR = {
     "cpu": models_pb2.ACCELERATOR_CPU,
@@ -23,6 +31,17 @@ _ACCELERATOR = {
     "inferentia": models_pb2.ACCELERATOR_INFERENTIA,
 }
 WATCH_QUEUE = 1000
+
+
+def check_label(label: str) -> None:
+    """INVALID_ARGUMENT unless ``label`` is a valid name, by the rule names in the config follow."""
+    if not label:
+        raise InvalidArgument("label is required")
+    if not NAME_RE.match(label):
+        raise InvalidArgument(
+            f"label {shown(label)} is not a valid name (letters, digits, '_', '.', '-'; at most "
+            "128 characters, starting with a letter or digit), as in the config"
+        )
 
 
 class Unauthenticated(GatewayError):
@@ -78,7 +97,7 @@ class Models:
     def _known(self, name: str) -> None:
         if name not in self.pool.table.known:
             known = ", ".join(sorted(self.pool.table.known)) or "none"
-            raise NotFound(f"model {name!r} is not served here (models: {known})")
+            raise NotFound(f"model {shown(name)} is not served here (models: {known})")
 
     def _versions(self, name: str) -> Any:
         desired = self.pool.models.get(name)
@@ -127,8 +146,7 @@ class Models:
         request = parse(models_pb2.SetVersionLabelRequest, data)
         call.model = request.model
         self._known(request.model)
-        if not request.label:
-            raise InvalidArgument("label is required")
+        check_label(request.label)
         versions = self._versions(request.model)
         if request.version and request.version not in versions:
             known = ", ".join(str(v) for v in sorted(versions)) or "none"

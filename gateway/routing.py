@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway.errors import FailedPrecondition, GatewayError, NotFound, Unavailable
+from gateway.errors import FailedPrecondition, GatewayError, NotFound, Unavailable, shown
 
 # What ModelStatus.state can be: modelmux.v1.ModelState without its prefix.
 AVAILABLE = "AVAILABLE"
@@ -115,12 +115,14 @@ class Table:
             if model in self.known:
                 raise Unavailable(f"model {model!r} has no version available on any backend yet")
             known = ", ".join(sorted(self.known)) or "none"
-            raise NotFound(f"model {model!r} is not served here (models: {known})")
+            raise NotFound(f"model {shown(model)} is not served here (models: {known})")
         if label:
             target = route.labels.get(label)
             if target is None:
                 labels = ", ".join(sorted(route.labels)) or "none"
-                raise NotFound(f"model {model!r} has no version label {label!r} (labels: {labels})")
+                raise NotFound(
+                    f"model {model!r} has no version label {shown(label)} (labels: {labels})"
+                )
             version = target
         elif version is None or version == 0:
             version = route.pick_latest()

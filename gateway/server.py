@@ -41,6 +41,7 @@ from modelmux_common.grpcutil import (
     run_until_signal,
 )
 from modelmux_common.listen import ListenError, server_options
+from modelmux_common.quiesce import close_listeners_and_connections
 
 log = structlog.get_logger("modelmux.gateway")
 
@@ -48,6 +49,8 @@ INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_
 MODELS_SERVICE = models_pb2.DESCRIPTOR.services_by_name["Models"].full_name
 MODEL_HEALTH_PREFIX = "modelmux.v1.Model/"
 MODELSYNC_HEALTH = "modelmux.modelsync.v1.ModelSync"
+# Of gateway.shutdown_grace, what stop() keeps for closing connections once calls have drained
+QUIESCE_SECONDS = 0.5
 
 
 class Gateway:
@@ -197,6 +200,7 @@ class Gateway:
         self._health: dict[str, int] = {}
         self._health_task: asyncio.Task[None] | None = None
         self.address = ""
+        self.bound: list[str] = []  # what start() bound: the addresses stop() closes
 
     def _on_table(self, table: Table) -> None:
         """Health: one entry per model (SERVING while it is routable), modelsync's link, and
@@ -273,8 +277,9 @@ class Gateway:
         try:
             shared = self.config.gateway.workers > 1
             self.address = bind(self.server, self.config.gateway.listen, shared_port=shared)
+            self.bound = [self.address]
             if self.handlers.pools:  # tensorflow_client reaches the gateway here
-                bind(self.server, self.handlers.gateway)
+                self.bound.append(bind(self.server, self.handlers.gateway))
         except ListenError:
             self._remove_runtime_dir()
             raise
@@ -299,10 +304,16 @@ class Gateway:
         return self.address
 
     async def stop(self, force: bool = False) -> None:
-        """Health NOT_SERVING, stop accepting, let in-flight calls finish, close backends."""
+        """Health NOT_SERVING; new calls get UNAVAILABLE while accepted ones finish; then the
+        listeners close and the connections end after the replies sent on them, before the gRPC
+        server stops, so that grpc has no call left to cancel (modelmux_common/quiesce.py). All
+        of it within gateway.shutdown_grace; a forced stop cancels what runs at once."""
+        grace = self.config.gateway.shutdown_grace
         await self.health.enter_graceful_shutdown()
-        drained = force or await self.lifecycle.drained(self.config.gateway.shutdown_grace)
-        await self.server.stop(0 if force else 1.0)
+        drained = force or await self.lifecycle.drained(max(0.0, grace - QUIESCE_SECONDS))
+        if not force:
+            await close_listeners_and_connections(self.bound, timeout=min(grace, QUIESCE_SECONDS))
+        await self.server.stop(0)
         if self.follower is not None:
             await self.follower.close()
         await self.handlers.close()

@@ -7,13 +7,14 @@ tensor is a copy of the bytes field and never touches individual elements.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from google.protobuf import struct_pb2
 
-from gateway.errors import InvalidArgument
+from gateway.errors import InvalidArgument, shown
 from modelmux.v1 import tensor_pb2
 from modelmux_common.tfserving import types_pb2
 
@@ -66,6 +67,20 @@ def tf_dtype_name(dtype: int) -> str:
         return name
     except ValueError:
         return f"dtype {dtype}"
+
+
+_TF_NAME = re.compile(r"\bDT_[A-Z0-9_]+\b")
+_OUR_NAME = {tf_dtype_name(tf): D.Name(D.ValueType(ours)) for ours, (tf, _) in _OURS.items()}
+
+
+def in_modelmux_names(text: str) -> str:
+    """``text`` (an error message) with TensorFlow's dtype names as modelmux.v1 names them
+    (DT_INT32 -> DATA_TYPE_INT32), for callers of the modelmux.v1 API."""
+    return _TF_NAME.sub(lambda match: _OUR_NAME.get(match.group(), match.group()), text)
+
+
+# Non-finite numbers as JSON carries them: the strings protobuf's JSON mapping uses for floats.
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
 def _set_shape(proto: TensorProto, shape: Sequence[int]) -> None:
@@ -185,8 +200,15 @@ def json_to_proto(
         )
     try:
         raw = np.array(value)
+        if raw.dtype.kind in "UO" and np_dtype.kind == "f":  # "NaN", "Infinity", "-Infinity"
+            raw = np.array(_non_finite(value))
     except ValueError:
         raise InvalidArgument(f"input {name!r}: nested lists are ragged (not a tensor)") from None
+    except KeyError as exc:
+        raise InvalidArgument(
+            f"input {name!r}: expected numbers for {tf_dtype_name(tf_dtype)}, got strings "
+            f'({shown(exc.args[0])} is none of "NaN", "Infinity", "-Infinity")'
+        ) from None
     _check_rectangular(name, raw, value)
     if raw.size and raw.dtype.kind not in "biuf":
         raise InvalidArgument(
@@ -196,7 +218,7 @@ def json_to_proto(
         np_dtype.kind in "iu"
         and raw.dtype.kind == "f"
         and raw.size
-        and not np.all(np.mod(raw, 1) == 0)
+        and not (np.isfinite(raw).all() and np.all(np.mod(raw, 1) == 0))
     ):
         raise InvalidArgument(f"input {name!r}: expected integers for {tf_dtype_name(tf_dtype)}")
     try:
@@ -205,6 +227,16 @@ def json_to_proto(
         raise InvalidArgument(f"input {name!r}: {exc}") from None
     _set_shape(proto, array.shape)
     proto.tensor_content = array.tobytes()
+
+
+def _non_finite(value: Any) -> Any:
+    """Nested lists with "NaN", "Infinity" and "-Infinity" as floats (KeyError for another
+    string)."""
+    if isinstance(value, str):
+        return _NON_FINITE[value]
+    if isinstance(value, list | tuple):
+        return [_non_finite(v) for v in value]
+    return value
 
 
 def _utf8(value: Any) -> bytes:
@@ -230,11 +262,41 @@ def _check_rectangular(name: str, array: np.ndarray[Any, Any], value: Any) -> No
 
 
 def proto_to_json(proto: TensorProto) -> Any:
-    """TensorProto -> JSON value: nested lists, shape preserved; bytes as UTF-8 text when possible."""
+    """TensorProto -> JSON value: nested lists, shape preserved; bytes as UTF-8 text when possible;
+    NaN and ±Infinity as the strings "NaN", "Infinity", "-Infinity" (a JSON number cannot be)."""
     array = proto_to_numpy(proto)
     if array.dtype == object:
         return _decode_strings(array.tolist())
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        out = array.astype(object)
+        out[np.isnan(array)] = "NaN"
+        out[array == np.inf] = "Infinity"
+        out[array == -np.inf] = "-Infinity"
+        return out.tolist()
     return array.tolist()
+
+
+def struct_values(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as Python values, NaN and ±Infinity included (a binary caller can send those as
+    numbers; json_format.MessageToDict refuses them)."""
+    return {name: from_value(v) for name, v in struct.fields.items()}
+
+
+def from_value(value: struct_pb2.Value) -> Any:
+    """A google.protobuf.Value as the Python value ``json.loads`` would give (whole numbers as int)."""
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        number = value.number_value
+        return int(number) if number.is_integer() and abs(number) <= 2**53 else number
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return struct_values(value.struct_value)
+    if kind == "list_value":
+        return [from_value(v) for v in value.list_value.values]
+    return None
 
 
 def _decode_strings(value: Any) -> Any:

@@ -22,7 +22,8 @@ Seconds = float
 Accelerator = Literal["cpu", "gpu", "inferentia"]
 ACCELERATORS: tuple[Accelerator, ...] = ("cpu", "gpu", "inferentia")
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+# \Z, not $: "$" also matches before a final newline, which would let "name\n" through
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}\Z")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DNS_RE = re.compile(r"^dns:(///)?[A-Za-z0-9.\-\[\]:]+:\d+$")
 # durations for which 0 means "none" rather than a busy loop or an instant deadline

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import inspect
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
+from typing import Any
 
 import grpc
 import structlog
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from modelmux_common.listen import ListenError, ensure_free
 
@@ -52,12 +55,123 @@ def reuse_freed_memory(keep_bytes: int) -> bool:
 def add_health_and_reflection(
     server: grpc.aio.Server, service_names: Iterable[str]
 ) -> HealthServicer:
-    """Adds grpc.health.v1 and reflection (v1alpha, which grpcurl 1.8 and later speak)."""
+    """Adds grpc.health.v1 and reflection (v1alpha, which grpcurl 1.8 and later speak), both
+    answering INVALID_ARGUMENT to bytes that do not parse (see :func:`parsing`)."""
     health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, parsing(server))
     names = [*service_names, HEALTH_SERVICE, reflection.SERVICE_NAME]
-    reflection.enable_server_reflection(names, server)
+    # what reflection.enable_server_reflection does for an aio server, registered through parsing
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
+        reflection.aio.ReflectionServicer(names), parsing(server)
+    )
     return health
+
+
+class _Parsing:
+    """Stands in for a server while generated code registers a servicer on it (the
+    ``add_..._to_server`` functions call only these two methods)."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers([_ParsingGeneric(h) for h in handlers])
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self._server.add_registered_method_handlers(
+            service, {name: _parsing_handler(h) for name, h in handlers.items()}
+        )
+
+
+def parsing(server: grpc.aio.Server) -> Any:
+    """``server`` for an ``add_..._to_server`` call: each method then receives the request bytes
+    and parses them itself, so that bytes that do not parse get INVALID_ARGUMENT naming the
+    message. (When a deserializer raises, grpcio answers UNKNOWN "Unexpected <DecodeError>" and
+    logs a traceback.) Async handlers only; others are registered as they are."""
+    return _Parsing(server)
+
+
+class _ParsingGeneric(grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self._inner = inner
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any] | None] = {}
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method = handler_call_details.method
+        if method not in self._wrapped:
+            found = self._inner.service(handler_call_details)
+            self._wrapped[method] = None if found is None else _parsing_handler(found)
+        return self._wrapped[method]
+
+
+def _decoder(deserializer: Callable[[bytes], Any]) -> Callable[[bytes, Any], Awaitable[Any]]:
+    what = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    name = what.full_name if what is not None else "request message"
+
+    async def decode(data: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {name}")
+
+    return decode
+
+
+def _parsing_handler(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    deserializer = handler.request_deserializer
+    behaviour: Any = (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    )
+    is_async = inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)
+    if deserializer is None or not is_async:
+        return handler
+    decode = _decoder(deserializer)
+    serializer = handler.response_serializer
+    if handler.unary_unary is not None:
+        inner_uu: Any = handler.unary_unary
+
+        async def unary_unary(data: bytes, context: Any) -> Any:
+            return await inner_uu(await decode(data, context), context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=serializer)
+    if handler.unary_stream is not None:
+        inner_us: Any = handler.unary_stream
+
+        async def unary_stream(data: bytes, context: Any) -> AsyncIterator[Any]:
+            request = await decode(data, context)
+            if inspect.isasyncgenfunction(inner_us):
+                async for item in inner_us(request, context):
+                    yield item
+            else:  # writes through context.write
+                await inner_us(request, context)
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, response_serializer=serializer)
+
+    async def requests(data: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
+        async for raw in data:
+            yield await decode(raw, context)
+
+    if handler.stream_unary is not None:
+        inner_su: Any = handler.stream_unary
+
+        async def stream_unary(data: AsyncIterator[bytes], context: Any) -> Any:
+            return await inner_su(requests(data, context), context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, response_serializer=serializer)
+    inner_ss: Any = handler.stream_stream
+
+    async def stream_stream(data: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
+        if inspect.isasyncgenfunction(inner_ss):
+            async for item in inner_ss(requests(data, context), context):
+                yield item
+        else:
+            await inner_ss(requests(data, context), context)
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream, response_serializer=serializer)
 
 
 def bind(server: grpc.aio.Server | grpc.Server, address: str, *, shared_port: bool = False) -> str:

@@ -19,6 +19,7 @@ from modelmux_common.grpcutil import (
     SERVING,
     add_health_and_reflection,
     bind,
+    parsing,
     run_until_signal,
 )
 from modelmux_common.listen import server_options
@@ -53,7 +54,7 @@ class Daemon:
     async def start(self) -> str:
         """Loads state, starts serving (logs ``serving``), then starts syncing."""
         server = grpc.aio.server(options=server_options())
-        pb_grpc.add_ModelSyncServicer_to_server(ModelSyncService(self.syncer), server)
+        pb_grpc.add_ModelSyncServicer_to_server(ModelSyncService(self.syncer), parsing(server))
         self.health = add_health_and_reflection(server, [SERVICE_NAME])
         # a busy address fails here, before the state is loaded or the target touched
         self.address = bind(server, self.settings.listen)

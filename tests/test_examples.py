@@ -184,3 +184,13 @@ def test_readme_handler_commands_succeed(quickstart: Proc) -> None:
         args = [quickstart.address if a == "127.0.0.1:8500" else a for a in command[1:]]
         done = grpcurl(*[a for a in args if a != "-plaintext"])
         assert done.returncode == 0 and done.stdout.strip(), (command, done.stderr)
+
+
+def test_user_proto_passes_nan_and_infinity_both_ways(quickstart: Proc) -> None:
+    """Non-finite floats through an API's own proto: in the request (grpcurl writes them as the
+    strings protobuf's JSON mapping uses) and in the handler's dict reply (issue 18)."""
+    done = grpcurl(
+        "-d", '{"x":["NaN",1.0,"Infinity","-Infinity"]}', quickstart.address, f"{SERVICE}/Compute"
+    )
+    assert done.returncode == 0, done.stderr
+    assert messages(done.stdout) == [{"y": ["NaN", 3.5, "Infinity", "-Infinity"], "version": "2"}]

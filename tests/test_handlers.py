@@ -323,6 +323,28 @@ async def test_user_service_streams_both_ways(stack: Proc) -> None:
         assert (reply.label, reply.method) == ("6", "CountFlowers")
 
 
+async def test_user_service_streams_refuse_bytes_that_do_not_parse(stack: Proc) -> None:
+    """INVALID_ARGUMENT naming the message for every shape of RPC (issue 19): a server-streaming
+    request in the gateway, a client stream's message in the worker (grpc's deserializer ended
+    the call with INTERNAL there)."""
+    service = "/acme.iris.v1.IrisClassifier/"
+    garbage = b"\x0a\xff\xff"
+    async with grpc.aio.insecure_channel(stack.address) as channel:
+        calls = [
+            channel.unary_stream(service + "ClassifyMany")(garbage, timeout=30),
+            channel.stream_stream(service + "ClassifyStream")(iter([garbage]), timeout=30),
+        ]
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in call:
+                    pass
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await channel.stream_unary(service + "CountFlowers")(iter([garbage]), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert "acme.iris.v1.Flower" in (err.value.details() or "")
+
+
 # --- python handler: live reload and cache limits ----------------------------------------------
 
 

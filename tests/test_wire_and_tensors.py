@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -19,7 +21,7 @@ from gateway.tensors import (
 from gateway.wire import WireError, encode_len_field, field_bytes
 from modelmux.v1 import tensor_pb2
 from modelmux_common.config import BackendConfig, GatewayConfig
-from modelmux_common.tfserving import inference_pb2, predict_pb2, types_pb2
+from modelmux_common.tfserving import inference_pb2, model_pb2, predict_pb2, types_pb2
 from modelmux_common.tfserving import tensor_pb2 as tf_tensor_pb2
 
 
@@ -35,15 +37,16 @@ def predict_bytes(name: str = "m", version: int | None = None) -> bytes:
 
 
 def test_model_spec_found_without_decoding_tensors() -> None:
-    spec = model_spec_of("Predict", predict_bytes("half_plus_two", 3))
-    assert spec.name == "half_plus_two" and spec.version.value == 3
+    for data in (predict_bytes("half_plus_two", 3), predict_bytes("half_plus_two", 3) * 20):
+        spec, partial = model_spec_of("Predict", data)  # parsed whole, walked
+        assert spec.name == "half_plus_two" and spec.version.value == 3 and not partial
 
 
 def test_multi_inference_uses_first_task() -> None:
     request = inference_pb2.MultiInferenceRequest()
     for name in ("a", "b"):
         request.tasks.add().model_spec.name = name
-    assert model_spec_of("MultiInference", request.SerializeToString()).name == "a"
+    assert model_spec_of("MultiInference", request.SerializeToString())[0].name == "a"
 
 
 def test_appended_spec_overrides_name_and_version() -> None:
@@ -71,8 +74,28 @@ def test_appended_spec_overrides_name_and_version() -> None:
 def test_malformed_framing_is_rejected(data: bytes) -> None:
     with pytest.raises(WireError):
         field_bytes(data, 1)
-    with pytest.raises(InvalidArgument, match=r"tensorflow\.serving\.PredictRequest"):
+    with pytest.raises(InvalidArgument) as info:
         model_spec_of("Predict", data)
+    # names the message the method expects, and no other (the small-request parse uses another)
+    assert "tensorflow.serving.PredictRequest" in info.value.message
+    assert "GetModelStatusRequest" not in info.value.message
+
+
+def test_a_walk_stops_after_max_fields() -> None:
+    """Millions of tiny fields cost the event loop MAX_FIELDS steps, not millions."""
+    spec = encode_len_field(1, model_pb2.ModelSpec(name="m").SerializeToString())
+    junk = b"\x78\x00" * 500_000  # field 15, varint 0: 1 MB of 2-byte fields
+    payload, whole = field_bytes(spec + junk, 1)
+    assert model_pb2.ModelSpec.FromString(payload).name == "m" and not whole
+    started = time.perf_counter()
+    found, partial = model_spec_of("Predict", spec + junk)
+    assert time.perf_counter() - started < 0.05
+    assert found.name == "m" and partial
+    with pytest.raises(InvalidArgument, match="no model_spec among its first"):
+        model_spec_of("Predict", junk + spec)
+    task = encode_len_field(1, spec)
+    with pytest.raises(InvalidArgument, match="MultiInferenceRequest of more than"):
+        model_spec_of("MultiInference", task + junk)
 
 
 def test_missing_model_name() -> None:

@@ -16,6 +16,7 @@ moment (least recently used goes first, before the next one loads).
 from __future__ import annotations
 
 import gc
+import math
 import os
 import shutil
 import threading
@@ -492,18 +493,23 @@ class MetricsClient:
         self._put("histogram", metric, value, tags)
 
 
-def plain(value: Any) -> Any:
-    """A handler's return value as JSON-able Python (numpy and tuples included)."""
+def plain(value: Any, *, protobuf_json: bool = False) -> Any:
+    """A handler's return value as JSON-able Python (numpy and tuples included). With
+    ``protobuf_json``, NaN and ±Infinity become the strings protobuf's JSON mapping uses for them
+    ("NaN", "Infinity", "-Infinity"), which json_format.ParseDict reads back into float fields
+    (it refuses the float values themselves)."""
+    if isinstance(value, float) and protobuf_json and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
     if value is None or isinstance(value, str | bool | int | float):
         return value
     if isinstance(value, np.ndarray):
-        return plain(value.tolist())
+        return plain(value.tolist(), protobuf_json=protobuf_json)
     if isinstance(value, np.generic):
-        return plain(value.item())
+        return plain(value.item(), protobuf_json=protobuf_json)
     if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
+        return {str(k): plain(v, protobuf_json=protobuf_json) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
+        return [plain(v, protobuf_json=protobuf_json) for v in value]
     if isinstance(value, bytes):
         text = _text(value)
         return text if isinstance(text, str) else value.hex()

@@ -38,6 +38,7 @@ from gateway.errors import (
     Status,
     Unavailable,
     parse,
+    shown,
 )
 from gateway.handlers import userproto
 from modelmux.v1 import inference_pb2
@@ -443,7 +444,7 @@ class Handlers:
                     f"API {api!r} has no handler (handler.path): call Predict for its models"
                 )
             raise NotFound(
-                f"no API named {api!r} (APIs with handlers: {', '.join(self.pools) or 'none'})"
+                f"no API named {shown(api)} (APIs with handlers: {', '.join(self.pools) or 'none'})"
             )
         return await pool.unary(INVOKE, data, context, call)
 
@@ -470,14 +471,20 @@ def _forwarder(
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """One RPC's forwarding handler; bound to its own method path (no late binding)."""
     rpc = path[1:]
+    request_cls = message_factory.GetMessageClass(method.input_type)
+
+    def checked(data: Any) -> Any:
+        """A single request is refused here with INVALID_ARGUMENT when it does not parse; the
+        worker parses each message of a client stream (gateway/handlers/worker.py)."""
+        if not method.client_streaming:
+            parse(request_cls, data)
+        return data
+
     if not method.server_streaming:
-        request_cls = message_factory.GetMessageClass(method.input_type)
 
         async def unary(data: Any, context: Any, call: Call) -> bytes:
-            if not method.client_streaming:
-                parse(request_cls, data)  # refused here with INVALID_ARGUMENT, not by the worker
             return await pool.unary(
-                path, data, context, call, client_streaming=method.client_streaming
+                path, checked(data), context, call, client_streaming=method.client_streaming
             )
 
         make = (
@@ -488,7 +495,9 @@ def _forwarder(
         return make(wrap(rpc, unary))
 
     def stream(data: Any, context: Any, call: Call) -> AsyncIterator[bytes]:
-        return pool.streaming(path, data, context, call, client_streaming=method.client_streaming)
+        return pool.streaming(
+            path, checked(data), context, call, client_streaming=method.client_streaming
+        )
 
     make = (
         grpc.stream_stream_rpc_method_handler

@@ -32,8 +32,9 @@ from typing import Any
 
 import grpc
 import structlog
-from google.protobuf import json_format, message_factory, struct_pb2
+from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.message import DecodeError
 
 from gateway.catalog import Problems, refusal_text
 from gateway.errors import GatewayError, Unimplemented
@@ -47,6 +48,7 @@ from gateway.handlers.clients import (
     loading,
     plain,
 )
+from gateway.tensors import from_value
 from modelmux.v1 import inference_pb2
 from modelmux_common import logs, supervision
 from modelmux_common.config import ApiConfig, Config
@@ -66,21 +68,8 @@ class StartError(Exception):
     """The handler cannot start; the message says why, for the gateway's start-up error."""
 
 
-def from_value(value: struct_pb2.Value) -> Any:
-    """A google.protobuf.Value as the Python value ``json.loads`` would give (whole numbers as int)."""
-    kind = value.WhichOneof("kind")
-    if kind == "number_value":
-        number = value.number_value
-        return int(number) if number.is_integer() and abs(number) <= 2**53 else number
-    if kind == "string_value":
-        return value.string_value
-    if kind == "bool_value":
-        return value.bool_value
-    if kind == "struct_value":
-        return {k: from_value(v) for k, v in value.struct_value.fields.items()}
-    if kind == "list_value":
-        return [from_value(v) for v in value.list_value.values]
-    return None
+class ResultError(Exception):
+    """What the handler returned cannot be sent as the RPC's response (the message says why)."""
 
 
 def _params(fn: Callable[..., Any]) -> list[inspect.Parameter]:
@@ -244,6 +233,12 @@ class Runtime:
             raise exc  # the handler set its status itself (context.abort): it stands
         if isinstance(exc, GatewayError):
             context.abort(exc.code, exc.message)
+        if isinstance(exc, ResultError):  # the worker's conversion failed, not the handler
+            log.error("handler_result_invalid", request_id=request_id, error=str(exc))
+            context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"API {self.api.name!r}: {exc} (request id {request_id})",
+            )
         log.error(
             "handler_failed",
             request_id=request_id,
@@ -285,7 +280,12 @@ class Runtime:
             if isinstance(result, bytes):
                 response.raw = result
             else:
-                json_format.ParseDict(plain(result), response.json)
+                try:
+                    json_format.ParseDict(plain(result), response.json)
+                except (json_format.ParseError, TypeError) as exc:
+                    raise ResultError(
+                        f"the handler returned a value that is not JSON: {exc}"
+                    ) from None
             if debug:
                 shown = f"<{len(result)} bytes>" if isinstance(result, bytes) else plain(result)
                 log.info(
@@ -334,12 +334,17 @@ class Runtime:
         def message(result: Any) -> Any:
             if isinstance(result, response_cls):
                 return result
-            if isinstance(result, Mapping):
-                return json_format.ParseDict(plain(result), response_cls())
-            raise TypeError(
-                f"{method.name}() returned a {type(result).__name__}, not a "
-                f"{response_cls.DESCRIPTOR.full_name} or a dict"
-            )
+            what = response_cls.DESCRIPTOR.full_name
+            if not isinstance(result, Mapping):
+                raise ResultError(
+                    f"{method.name}() returned a {type(result).__name__}, not a {what} or a dict"
+                )
+            try:
+                return json_format.ParseDict(plain(result, protobuf_json=True), response_cls())
+            except (json_format.ParseError, TypeError) as exc:
+                raise ResultError(
+                    f"{method.name}() returned a dict that is not a {what}: {exc}"
+                ) from None
 
         def unary(payload: Any, context: grpc.ServicerContext) -> Any:
             request_id, debug = self._begin(context)
@@ -375,10 +380,25 @@ class Runtime:
                 self._end()
             self._fail(context, failure, request_id)
 
+        def parsed(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
+            """A client stream's messages, each parsed as the method reads it: INVALID_ARGUMENT
+            for one that does not parse (grpc's deserializer would end the call with INTERNAL)."""
+            for data in requests:
+                try:
+                    yield request_cls.FromString(data)
+                except DecodeError:
+                    context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"request is not a valid {request_cls.DESCRIPTOR.full_name}",
+                    )
+
+        behaviour = streaming if method.server_streaming else unary
         make = getattr(grpc, f"{shape}_rpc_method_handler")
         return make(  # type: ignore[no-any-return]
-            streaming if method.server_streaming else unary,
-            request_deserializer=request_cls.FromString,
+            (lambda raw, context: behaviour(parsed(raw, context), context))
+            if method.client_streaming
+            else behaviour,
+            request_deserializer=None if method.client_streaming else request_cls.FromString,
             response_serializer=response_cls.SerializeToString,
         )
 
