@@ -64,6 +64,7 @@ def module(file_name: str) -> types.ModuleType:
     name = __name__ + "." + file_name.removesuffix(".proto").replace("/", ".") + "_pb2"
     namespace = types.ModuleType(name, f"Messages of {file_name} (modelmux's own definitions).")
     attributes: dict[str, Any] = namespace.__dict__
+    attributes["DESCRIPTOR"] = file
     builder.BuildMessageAndEnumDescriptors(file, attributes)
     builder.BuildTopDescriptorsAndMessages(file, name, attributes)
     return namespace
