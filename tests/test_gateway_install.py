@@ -6,6 +6,7 @@ scripts/measure_install.py measures it (docs/benchmarks.md, "Install weight").""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -91,6 +93,40 @@ def test_backend_says_it_needs_the_extra(slim: Path, tmp_path: Path) -> None:
     assert "pip install 'modelmux[backend]'" in done.stderr
 
 
+def stack_config(root: Path, *, models: Path, backend: Proc) -> Path:
+    """One file for both daemons: modelsync mirrors half_plus_two and iris onto a volume, the
+    gateway follows it; iris runs behind a TensorFlow handler."""
+    sync_address = f"127.0.0.1:{free_port()}"
+    half_plus_two = {"name": "half_plus_two", "path": str(models / "half_plus_two")}
+    iris = {
+        "type": "tensorflow",
+        "path": str(HANDLERS / "iris_predictor.py"),
+        "models": {"path": str(models / "iris")},
+    }
+    doc = {
+        "gateway": {
+            "listen": "127.0.0.1:0",
+            "modelsync": sync_address,
+            "status_interval": "200ms",
+            "shutdown_grace": "2s",
+        },
+        "modelsync": {
+            "listen": sync_address,
+            "target": str(root / "volume"),
+            "settle": "0s",
+            "debounce": "200ms",
+        },
+        "backends": [{"name": "cpu-0", "address": backend.address}],
+        "apis": [
+            {"name": "half-plus-two", "handler": {"models": {"paths": [half_plus_two]}}},
+            {"name": "iris", "handler": iris},
+        ],
+    }
+    config = root / "modelmux.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    return config
+
+
 @pytest.fixture(scope="module")
 def stack(
     slim: Path, example_models: Path, backend: Proc, tmp_path_factory: pytest.TempPathFactory
@@ -98,55 +134,12 @@ def stack(
     """modelsync and a gateway following it, both from the slim venv, in front of the full
     install's embedded backend (which loads from the volume modelsync writes)."""
     root = tmp_path_factory.mktemp("slim-stack")
-    sync_address = f"127.0.0.1:{free_port()}"
-    config = root / "modelmux.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "gateway": {
-                    "listen": "127.0.0.1:0",
-                    "modelsync": sync_address,
-                    "status_interval": "200ms",
-                    "shutdown_grace": "2s",
-                },
-                "modelsync": {
-                    "listen": sync_address,
-                    "target": str(root / "volume"),
-                    "settle": "0s",
-                    "debounce": "200ms",
-                },
-                "backends": [{"name": "cpu-0", "address": backend.address}],
-                "apis": [
-                    {
-                        "name": "half-plus-two",
-                        "handler": {
-                            "models": {
-                                "paths": [
-                                    {
-                                        "name": "half_plus_two",
-                                        "path": str(example_models / "half_plus_two"),
-                                    }
-                                ]
-                            }
-                        },
-                    },
-                    {
-                        "name": "iris",
-                        "handler": {
-                            "type": "tensorflow",
-                            "path": str(HANDLERS / "iris_predictor.py"),
-                            "models": {"path": str(example_models / "iris")},
-                        },
-                    },
-                ],
-            }
-        )
-    )
+    config = str(stack_config(root, models=example_models, backend=backend))
     modelmux = [str(slim / "bin" / "modelmux")]
-    env = {"PYTHONPATH": ""}
-    sync = start_daemon(["sync", "--config", str(config)], command=modelmux, env=env)
+    env = {"PYTHONPATH": ""}  # nothing from the source tree
+    sync = start_daemon(["sync", "--config", config], command=modelmux, env=env)
     try:
-        gateway = start_daemon(["gateway", "--config", str(config)], command=modelmux, env=env)
+        gateway = start_daemon(["gateway", "--config", config], command=modelmux, env=env)
         try:
             wait_serving(gateway.address, timeout=90)
             yield gateway, sync
@@ -187,49 +180,47 @@ def test_the_official_stub_predicts_through_the_slim_gateway(stack: tuple[Proc, 
         assert states == {1: available, 2: available}
 
 
-def test_grpcurl_describes_and_calls_the_slim_gateway(
-    stack: tuple[Proc, Proc], tmp_path: Path
+def grpcurl(*args: str) -> Any:
+    """The real grpcurl (the full venv's), its JSON answer parsed."""
+    done = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "grpcurl"), "-plaintext", "-max-time", "20", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout) if done.stdout.startswith("{") else done.stdout
+
+
+def floats(tensor: dict[str, Any]) -> list[float]:
+    """A TensorProto as grpcurl prints it: tensor_content base64, or float_val."""
+    if "tensor_content" in tensor:
+        return np.frombuffer(base64.b64decode(tensor["tensor_content"]), "<f4").tolist()
+    return [float(v) for v in tensor["float_val"]]
+
+
+def test_grpcurl_describes_and_calls_the_slim_gateway(stack: tuple[Proc, Proc]) -> None:
+    gateway, _ = stack
+    described = grpcurl(gateway.address, "describe", "tensorflow.serving.PredictionService")
+    assert "rpc Predict ( .tensorflow.serving.PredictRequest )" in described
+    x = {"dtype": "DT_FLOAT", "tensor_shape": {"dim": [{"size": 2}]}, "float_val": [0, 4]}
+    body = {"model_spec": {"name": "half_plus_two", "version": 1}, "inputs": {"x": x}}
+    method = "tensorflow.serving.PredictionService/Predict"
+    reply = grpcurl("-d", json.dumps(body), gateway.address, method)
+    assert reply["model_spec"]["version"] == "1"
+    assert floats(reply["outputs"]["y"]) == [2.0, 4.0]
+
+
+def test_a_tensorflow_handler_and_modelsync_run_from_the_slim_install(
+    stack: tuple[Proc, Proc],
 ) -> None:
     gateway, sync = stack
-    grpcurl = [str(ROOT / ".venv" / "bin" / "grpcurl"), "-plaintext", "-max-time", "20"]
-
-    def call(*args: str) -> str:
-        done = subprocess.run(
-            [*grpcurl, *args], capture_output=True, text=True, timeout=60, check=False
-        )
-        assert done.returncode == 0, done.stderr
-        return done.stdout
-
-    described = call(gateway.address, "describe", "tensorflow.serving.PredictionService")
-    assert "rpc Predict ( .tensorflow.serving.PredictRequest )" in described
-    body = {
-        "model_spec": {"name": "half_plus_two", "version": 1},
-        "inputs": {
-            "x": {"dtype": "DT_FLOAT", "tensor_shape": {"dim": [{"size": 2}]}, "float_val": [0, 4]}
-        },
-    }
-    reply = json.loads(
-        call(
-            "-d", json.dumps(body), gateway.address, "tensorflow.serving.PredictionService/Predict"
-        )
-    )
-    assert reply["model_spec"] == {
-        "name": "half_plus_two",
-        "version": "1",
-        "signature_name": "serving_default",
-    }
-    # a TensorFlow handler, in a handler worker of the slim install
     iris = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
-    invoked = json.loads(
-        call(
-            "-d",
-            json.dumps({"api": "iris", "json": iris}),
-            gateway.address,
-            "modelmux.v1.Inference/Invoke",
-        )
-    )
-    assert invoked["json"] == "setosa"
-    listed = json.loads(call(sync.address, "modelmux.modelsync.v1.ModelSync/ListModels"))
+    body = json.dumps({"api": "iris", "json": iris})
+    invoked = grpcurl("-d", body, gateway.address, "modelmux.v1.Inference/Invoke")
+    assert invoked["json"] == "setosa"  # tensorflow_client.predict in a handler worker
+    listed = grpcurl(sync.address, "modelmux.modelsync.v1.ModelSync/ListModels")
     assert {m["name"] for m in listed["models"]} >= {"half_plus_two", "iris"}
 
 
