@@ -29,7 +29,7 @@ help: ## this list
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "modelmux needs Python 3.11 or later (make PYTHON=python3.11 ...)"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@echo "Installing modelmux and its pinned dependencies into $(VENV) (about 2.5 GB with TensorFlow)"
+	@echo "Installing modelmux and its pinned dependencies into $(VENV) (about 2.7 GB with TensorFlow)"
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -e '.[backend,dev]'
 	@touch $@
