@@ -23,13 +23,15 @@ help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  \1\t/' | expand -t 16
 
 # Reinstalled only when pyproject.toml changes; pip's wheel cache keeps re-creation cheap. The
-# first install downloads TensorFlow and takes minutes, so pip's own progress is shown.
+# first install downloads TensorFlow and takes minutes, so pip's own progress is shown. The full
+# install: the embedded backend (the `backend` extra: TensorFlow) is what `make run` and the tests
+# start; the gateway and modelsync alone install with `pip install .` (README, "Install").
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "modelmux needs Python 3.11 or later (make PYTHON=python3.11 ...)"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@echo "Installing modelmux and its pinned dependencies into $(VENV) (about 2.5 GB with TensorFlow)"
+	@echo "Installing modelmux and its pinned dependencies into $(VENV) (about 2.7 GB with TensorFlow)"
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install -e '.[backend,dev]'
 	@touch $@
 
 venv: $(STAMP) ## create .venv from pyproject.toml (pinned versions)
@@ -59,7 +61,8 @@ proto: $(STAMP) $(TS_STAMP) ## regenerate clients/ (Python and TypeScript) from 
 
 # Fails when the committed generated code differs from what protos/ produces (only the generated
 # paths: clients/ also holds the hand-written client libraries).
-GENERATED := clients/modelmux/__init__.py clients/modelmux/v1 clients/modelmux/modelsync $(TS)/src/gen
+GENERATED := clients/modelmux/__init__.py clients/modelmux/v1 clients/modelmux/modelsync $(TS)/src/gen \
+	modelmux_common/tfserving_protos/descriptors.binpb
 proto-check: proto ## fail when the committed generated code differs from protos/
 	@git diff --exit-code --stat -- $(GENERATED) || { echo "generated code drifted from protos/: run make proto and commit"; exit 1; }
 	@test -z "$$(git status --porcelain -- $(GENERATED))" || { git status --porcelain -- $(GENERATED); echo "untracked generated files: run make proto and commit"; exit 1; }
@@ -73,12 +76,17 @@ fmt: $(STAMP) ## ruff format and ruff check --fix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# buf lint (buf.yaml), and buf breaking against protos/ as of PROTO_BASELINE.
-proto-lint: $(TS_STAMP) ## buf lint and buf breaking over protos/
+# buf lint and buf breaking against PROTO_BASELINE, for protos/ (buf.yaml) and, as a workspace
+# of its own, protos/tfserving/ (its buf.yaml), which is checked once the baseline has it.
+proto-lint: $(TS_STAMP) ## buf lint and buf breaking over protos/ and protos/tfserving/
 	$(BUF) lint
+	$(BUF) lint protos/tfserving
 	@base=$$(mktemp -d) && trap 'rm -rf "$$base"' EXIT && \
 	  git archive $(PROTO_BASELINE) protos | tar -x -C "$$base" && \
-	  $(BUF) breaking --against "$$base/protos"
+	  if [ -d "$$base/protos/tfserving" ]; then mv "$$base/protos/tfserving" "$$base/tfserving"; fi && \
+	  $(BUF) breaking --against "$$base/protos" && \
+	  if [ -d "$$base/tfserving" ]; then $(BUF) breaking protos/tfserving --against "$$base/tfserving"; \
+	  else echo "buf breaking: protos/tfserving is not in PROTO_BASELINE yet"; fi
 
 # The TypeScript client type-checks (tsc --noEmit, strict).
 ts-check: $(TS_STAMP) ## type-check the TypeScript client

@@ -12,7 +12,7 @@ from tensorflow_serving.apis import input_pb2
 
 from backend.errors import InvalidArgument
 from backend.servable import CLASSIFY_METHOD, REGRESS_METHOD, Servable
-from modelmux_common.tfserving import (
+from backend.tfserving import (
     classification_pb2,
     meta_graph_pb2,
     regression_pb2,

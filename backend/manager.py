@@ -23,8 +23,8 @@ from backend import servable as servables
 from backend.errors import FailedPrecondition, NotFound, ServingError
 from backend.modelconfig import ModelSpec
 from backend.servable import LoadError, Servable
+from backend.tfserving import get_model_status_pb2
 from modelmux_common.config import Accelerator
-from modelmux_common.tfserving import get_model_status_pb2
 
 log = structlog.get_logger("modelmux.backend")
 

@@ -16,8 +16,8 @@ from typing import Literal
 from google.protobuf import text_format
 
 from backend.errors import InvalidArgument
+from backend.tfserving import model_server_config_pb2
 from modelmux_common.config import ConfigError
-from modelmux_common.tfserving import model_server_config_pb2
 
 PolicyKind = Literal["latest", "all", "specific"]
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")

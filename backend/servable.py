@@ -17,8 +17,8 @@ from google.protobuf import message, text_format
 from tensorflow.core.protobuf import saved_model_pb2
 
 from backend.errors import InvalidArgument, ServingError, status_code
+from backend.tfserving import meta_graph_pb2
 from modelmux_common.config import Accelerator
-from modelmux_common.tfserving import meta_graph_pb2
 
 SERVE_TAG = "serve"
 PREDICT_METHOD = "tensorflow/serving/predict"

@@ -15,11 +15,11 @@ from backend.errors import ServingError
 from backend.manager import ModelManager
 from backend.modelconfig import ModelSpec, read_config_file
 from backend.services import Device, ModelService, PredictionService
+from backend.tfserving import model_service_pb2, prediction_service_pb2
 from modelmux_common import config as mm_config
 from modelmux_common import grpcutil, logs
 from modelmux_common.config import Accelerator, ConfigError
 from modelmux_common.listen import server_options
-from modelmux_common.tfserving import model_service_pb2, prediction_service_pb2
 
 log = structlog.get_logger("modelmux.backend")
 

@@ -19,7 +19,7 @@ from backend.manager import ModelManager
 from backend.modelconfig import parse_config
 from backend.servable import CLASSIFY_METHOD, REGRESS_METHOD, Servable
 from backend.tensors import decode_inputs, encode_outputs, select_outputs
-from modelmux_common.tfserving import (
+from backend.tfserving import (
     classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,

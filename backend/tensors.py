@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from backend.errors import InvalidArgument
-from modelmux_common.tfserving import meta_graph_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+from backend.tfserving import meta_graph_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 
 
 def dtype_name(dtype: int) -> str:

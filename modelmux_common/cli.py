@@ -106,6 +106,9 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+# what only the embedded backend needs: absent from a gateway-only install (no backend extra)
+_BACKEND_ONLY = ("backend", "tensorflow", "tensorflow_serving")
+
 _COMMANDS = {
     "backend": "backend.server",
     "gateway": "gateway.server",
@@ -133,6 +136,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as exc:
+        if args.command != "backend" or (exc.name or "").split(".")[0] not in _BACKEND_ONLY:
+            raise
+        print(
+            f"modelmux backend: the embedded backend is not installed here ({exc.name} is "
+            "missing): install modelmux with its backend extra, pip install 'modelmux[backend]'",
+            file=sys.stderr,
+        )
+        return 1
 
 
 @contextlib.contextmanager

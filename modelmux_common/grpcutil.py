@@ -18,6 +18,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from modelmux_common.listen import ListenError, ensure_free
+from modelmux_common.tfserving_protos import reflection_pool
 
 log = structlog.get_logger("modelmux")
 
@@ -60,9 +61,11 @@ def add_health_and_reflection(
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, parsing(server))
     names = [*service_names, HEALTH_SERVICE, reflection.SERVICE_NAME]
-    # what reflection.enable_server_reflection does for an aio server, registered through parsing
+    # what reflection.enable_server_reflection does for an aio server, registered through parsing;
+    # TF Serving's names are described from modelmux's own definitions where the process has no
+    # others (the gateway: see modelmux_common.tfserving_protos)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
-        reflection.aio.ReflectionServicer(names), parsing(server)
+        reflection.aio.ReflectionServicer(names, pool=reflection_pool()), parsing(server)
     )
     return health
 

@@ -1,54 +1,43 @@
-"""TF Serving's message classes, loaded without the TensorFlow runtime.
+"""TF Serving's message classes for the gateway, from modelmux's own definitions: no TensorFlow
+needed, installed or imported.
 
-TF Serving's generated modules import ``tensorflow.core.framework.*_pb2``. Those are plain generated
-files inside the installed ``tensorflow`` folder, and every package between them and the top has an
-empty ``__init__``; only ``tensorflow/__init__.py`` itself loads the runtime (~5 s, ~500 MB). So for
-the duration of the imports below, ``tensorflow`` is registered as an empty package module pointing
-at the installed folder; it is removed afterwards, which lets a later real ``import tensorflow`` in
-the same process work and reuse the very same message classes.
+Each name is a namespace shaped like protoc's generated module of that TF Serving file (same
+classes, nested types, enum values), built from ``protos/tfserving/`` in a private descriptor pool
+(``modelmux_common.tfserving_protos``), so TensorFlow's own modules can be imported beside them.
+Their bytes are TF Serving's, field for field. The embedded backend, which gets TensorFlow's
+classes from TensorFlow itself, uses ``backend.tfserving`` instead.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
+from typing import Any
 
-if "tensorflow" not in sys.modules:
-    _spec = importlib.util.find_spec("tensorflow")
-    if _spec is None or not _spec.submodule_search_locations:
-        raise ImportError("the tensorflow package (for its message definitions) is not installed")
-    _light: types.ModuleType | None = types.ModuleType("tensorflow")
-    _light.__path__ = list(_spec.submodule_search_locations)  # type: ignore[union-attr]
-    sys.modules["tensorflow"] = _light  # type: ignore[assignment]
-else:
-    _light = None
+from modelmux_common.tfserving_protos import module
 
-try:
-    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
-    from tensorflow.core.protobuf import meta_graph_pb2
-    from tensorflow_serving.apis import (
-        classification_pb2,
-        get_model_metadata_pb2,
-        get_model_status_pb2,
-        inference_pb2,
-        model_management_pb2,
-        model_pb2,
-        model_service_pb2,
-        predict_pb2,
-        prediction_service_pb2,
-        regression_pb2,
-    )
-    from tensorflow_serving.config import model_server_config_pb2
-finally:
-    if _light is not None and sys.modules.get("tensorflow") is _light:
-        del sys.modules["tensorflow"]
+_APIS = "tensorflow_serving/apis/"
+classification_pb2: Any = module(_APIS + "classification.proto")
+get_model_metadata_pb2: Any = module(_APIS + "get_model_metadata.proto")
+get_model_status_pb2: Any = module(_APIS + "get_model_status.proto")
+inference_pb2: Any = module(_APIS + "inference.proto")
+input_pb2: Any = module(_APIS + "input.proto")
+model_management_pb2: Any = module(_APIS + "model_management.proto")
+model_pb2: Any = module(_APIS + "model.proto")
+model_service_pb2: Any = module(_APIS + "model_service.proto")
+predict_pb2: Any = module(_APIS + "predict.proto")
+prediction_service_pb2: Any = module(_APIS + "prediction_service.proto")
+regression_pb2: Any = module(_APIS + "regression.proto")
+model_server_config_pb2: Any = module("tensorflow_serving/config/model_server_config.proto")
+tensor_pb2: Any = module("tensorflow/core/framework/tensor.proto")
+tensor_shape_pb2: Any = module("tensorflow/core/framework/tensor_shape.proto")
+types_pb2: Any = module("tensorflow/core/framework/types.proto")
+meta_graph_pb2: Any = module("tensorflow/core/protobuf/meta_graph.proto")
 
 __all__ = [
     "classification_pb2",
     "get_model_metadata_pb2",
     "get_model_status_pb2",
     "inference_pb2",
+    "input_pb2",
     "meta_graph_pb2",
     "model_management_pb2",
     "model_pb2",

@@ -4,7 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 find clients/modelmux -name '*_pb2*.py' -delete -o -name '*_pb2*.pyi' -delete
-mapfile -t protos < <(cd protos && find . -name '*.proto' | sed 's|^\./||' | sort)
+# protos/tfserving (TF Serving's messages) is not generated here: see the end.
+mapfile -t protos < <(cd protos && find . -path ./tfserving -prune -o -name '*.proto' -print | sed 's|^\./||' | sort)
 "$PY" -m grpc_tools.protoc -I protos \
   --python_out=clients --mypy_out=clients \
   --grpc_python_out=clients --mypy_grpc_out=clients \
@@ -13,3 +14,6 @@ mapfile -t protos < <(cd protos && find . -name '*.proto' | sed 's|^\./||' | sor
   "${protos[@]}"
 # Every folder on the way is a regular package.
 find clients/modelmux -type d ! -name __pycache__ -exec sh -c 'test -f "$1/__init__.py" || : > "$1/__init__.py"' _ {} \;
+# modelmux's own TF Serving definitions: a FileDescriptorSet the gateway loads into a private
+# pool at run time (no generated Python module registers them in the default pool).
+"$PY" scripts/gen_tfserving.py

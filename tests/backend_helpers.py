@@ -1,7 +1,7 @@
 """Helpers for tests/test_backend.py: TF Serving requests built by hand, no TensorFlow runtime.
 
-The test process only loads TF Serving's message classes (``modelmux_common.tfserving``), so it
-stays light; tensors are built and read with numpy.
+The test process only loads TF Serving's own message classes (``backend.tfserving``), not the
+TensorFlow runtime, so it stays light; tensors are built and read with numpy.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 from google.protobuf import text_format
 
-from modelmux_common.tfserving import (
+from backend.tfserving import (
     get_model_status_pb2,
     model_management_pb2,
     model_pb2,

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -89,12 +89,17 @@ def _read_until_serving(stream: IO[str], lines: list[dict[str, object]], deadlin
 
 
 def start_daemon(
-    args: list[str], *, timeout: float = 120.0, env: dict[str, str] | None = None
+    args: list[str],
+    *,
+    timeout: float = 120.0,
+    env: dict[str, str] | None = None,
+    command: Sequence[str] = MODELMUX,
 ) -> Proc:
-    """Starts ``modelmux ARGS`` and waits (bounded) for its ``serving`` log line."""
+    """Starts ``modelmux ARGS`` (``command``: this venv's, or another's ``bin/modelmux``) and
+    waits (bounded) for its ``serving`` log line."""
     full_env = {**os.environ, "MODELMUX_LOG_FORMAT": "json", **(env or {})}
     popen = subprocess.Popen(
-        [*MODELMUX, *args],
+        [*command, *args],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,

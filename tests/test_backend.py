@@ -30,22 +30,23 @@ from backend_helpers import (
 )
 from conftest import Proc, start_daemon
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
 from backend.server import Settings
 from backend.services import Device
-from modelmux_common.config import ConfigError
-from modelmux_common.tfserving import (
+from backend.tfserving import (
     classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
     inference_pb2,
     model_management_pb2,
+    model_service_pb2_grpc,
     predict_pb2,
+    prediction_service_pb2_grpc,
     regression_pb2,
     tensor_pb2,
     types_pb2,
 )
+from modelmux_common.config import ConfigError
 
 X = [1.0, 2.0, 5.0]
 V1_Y = [2.5, 3.0, 4.5]

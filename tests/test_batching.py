@@ -24,7 +24,7 @@ from modelmux.v1 import inference_pb2, inference_pb2_grpc
 from modelmux_common import config as config_mod
 from modelmux_common.tfserving import predict_pb2, tensor_pb2
 
-from tensorflow_serving.apis import prediction_service_pb2_grpc  # isort: skip
+from backend.tfserving import prediction_service_pb2_grpc  # isort: skip
 
 IRIS = ("sepal_length", "sepal_width", "petal_length", "petal_width")
 OFFSET = {1: 2.0, 2: 3.0}  # half_plus_two: y = 0.5 x + offset

@@ -22,8 +22,8 @@ from gateway.server import Gateway
 from modelmux.v1 import inference_pb2, inference_pb2_grpc, models_pb2, models_pb2_grpc, tensor_pb2
 from modelmux_common.tfserving import get_model_metadata_pb2, get_model_status_pb2, predict_pb2
 
-# The official TF Serving stubs (their message modules are already loaded, without TensorFlow).
-from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc  # isort: skip
+# The official TF Serving stubs (TensorFlow's own message classes, without the TensorFlow runtime).
+from backend.tfserving import model_service_pb2_grpc, prediction_service_pb2_grpc  # isort: skip
 
 GRPCURL = shutil.which("grpcurl") or str(Path(ROOT, ".venv", "bin", "grpcurl"))
 X = [1.0, 2.0, 5.0]

@@ -27,7 +27,7 @@ from modelmux.modelsync.v1 import modelsync_pb2, modelsync_pb2_grpc
 from modelmux.v1 import inference_pb2, inference_pb2_grpc, models_pb2, models_pb2_grpc, tensor_pb2
 from modelmux_common.tfserving import get_model_status_pb2, predict_pb2
 
-from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc  # isort: skip
+from backend.tfserving import model_service_pb2_grpc, prediction_service_pb2_grpc  # isort: skip
 
 POLL = 1.0  # modelsync's poll interval in this test
 DEADLINE = POLL + 5.0  # the bound for new content to be served

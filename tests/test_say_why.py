@@ -49,7 +49,7 @@ from modelmux_common import config as config_mod
 from modelmux_common.tfserving import predict_pb2
 from modelsync.events import EventKind
 
-from tensorflow_serving.apis import prediction_service_pb2_grpc  # isort: skip
+from backend.tfserving import prediction_service_pb2_grpc  # isort: skip
 
 X = [1.0, 2.0, 5.0]
 SERVING = health_pb2.HealthCheckResponse.SERVING

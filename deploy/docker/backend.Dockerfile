@@ -5,8 +5,7 @@
 #
 #   docker build -f deploy/docker/backend.Dockerfile -t modelmux/backend:0.1.0 .
 #
-# NOTE: the `backend` extra arrives with the TensorFlow-free install (issue 15, part 1); until
-# then pip warns that the extra is unknown and installs TensorFlow from the main dependencies.
+# The `backend` extra brings TensorFlow and tensorflow-serving-api.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build

@@ -3,10 +3,9 @@
 #
 #   docker build -f deploy/docker/gateway.Dockerfile -t modelmux/gateway:0.1.0 .
 #
-# It installs the project without the backend extra. NOTE: until the TensorFlow-free install
-# lands (issue 15, part 1), pyproject.toml still lists TensorFlow among the main dependencies and
-# this image carries it (unused: the gateway never imports it); once the backend moves to the
-# `backend` extra, this same file builds the slim image.
+# It installs the project without the backend extra, so without TensorFlow: the gateway carries
+# its own definitions of TF Serving's messages. tests/test_gateway_install.py installs the files
+# copied below the same way and checks that this list matches scripts/gateway_venv.py's.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
