@@ -28,7 +28,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 import numpy as np
@@ -37,7 +37,7 @@ import structlog
 from gateway.edge import Call
 from gateway.errors import parse
 from gateway.request import Resolved, Send
-from gateway.routing import Table
+from gateway.routing import Tables
 from gateway.tensors import NUMPY_OF_TF, VAL_FIELD, proto_to_numpy
 from modelmux_common.tfserving import predict_pb2, tensor_pb2
 
@@ -183,13 +183,6 @@ def split(tensor: Any, rows: list[int]) -> list[Any] | None:
     return parts
 
 
-class Tables(Protocol):
-    """Where the current routing table is (the fleet): a call that waited for a batch is sent to
-    the backends that hold its version now."""
-
-    table: Table
-
-
 class Batching:
     """The layer in front of forwarding that groups the Predict calls of the APIs with a batching
     policy; it keeps its own counts (calls per model, batches per group)."""
@@ -251,7 +244,7 @@ class Batching:
                 del self._busy[model]
 
     def _fresh(self, resolved: Resolved) -> Resolved:
-        """The call waited in a queue: where its version is AVAILABLE now (as it was resolved
+        """The call waited in a queue (the table may have changed meanwhile): where its version is AVAILABLE now (as it was resolved
         when the version has left the table, for forwarding to fail as it should)."""
         route = self.tables.table.routes.get(resolved.model)
         targets = route.versions.get(resolved.version) if route is not None else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from gateway.errors import FailedPrecondition, GatewayError, NotFound, Unavailable, shown
 
@@ -158,3 +158,9 @@ class Table:
             )
         versions = ", ".join(str(v) for v in sorted(route.versions)) or "none"
         raise NotFound(f"model {model!r}: {what} is not available (available versions: {versions})")
+
+
+class Tables(Protocol):
+    """Where the current table is (the fleet rebuilds it; the request path reads it)."""
+
+    table: Table

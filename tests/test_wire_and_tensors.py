@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
+from gateway.api.facade import model_spec_of
 from gateway.catalog import single_servable
 from gateway.errors import InvalidArgument
-from gateway.api.facade import model_spec_of
 from gateway.tensors import (
     json_to_proto,
     proto_to_json,

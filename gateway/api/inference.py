@@ -10,8 +10,8 @@ import grpc
 
 from gateway.edge import Call
 from gateway.errors import InvalidArgument, parse, shown
-from gateway.fleet.fleet import Fleet
 from gateway.request import Resolved, Send, resolve
+from gateway.routing import Tables
 from gateway.signatures import Signature, check_input_names, specs
 from gateway.tensors import (
     in_modelmux_names,
@@ -41,8 +41,8 @@ def _holding(resolved: Resolved, servable: str) -> Resolved:
 class Inference:
     """Converts modelmux requests to TF Serving requests and back; knows signatures per version."""
 
-    def __init__(self, fleet: Fleet, send: Send) -> None:
-        self.fleet = fleet
+    def __init__(self, tables: Tables, send: Send) -> None:
+        self.tables = tables
         self.send = send  # the path below: admission, batching, forwarding
         # (servable, version) -> signatures, fetched once from a backend holding that servable
         self._signatures: dict[tuple[str, int], asyncio.Future[dict[str, Signature]]] = {}
@@ -69,7 +69,7 @@ class Inference:
         choice = request.WhichOneof("version_choice")
         call.model = request.model
         routed = resolve(
-            self.fleet.table,
+            self.tables.table,
             "Predict",
             b"",
             model=request.model,

@@ -32,7 +32,7 @@ def _request(version: int | None = None, label: str = "", model: str = "m") -> b
     if label:
         request.model_spec.version_label = label
     request.inputs["x"].float_val.append(1.0)
-    return request.SerializeToString()
+    return bytes(request.SerializeToString())
 
 
 def _forwarder(limit: int = 10) -> Forwarder:
@@ -109,7 +109,7 @@ async def test_a_servable_of_another_name_is_named_in_the_request_and_unnamed_in
         seen.append(data)
         reply = get_model_metadata_pb2.GetModelMetadataResponse()
         reply.model_spec.name = "m@r7"
-        return reply.SerializeToString()
+        return bytes(reply.SerializeToString())
 
     routes = table({1: (Target(endpoint("b", metadata), "m@r7", True),)})
     request = get_model_metadata_pb2.GetModelMetadataRequest()

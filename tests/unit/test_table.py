@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -33,7 +33,7 @@ def report(
     name: str = "b",
     status: Mapping[str, Mapping[int, str]] | None = None,
     *,
-    accelerator: str = "cpu",
+    accelerator: Literal["cpu", "gpu", "inferentia"] = "cpu",
     reachable: bool = True,
     pushed: bool = True,
     error: str = "",

@@ -50,8 +50,10 @@ def endpoint(name: str, handler: Handler | None = None) -> Endpoint:
 
 def predict_reply(value: float = 1.0) -> bytes:
     reply = predict_pb2.PredictResponse()
+    reply.outputs["y"].dtype = 1  # DT_FLOAT
+    reply.outputs["y"].tensor_shape.dim.add(size=1)
     reply.outputs["y"].float_val.append(value)
-    return reply.SerializeToString()
+    return bytes(reply.SerializeToString())
 
 
 def table(
