@@ -130,7 +130,7 @@ Forward = Callable[[str, bytes], Awaitable[bytes]]
 class MemoryTransport:
     """A backend in this process: ``handler(method, data)`` answers forwarded calls (or raises
     :func:`rpc_error`); ``statuses`` (servable -> version -> status) answers status polls, and
-    ``configs`` records every config pushed."""
+    ``configs`` records every config pushed. While ``down`` is set, every call fails with it."""
 
     def __init__(
         self,
@@ -144,20 +144,27 @@ class MemoryTransport:
         }
         self.configs: list[Any] = []
         self.sent: list[tuple[str, bytes]] = []
+        self.down: grpc.aio.AioRpcError | None = None
         self.closed = False
 
     async def forward(self, method: str, data: bytes, *, timeout: float | None) -> bytes:
         self.sent.append((method, data))
+        if self.down is not None:
+            raise self.down
         if self.handler is None:
             raise rpc_error(grpc.StatusCode.UNIMPLEMENTED, f"no handler for {method}")
         return await self.handler(method, data)
 
     async def reload(self, config: Any, *, timeout: float) -> None:
+        if self.down is not None:
+            raise self.down
         self.configs.append(config)
 
     async def model_status(
         self, servable: str, *, timeout: float
     ) -> dict[int, VersionStatus] | None:
+        if self.down is not None:
+            raise self.down
         versions = self.statuses.get(servable)
         return None if versions is None else dict(versions)
 

@@ -117,27 +117,29 @@ class Reconciler:
         backoff = 0.1
         while True:
             self._wake.clear()
-            try:
-                converged = await self.round()
-                backoff = 0.1
-                wait = self._gateway.status_interval if converged else CONVERGING_POLL
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self.reachable:
-                    # busy (a long load), not gone: keep routing what it holds, ask again
-                    self._pushed = None
-                    log.warning("backend_slow", backend=self.name, error=str(exc.details()))
-                else:
-                    self._mark_unreachable(f"{exc.code().name}: {exc.details()}")
-                wait, backoff = backoff, min(backoff * 2, MAX_BACKOFF)
-            except RuntimeError as exc:
-                self.last_error = str(exc)
-                log.warning("backend_reload_failed", backend=self.name, error=str(exc))
-                wait, backoff = backoff, min(backoff * 2, MAX_BACKOFF)
-            except Exception:  # the edge of a background task: log, back off, keep converging
-                log.exception("reconcile_failed", backend=self.name)
-                wait, backoff = backoff, min(backoff * 2, MAX_BACKOFF)
+            wait, backoff = await self.step(backoff)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
+
+    async def step(self, backoff: float = 0.1) -> tuple[float, float]:
+        """One round, its failures handled: (seconds until the next, the next backoff)."""
+        try:
+            converged = await self.round()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self.reachable:
+                # busy (a long load), not gone: keep routing what it holds, ask again
+                self._pushed = None
+                log.warning("backend_slow", backend=self.name, error=str(exc.details()))
+            else:
+                self._mark_unreachable(f"{exc.code().name}: {exc.details()}")
+        except RuntimeError as exc:
+            self.last_error = str(exc)
+            log.warning("backend_reload_failed", backend=self.name, error=str(exc))
+        except Exception:  # the edge of a background task: log, back off, keep converging
+            log.exception("reconcile_failed", backend=self.name)
+        else:
+            return (self._gateway.status_interval if converged else CONVERGING_POLL), 0.1
+        return backoff, min(backoff * 2, MAX_BACKOFF)
 
     async def round(self) -> bool:
         """Push the config if it changed, poll status; True when nothing is still loading."""
