@@ -24,7 +24,6 @@ backend refuses while their calls pass alone (logged once as ``batching_off``).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -250,7 +249,7 @@ class Batching:
         targets = route.versions.get(resolved.version) if route is not None else None
         if not targets or targets is resolved.candidates:
             return resolved
-        return dataclasses.replace(resolved, candidates=targets)
+        return resolved._replace(candidates=targets)
 
     def _kick(self, key: tuple[Any, ...], group: _Group) -> None:
         """Sends what the group may send now, while fewer than ``slots`` of its batches are in
@@ -344,8 +343,7 @@ class Batching:
             concat([m.request.inputs[name] for m in members], request.inputs[name])
         # the batch lives as long as its most patient caller allows
         lead = max(members, key=_time_left)
-        batch = dataclasses.replace(
-            self._fresh(lead.resolved),
+        batch = self._fresh(lead.resolved)._replace(
             data=request.SerializeToString(),
             asked=group.version,
             latest=False,

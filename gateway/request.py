@@ -4,8 +4,7 @@ forwarding (in place of long parameter lists), built once per call."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -13,9 +12,9 @@ from gateway.edge import Call
 from gateway.routing import Table, Target
 
 
-@dataclass(frozen=True, slots=True)
-class Resolved:
-    """What to send and where it may go."""
+class Resolved(NamedTuple):
+    """What to send and where it may go. Immutable (a named tuple: built once per call, it
+    costs a third of a frozen dataclass; ``_replace`` makes a changed copy)."""
 
     method: str  # the TF Serving method forwarded
     data: bytes  # the serialized TF Serving request, as the client sent it

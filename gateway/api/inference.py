@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from typing import Any
 
 import grpc
@@ -35,7 +34,7 @@ def _holding(resolved: Resolved, servable: str) -> Resolved:
     holders = tuple(t for t in resolved.candidates if t.servable == servable)
     if len(holders) == len(resolved.candidates):
         return resolved
-    return dataclasses.replace(resolved, candidates=holders)
+    return resolved._replace(candidates=holders)
 
 
 class Inference:
@@ -78,7 +77,7 @@ class Inference:
         )
         version = routed.version
         # the backend request carries the routed version: nothing else to pin
-        routed = dataclasses.replace(routed, asked=version, latest=False)
+        routed = routed._replace(asked=version, latest=False)
         use_json = request.HasField("json_inputs")
         if use_json and request.inputs:
             raise InvalidArgument("give inputs or json_inputs, not both")
@@ -98,7 +97,7 @@ class Inference:
         else:
             for name, tensor in request.inputs.items():
                 typed_to_proto(name, tensor, backend_request.inputs[name])
-        outgoing = dataclasses.replace(routed, data=backend_request.SerializeToString())
+        outgoing = routed._replace(data=backend_request.SerializeToString())
         try:
             raw = await self.send(outgoing, context, call)
         except grpc.aio.AioRpcError as exc:
@@ -194,9 +193,7 @@ class Inference:
         request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
         request.model_spec.name = routed.model
         request.model_spec.version.value = routed.version
-        fetch = dataclasses.replace(
-            routed, method="GetModelMetadata", data=request.SerializeToString()
-        )
+        fetch = routed._replace(method="GetModelMetadata", data=request.SerializeToString())
         raw = await self.send(fetch, context, call)
         response = get_model_metadata_pb2.GetModelMetadataResponse.FromString(raw)
         signature_map = get_model_metadata_pb2.SignatureDefMap()
