@@ -73,14 +73,7 @@ class Gateway:
         gw = config.gateway
         _check(config)
         self.lifecycle = Lifecycle()
-        self.fleet = Fleet(
-            config=gw,
-            backends=config.backends,
-            models={} if gw.modelsync else static_catalog(config),
-            labels=config.version_labels,
-            manage=manage_backends and gw.manage_backends,
-            expected=expected_models(config),
-        )
+        self.fleet = _fleet(config, manage=manage_backends and gw.manage_backends)
         self.discovery = Discovery(self.fleet, config.backends, interval=gw.dns_refresh)
         self.follower = _follower(config, self.fleet)
         self.admission = _request_path(config, self.fleet)
@@ -103,6 +96,7 @@ class Gateway:
                 *server_options(shared_port=gw.workers > 1),  # only `--workers N` share a port
             ]
         )
+        # every RPC behind the edge; the API modules call the request path below them
         self._register(
             Facade(self.fleet, self.admission.send), Inference(self.fleet, self.admission.send)
         )
@@ -304,6 +298,20 @@ def _check(config: Config) -> None:
                 f"apis[{i}].handler.multi_model_reloading",
                 "python handlers' models come through modelsync: set gateway.modelsync",
             )
+
+
+def _fleet(config: Config, *, manage: bool) -> Fleet:
+    """The backends, with the models the config names (path sources) or none until modelsync
+    publishes them."""
+    gw = config.gateway
+    return Fleet(
+        config=gw,
+        backends=config.backends,
+        models={} if gw.modelsync else static_catalog(config),
+        labels=config.version_labels,
+        manage=manage,
+        expected=expected_models(config),
+    )
 
 
 def _follower(config: Config, fleet: Fleet) -> Follower | None:
