@@ -24,22 +24,21 @@ backend refuses while their calls pass alone (logged once as ``batching_off``).
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import numpy as np
 import structlog
 
-from gateway.errors import ResourceExhausted, parse
+from gateway.edge import Call
+from gateway.errors import parse
+from gateway.request import Resolved, Send
+from gateway.routing import Tables
 from gateway.tensors import NUMPY_OF_TF, VAL_FIELD, proto_to_numpy
 from modelmux_common.tfserving import predict_pb2, tensor_pb2
-
-if TYPE_CHECKING:
-    from gateway.calls import Forwarder
 
 log = structlog.get_logger("modelmux.gateway")
 
@@ -57,13 +56,11 @@ class Policy:
 
 @dataclass(slots=True)
 class _Member:
-    data: bytes
+    resolved: Resolved
     request: Any  # predict_pb2.PredictRequest
     rows: int
-    version: int | None
-    label: str | None
     context: grpc.aio.ServicerContext[Any, Any]
-    call: Any  # gateway.calls.Call
+    call: Call
     future: asyncio.Future[bytes]
     arrived: float
 
@@ -185,76 +182,56 @@ def split(tensor: Any, rows: list[int]) -> list[Any] | None:
     return parts
 
 
-class Batcher:
-    """Groups the Predict calls of the APIs with a batching policy (``Forwarder.batch``)."""
+class Batching:
+    """The layer in front of forwarding that groups the Predict calls of the APIs with a batching
+    policy; it keeps its own counts (calls per model, batches per group)."""
 
     def __init__(
-        self, forwarder: Forwarder, policies: Mapping[str, Policy], max_bytes: int
+        self, send: Send, policies: Mapping[str, Policy], *, max_bytes: int, tables: Tables
     ) -> None:
-        self.forwarder = forwarder
-        self.pool = forwarder.pool
+        self.next = send
         self.policies = policies  # by API name
         self.max_bytes = max_bytes
-        self.send = functools.partial(forwarder.send, alone=True)
+        self.tables = tables
         self._groups: dict[tuple[Any, ...], _Group] = {}
         self._off: set[tuple[Any, ...]] = set()  # _model_key()s batching is turned off for
-        self._busy: dict[str, int] = {}  # calls per model inside submit
+        self._busy: dict[str, int] = {}  # calls per model inside send
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def policy(self, model: str) -> Policy | None:
-        desired = self.pool.models.get(model)
-        return None if desired is None else self.policies.get(desired.api)
-
-    async def submit(
-        self,
-        policy: Policy,
-        data: bytes,
-        *,
-        model: str,
-        version: int | None,
-        label: str | None,
-        context: grpc.aio.ServicerContext[Any, Any],
-        call: Any,
+    async def send(
+        self, resolved: Resolved, context: grpc.aio.ServicerContext[Any, Any], call: Call
     ) -> bytes:
-        def alone() -> Awaitable[bytes]:
-            return self.send(
-                "Predict", data, model=model, version=version, label=label, context=context,
-                call=call,
-            )  # fmt: skip
-
+        policy = self.policies.get(resolved.api)
+        if policy is None or resolved.method != "Predict" or resolved.partial:
+            return await self.next(resolved, context, call)
+        model = resolved.model
         busy = self._busy.get(model, 0)
         self._busy[model] = busy + 1
         try:
             if not busy and not policy.batch_interval:
                 # nothing of this model in flight, so nothing to batch with: no parsing either
-                self._admit()
-                return await alone()
-            request = parse(predict_pb2.PredictRequest, data)
+                return await self.next(resolved, context, call)
+            request = parse(predict_pb2.PredictRequest, resolved.data)
             rows = rows_of(request)
-            resolved, candidates = self.pool.table.resolve(model, version, label)
-            self._admit()
-            if rows is None or _model_key(model, resolved, request) in self._off:
-                return await alone()
-            key = _key(model, resolved, request)
+            version = resolved.version
+            if rows is None or _model_key(model, version, request) in self._off:
+                return await self.next(resolved, context, call)
+            key = _key(model, version, request)
             group = self._groups.get(key)
             if group is None:
-                group = self._groups[key] = _Group(model, resolved, 0, policy)
-            group.slots = _PER_BACKEND * max(1, len(candidates))
+                group = self._groups[key] = _Group(model, version, 0, policy)
+            group.slots = _PER_BACKEND * max(1, len(resolved.candidates))
             if not group.queue and group.inflight < group.slots and not policy.batch_interval:
                 # a slot is free and nobody waits: this call goes now, on its own
                 group.inflight += 1
                 try:
-                    return await alone()
+                    return await self.next(resolved, context, call)
                 finally:
                     group.inflight -= 1
                     self._kick(key, group)
             loop = asyncio.get_running_loop()
             future: asyncio.Future[bytes] = loop.create_future()
-            self.forwarder.inflight += 1  # until this call's answer is out
-            future.add_done_callback(self._release)
-            group.queue.append(
-                _Member(data, request, rows, version, label, context, call, future, loop.time())
-            )
+            group.queue.append(_Member(resolved, request, rows, context, call, future, loop.time()))
             self._kick(key, group)
             # A caller that goes away cancels its future; its batch skips or ignores it.
             return await future
@@ -265,17 +242,14 @@ class Batcher:
             else:
                 del self._busy[model]
 
-    def _admit(self) -> None:
-        """gateway.max_inflight counts every call, queued or in a batch; the forwarder does not
-        check it again for calls that come from here."""
-        fw = self.forwarder
-        if fw.inflight >= fw.max_inflight:
-            raise ResourceExhausted(
-                f"the gateway's in-flight limit ({fw.max_inflight}, gateway.max_inflight) is reached"
-            )
-
-    def _release(self, future: asyncio.Future[bytes]) -> None:
-        self.forwarder.inflight -= 1
+    def _fresh(self, resolved: Resolved) -> Resolved:
+        """The call waited in a queue (the table may have changed meanwhile): where its version is AVAILABLE now (as it was resolved
+        when the version has left the table, for forwarding to fail as it should)."""
+        route = self.tables.table.routes.get(resolved.model)
+        targets = route.versions.get(resolved.version) if route is not None else None
+        if not targets or targets is resolved.candidates:
+            return resolved
+        return resolved._replace(candidates=targets)
 
     def _kick(self, key: tuple[Any, ...], group: _Group) -> None:
         """Sends what the group may send now, while fewer than ``slots`` of its batches are in
@@ -289,10 +263,10 @@ class Batcher:
             members: list[_Member] = []
             size = 0
             for member in group.queue[: policy.max_batch_size]:
-                if members and size + len(member.data) > self.max_bytes:
+                if members and size + len(member.resolved.data) > self.max_bytes:
                     break
                 members.append(member)
-                size += len(member.data)
+                size += len(member.resolved.data)
             full = len(members) < len(group.queue) or len(members) == policy.max_batch_size
             due = group.queue[0].arrived + policy.batch_interval
             if not full and policy.batch_interval and asyncio.get_running_loop().time() < due:
@@ -335,10 +309,7 @@ class Batcher:
         if member.future.done():
             return True
         try:
-            reply = await self.send(
-                "Predict", member.data, model=model, version=member.version,
-                label=member.label, context=member.context, call=member.call,
-            )  # fmt: skip
+            reply = await self.next(self._fresh(member.resolved), member.context, member.call)
         except Exception as exc:
             _fail(member, exc)
             return False
@@ -372,11 +343,13 @@ class Batcher:
             concat([m.request.inputs[name] for m in members], request.inputs[name])
         # the batch lives as long as its most patient caller allows
         lead = max(members, key=_time_left)
+        batch = self._fresh(lead.resolved)._replace(
+            data=request.SerializeToString(),
+            asked=group.version,
+            latest=False,
+        )
         try:
-            raw = await self.send(
-                "Predict", request.SerializeToString(), model=group.model,
-                version=group.version, label=None, context=lead.context, call=lead.call,
-            )  # fmt: skip
+            raw = await self.next(batch, lead.context, lead.call)
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in _REFUSED:
                 raise

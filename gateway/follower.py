@@ -2,7 +2,7 @@
 
 The stream starts with a snapshot (or replays the events after the last revision seen, on a
 reconnect), then carries live events. The follower keeps the published state, rebuilds the
-catalogue from it after every change, and hands it to the pool. While modelsync is unreachable the
+catalogue from it after every change, and hands it to the fleet. While modelsync is unreachable the
 last catalogue stays in force and the follower reconnects with backoff. Models of the APIs in
 ``skip_apis`` (python handlers, whose versions are not SavedModels) never enter the catalogue.
 

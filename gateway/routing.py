@@ -7,11 +7,14 @@ path only reads the current snapshot, so it needs no locks.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from gateway.errors import FailedPrecondition, GatewayError, NotFound, Unavailable, shown
+
+if TYPE_CHECKING:
+    from gateway.transport import Transport
 
 # What ModelStatus.state can be: modelmux.v1.ModelState without its prefix.
 AVAILABLE = "AVAILABLE"
@@ -26,27 +29,39 @@ TERMINAL = frozenset({REFUSED, FAILED})
 SETTLED = frozenset({AVAILABLE, REFUSED, FAILED, SOURCE_FAILING})
 
 
-class Backend(Protocol):
-    """What routing needs from a backend."""
+def _nothing() -> None:
+    pass
+
+
+@dataclass(eq=False, slots=True)
+class Endpoint:
+    """A backend as the request path sees it. Its counters are written by gateway.forwarding
+    only (the one place that sees calls start and end); ``poke`` asks the backend's reconciler
+    to look at it now (after a call it provably never ran)."""
 
     name: str
-    outstanding: int
+    address: str
+    transport: Transport
+    poke: Callable[[], None] = _nothing
+    outstanding: int = 0  # calls in flight on it
+    # passive outlier ejection: consecutive failed calls, and until when routing avoids it
+    call_failures: int = 0
+    ejected_until: float = 0.0
+
+    def __repr__(self) -> str:
+        return f"Endpoint({self.name}@{self.address})"
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
     """A backend and the servable on it that holds the version."""
 
-    backend: Backend
+    backend: Endpoint
     servable: str
     # The version is the highest the backend knows for the servable, the catalogue holds none
     # higher, and this gateway configures the backend: it is the backend's own latest, so a call
     # for latest needs no pin to it.
     top: bool = False
-
-    @property
-    def outstanding(self) -> int:
-        return self.backend.outstanding
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +74,8 @@ class Route:
     labels: Mapping[str, int]
     # version -> weight of "latest" traffic; empty for plain latest
     split: Mapping[int, int] = field(default_factory=dict)
+    # the API the model belongs to (server-side batching is set per API)
+    api: str = ""
 
     @property
     def latest(self) -> int:
@@ -143,15 +160,7 @@ class Table:
         raise NotFound(f"model {model!r}: {what} is not available (available versions: {versions})")
 
 
-def pick(candidates: Sequence[Target], exclude: Target | None = None) -> Target | None:
-    """Least outstanding requests between two random choices (power of two choices)."""
-    if exclude is not None:
-        candidates = [c for c in candidates if c.backend is not exclude.backend]
-    n = len(candidates)
-    if n == 0:
-        return None
-    if n == 1:
-        return candidates[0]
-    a, b = random.sample(range(n), 2)
-    first, second = candidates[a], candidates[b]
-    return first if first.outstanding <= second.outstanding else second
+class Tables(Protocol):
+    """Where the current table is (the fleet rebuilds it; the request path reads it)."""
+
+    table: Table

@@ -1,4 +1,4 @@
-"""``modelmux gateway``: builds the gRPC server, the backend pool, and runs until a signal."""
+"""``modelmux gateway``: builds the gRPC server and the fleet of backends, and runs until a signal."""
 
 from __future__ import annotations
 
@@ -16,17 +16,21 @@ import grpc
 import structlog
 import uvloop
 
-from gateway.batching import Policy
-from gateway.calls import Call, Forwarder, Handler, Lifecycle, edge, stream_edge
+from gateway.admission import Admission
+from gateway.api.facade import MODEL_SERVICE, PREDICTION_SERVICE, Facade
+from gateway.api.inference import Inference
+from gateway.api.models import Models
+from gateway.batching import Batching, Policy
 from gateway.catalog import expected_models, gpu_apis, static_catalog
-from gateway.discovery import Discovery
-from gateway.facade import MODEL_SERVICE, PREDICTION_SERVICE, Facade
+from gateway.edge import Call, Handler, Lifecycle, edge, stream_edge
+from gateway.fleet.discovery import Discovery
+from gateway.fleet.fleet import Fleet
 from gateway.follower import Follower
+from gateway.forwarding import Forwarder
 from gateway.handlers.pool import Handlers, HandlerStartError
-from gateway.inference import Inference
-from gateway.models_api import Models
-from gateway.pool import FORWARDED_METHODS, Pool
+from gateway.request import Send
 from gateway.routing import SETTLED, Table
+from gateway.transport import FORWARDED_METHODS
 from gateway.workers import supervise
 from modelmux.v1 import inference_pb2, models_pb2
 from modelmux_common import logs
@@ -49,6 +53,7 @@ INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_
 MODELS_SERVICE = models_pb2.DESCRIPTOR.services_by_name["Models"].full_name
 MODEL_HEALTH_PREFIX = "modelmux.v1.Model/"
 MODELSYNC_HEALTH = "modelmux.modelsync.v1.ModelSync"
+BUILTIN_SERVICES = frozenset({INFERENCE_SERVICE, MODELS_SERVICE, PREDICTION_SERVICE, MODEL_SERVICE})
 # Of gateway.shutdown_grace, what stop() keeps for closing connections once calls have drained
 QUIESCE_SECONDS = 0.5
 
@@ -66,75 +71,51 @@ class Gateway:
         self.start_failed = asyncio.Event()
         self._settled_once = False
         gw = config.gateway
-        for i, api in enumerate(config.apis):
-            if api.handler_type == "python" and api.sources and not gw.modelsync:
-                raise ConfigError(
-                    config.file,
-                    f"apis[{i}].handler.multi_model_reloading",
-                    "python handlers' models come through modelsync: set gateway.modelsync",
-                )
+        _check(config)
         self.lifecycle = Lifecycle()
-        self.follower: Follower | None = None
-        # models the config names (path / paths) for the backends: listed and waited for
-        self.pool = Pool(
-            config=gw,
-            backends=config.backends,
-            models={} if gw.modelsync else static_catalog(config),
-            labels=config.version_labels,
-            on_change=self._on_table,
-            manage=manage_backends and gw.manage_backends,
-            expected=expected_models(config),
+        self.fleet = _fleet(config, manage=manage_backends and gw.manage_backends)
+        self.discovery = Discovery(self.fleet, config.backends, interval=gw.dns_refresh)
+        self.follower = _follower(config, self.fleet)
+        self.admission = _request_path(config, self.fleet)
+        self.models_api = Models(
+            self.fleet,
+            self.admission,
+            backend_max_inflight=gw.backend_max_inflight,
+            admin_token=gw.admin_token,
         )
-        self.discovery = Discovery(self.pool, config.backends, interval=gw.dns_refresh)
-        if gw.modelsync:
-            python_apis = frozenset(a.name for a in config.apis if a.handler_type == "python")
-            self.follower = Follower(
-                gw.modelsync,
-                self.pool.update,
-                gpu_apis=gpu_apis(config),
-                skip_apis=python_apis,
-                on_problems=self.pool.set_problems,
-            )
-            self.follower.on_connection = lambda _: self._on_table(self.pool.table)
+        self.runtime_dir = _runtime_dir(config)
+        try:
+            self.handlers = Handlers(config, self.runtime_dir, set(BUILTIN_SERVICES))
+        except BaseException:
+            self._remove_runtime_dir()
+            raise
+        self.handlers_ready = not self.handlers.pools
         self.server = grpc.aio.server(
             options=[
                 *message_size_options(gw.max_message_bytes),
                 *server_options(shared_port=gw.workers > 1),  # only `--workers N` share a port
             ]
         )
-        self.forwarder = forwarder = Forwarder(
-            self.pool,
-            timeout=gw.backend_timeout,
-            max_inflight=gw.max_inflight,
-            backend_max_inflight=gw.backend_max_inflight,
+        # every RPC behind the edge; the API modules call the request path below them
+        self._register(
+            Facade(self.fleet, self.admission.send), Inference(self.fleet, self.admission.send)
         )
-        policies = {
-            api.name: Policy(api.max_batch_size, api.batch_interval)
-            for api in config.apis
-            if api.max_batch_size
-        }
-        if policies:
-            forwarder.batch(policies, gw.max_message_bytes)
-        facade = Facade(self.pool, forwarder)
-        inference = Inference(forwarder)
-        self.models_api = models = Models(self.pool, forwarder, admin_token=gw.admin_token)
+        self.health = add_health_and_reflection(
+            self.server, [*sorted(BUILTIN_SERVICES), *self.handlers.services]
+        )
+        self._health: dict[str, int] = {}
+        self._health_task: asyncio.Task[None] | None = None
+        self.address = ""
+        self.bound: list[str] = []  # what start() bound: the addresses stop() closes
+        # composed: from now on every new routing table reaches health and the watchers
+        self.fleet.on_change = self._on_table
+        if self.follower is not None:
+            self.follower.on_connection = lambda _: self._on_table(self.fleet.table)
 
-        # handler workers' sockets, compiled user protos and disk model caches
-        self.runtime_dir = ""
-        if any(api.handler_path for api in config.apis):
-            if gw.runtime_dir:
-                _remove_stale(gw.runtime_dir)
-                self.runtime_dir = os.path.join(gw.runtime_dir, f"gateway-{os.getpid()}")
-                os.makedirs(self.runtime_dir, exist_ok=True)
-            else:
-                self.runtime_dir = tempfile.mkdtemp(prefix="modelmux-")
-        builtin = {INFERENCE_SERVICE, MODELS_SERVICE, PREDICTION_SERVICE, MODEL_SERVICE}
-        try:
-            self.handlers = handlers = Handlers(config, self.runtime_dir, builtin)
-        except BaseException:
-            self._remove_runtime_dir()
-            raise
-        self.handlers_ready = not handlers.pools
+    def _register(self, facade: Facade, inference: Inference) -> None:
+        """Every RPC behind the edge, as registered methods: gRPC matches the path in C, no
+        Python lookup per call."""
+        gw, models, handlers = self.config.gateway, self.models_api, self.handlers
 
         def wrap(service: str, method: str, fn: Handler) -> Any:
             return grpc.unary_unary_rpc_method_handler(
@@ -146,47 +127,35 @@ class Gateway:
                 )
             )
 
-        prediction = {
-            m: wrap(PREDICTION_SERVICE, m, facade.forwarding(m)) for m in FORWARDED_METHODS
+        services: dict[str, dict[str, Any]] = {
+            INFERENCE_SERVICE: {
+                "Predict": wrap(INFERENCE_SERVICE, "Predict", inference.predict),
+                "Invoke": wrap(INFERENCE_SERVICE, "Invoke", handlers.invoke),
+            },
+            MODELS_SERVICE: {
+                "ListModels": wrap(MODELS_SERVICE, "ListModels", models.list_models),
+                "GetModel": wrap(MODELS_SERVICE, "GetModel", models.get_model),
+                "SetVersionLabel": wrap(
+                    MODELS_SERVICE, "SetVersionLabel", models.set_version_label
+                ),
+                "SetTrafficSplit": wrap(
+                    MODELS_SERVICE, "SetTrafficSplit", models.set_traffic_split
+                ),
+                "WatchModels": grpc.unary_stream_rpc_method_handler(
+                    stream_edge(models.watch_models, lifecycle=self.lifecycle)
+                ),
+            },
+            PREDICTION_SERVICE: {
+                m: wrap(PREDICTION_SERVICE, m, facade.forwarding(m)) for m in FORWARDED_METHODS
+            },
+            MODEL_SERVICE: {
+                "GetModelStatus": wrap(MODEL_SERVICE, "GetModelStatus", facade.get_model_status),
+                "HandleReloadConfigRequest": wrap(
+                    MODEL_SERVICE, "HandleReloadConfigRequest", facade.reload_config
+                ),
+            },
         }
-        # registered methods: gRPC matches the path in C, no Python lookup per call
-        for service, methods in (
-            (
-                INFERENCE_SERVICE,
-                {
-                    "Predict": wrap(INFERENCE_SERVICE, "Predict", inference.predict),
-                    "Invoke": wrap(INFERENCE_SERVICE, "Invoke", handlers.invoke),
-                },
-            ),
-            (
-                MODELS_SERVICE,
-                {
-                    "ListModels": wrap(MODELS_SERVICE, "ListModels", models.list_models),
-                    "GetModel": wrap(MODELS_SERVICE, "GetModel", models.get_model),
-                    "SetVersionLabel": wrap(
-                        MODELS_SERVICE, "SetVersionLabel", models.set_version_label
-                    ),
-                    "SetTrafficSplit": wrap(
-                        MODELS_SERVICE, "SetTrafficSplit", models.set_traffic_split
-                    ),
-                    "WatchModels": grpc.unary_stream_rpc_method_handler(
-                        stream_edge(models.watch_models, lifecycle=self.lifecycle)
-                    ),
-                },
-            ),
-            (PREDICTION_SERVICE, prediction),
-            (
-                MODEL_SERVICE,
-                {
-                    "GetModelStatus": wrap(
-                        MODEL_SERVICE, "GetModelStatus", facade.get_model_status
-                    ),
-                    "HandleReloadConfigRequest": wrap(
-                        MODEL_SERVICE, "HandleReloadConfigRequest", facade.reload_config
-                    ),
-                },
-            ),
-        ):
+        for service, methods in services.items():
             self.server.add_registered_method_handlers(service, methods)
 
         def wrap_unary(rpc: str, fn: Handler) -> Any:
@@ -196,11 +165,6 @@ class Gateway:
             return stream_edge(lambda r, c: fn(r, c, Call(c)), lifecycle=self.lifecycle)
 
         self.server.add_generic_rpc_handlers(handlers.method_handlers(wrap_unary, wrap_stream))
-        self.health = add_health_and_reflection(self.server, [*sorted(builtin), *handlers.services])
-        self._health: dict[str, int] = {}
-        self._health_task: asyncio.Task[None] | None = None
-        self.address = ""
-        self.bound: list[str] = []  # what start() bound: the addresses stop() closes
 
     def _on_table(self, table: Table) -> None:
         """Health: one entry per model (SERVING while it is routable), modelsync's link, and
@@ -226,8 +190,7 @@ class Gateway:
             self._report_start(table, unservable)
         ready = settled and not (self.strict and unservable)
         wanted[""] = SERVING if ready else NOT_SERVING
-        if hasattr(self, "models_api"):
-            self.models_api.publish(table)
+        self.models_api.publish(table)
         changed = {k: v for k, v in wanted.items() if self._health.get(k) != v}
         if not changed:
             return
@@ -251,7 +214,7 @@ class Gateway:
         models = [
             {
                 "model": name,
-                "api": self.pool.api_of(name),
+                "api": self.fleet.desired.api_of(name),
                 "state": getattr(table.states.get(name), "state", ""),
                 "reason": getattr(table.states.get(name), "reason", ""),
             }
@@ -283,7 +246,7 @@ class Gateway:
         except ListenError:
             self._remove_runtime_dir()
             raise
-        self._on_table(self.pool.table)
+        self._on_table(self.fleet.table)
         await self.server.start()
         try:
             await self.handlers.start()
@@ -292,8 +255,8 @@ class Gateway:
             self._remove_runtime_dir()
             raise
         self.handlers_ready = True
-        self._on_table(self.pool.table)  # nothing else may change: handler-only gateways
-        self.pool.start()
+        self._on_table(self.fleet.table)  # nothing else may change: handler-only gateways
+        self.fleet.start()
         await self.discovery.refresh()
         self.discovery.start()
         if self.follower is not None:
@@ -318,13 +281,80 @@ class Gateway:
             await self.follower.close()
         await self.handlers.close()
         await self.discovery.close()
-        await self.pool.close()
+        await self.fleet.close()
         self._remove_runtime_dir()
         log.info("stopped", forced=force, drained=drained)
 
     def _remove_runtime_dir(self) -> None:
         if self.runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+
+def _check(config: Config) -> None:
+    for i, api in enumerate(config.apis):
+        if api.handler_type == "python" and api.sources and not config.gateway.modelsync:
+            raise ConfigError(
+                config.file,
+                f"apis[{i}].handler.multi_model_reloading",
+                "python handlers' models come through modelsync: set gateway.modelsync",
+            )
+
+
+def _fleet(config: Config, *, manage: bool) -> Fleet:
+    """The backends, with the models the config names (path sources) or none until modelsync
+    publishes them."""
+    gw = config.gateway
+    return Fleet(
+        config=gw,
+        backends=config.backends,
+        models={} if gw.modelsync else static_catalog(config),
+        labels=config.version_labels,
+        manage=manage,
+        expected=expected_models(config),
+    )
+
+
+def _follower(config: Config, fleet: Fleet) -> Follower | None:
+    """modelsync's event stream into the fleet's desired state (None: static models)."""
+    if not config.gateway.modelsync:
+        return None
+    python_apis = frozenset(a.name for a in config.apis if a.handler_type == "python")
+    return Follower(
+        config.gateway.modelsync,
+        fleet.update,
+        gpu_apis=gpu_apis(config),
+        skip_apis=python_apis,
+        on_problems=fleet.set_problems,
+    )
+
+
+def _request_path(config: Config, fleet: Fleet) -> Admission:
+    """The layers below the API modules, top to bottom: admission (gateway.max_inflight),
+    server-side batching for the APIs that ask for it, forwarding."""
+    gw = config.gateway
+    forwarder = Forwarder(timeout=gw.backend_timeout, backend_max_inflight=gw.backend_max_inflight)
+    policies = {
+        api.name: Policy(api.max_batch_size, api.batch_interval)
+        for api in config.apis
+        if api.max_batch_size
+    }
+    send: Send = forwarder.send
+    if policies:
+        send = Batching(send, policies, max_bytes=gw.max_message_bytes, tables=fleet).send
+    return Admission(send, max_inflight=gw.max_inflight)
+
+
+def _runtime_dir(config: Config) -> str:
+    """Handler workers' sockets, compiled user protos and disk model caches ("": no handlers)."""
+    gw = config.gateway
+    if not any(api.handler_path for api in config.apis):
+        return ""
+    if not gw.runtime_dir:
+        return tempfile.mkdtemp(prefix="modelmux-")
+    _remove_stale(gw.runtime_dir)
+    path = os.path.join(gw.runtime_dir, f"gateway-{os.getpid()}")
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 def _remove_stale(runtime_dir: str) -> None:

@@ -8,7 +8,7 @@ Walking every top-level field also rejects framing that a full parser would reje
 A walk in Python costs about 0.4 µs a field, and a hostile 64 MiB request can hold 30 million tiny
 fields (12 s of the event loop); so a walk stops after ``limit`` fields and says it did. A normal
 request has a handful (model spec, one per input, one per output filter), and serializers write
-field 1 first: what the caller does with a partial walk is up to it (see gateway/facade.py).
+field 1 first: what the caller does with a partial walk is up to it (see gateway/api/facade.py).
 """
 
 from __future__ import annotations

@@ -245,7 +245,7 @@ async def test_a_caller_that_goes_away_leaves_its_batch(stub: Any, gateway: Gate
         calls = [stub.Predict(request("patient", {"x": [float(i)]}), timeout=10) for i in range(3)]
         # all three wait for the batch interval; the second caller gives up meanwhile
         await wait_for(
-            lambda: gateway.forwarder.inflight == 3, timeout=5, what="three calls queued"
+            lambda: gateway.admission.inflight == 3, timeout=5, what="three calls queued"
         )
         calls[1].cancel()
         first, last = await asyncio.gather(calls[0], calls[2])
@@ -259,7 +259,7 @@ async def test_a_caller_that_goes_away_leaves_its_batch(stub: Any, gateway: Gate
         ("OK", 2),
         ("OK", 2),
     ]
-    await wait_for(lambda: gateway.forwarder.inflight == 0, timeout=5, what="nothing in flight")
+    await wait_for(lambda: gateway.admission.inflight == 0, timeout=5, what="nothing in flight")
 
 
 async def test_queued_calls_count_against_max_inflight(

@@ -15,7 +15,7 @@ import pytest
 from conftest import MODELMUX, ROOT, Proc, start_daemon
 from gateway_helpers import start_gateway, wait_for, write_config
 
-from gateway import discovery
+from gateway.fleet import discovery
 from modelmux.v1 import inference_pb2, inference_pb2_grpc, models_pb2, models_pb2_grpc, tensor_pb2
 from modelmux_common.config import ConfigError, load
 
@@ -99,7 +99,9 @@ async def test_backend_down_fails_fast_then_recovers(tmp_path: Path, example_mod
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
             assert time.monotonic() - started < 5
             # Once the reconciler notices, calls fail at once with the reason, still UNAVAILABLE.
-            await wait_for(lambda: not gateway.pool.table.routes, timeout=10, what="routes to drop")
+            await wait_for(
+                lambda: not gateway.fleet.table.routes, timeout=10, what="routes to drop"
+            )
             with pytest.raises(grpc.aio.AioRpcError) as again:
                 await stub.Predict(request(), timeout=10)
             assert again.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -216,7 +218,8 @@ async def test_overload_fails_fast_and_recovers(
             assert all("in-flight limit" in (e.details() or "") for e in errors)
             assert len(errors) < len(outcomes)  # the calls within the limits were served
             assert time.monotonic() - started < 20
-            assert gateway.pool.backends[0].outstanding == 0 and gateway.forwarder.inflight == 0
+            assert gateway.fleet.reconcilers[0].endpoint.outstanding == 0
+            assert gateway.admission.inflight == 0
             assert (await stub.Predict(request(), timeout=10)).version == 2  # recovered
     finally:
         await gateway.stop()
@@ -305,7 +308,7 @@ async def test_dns_backend_entries_expand_to_every_address(
     )
     gateway = await start_gateway(cfg)
     try:
-        names = {b.name for b in gateway.pool.backends}
+        names = set(gateway.fleet.names)
         assert f"pods/127.0.0.1:{port}" in names, names
         async with grpc.aio.insecure_channel(gateway.address) as channel:
             reply = await inference_pb2_grpc.InferenceStub(channel).Predict(request(), timeout=10)
@@ -318,7 +321,7 @@ async def test_dns_backend_entries_expand_to_every_address(
 
         monkeypatch.setattr(discovery, "resolve", failing)
         await gateway.discovery.refresh()
-        assert {b.name for b in gateway.pool.backends} == names
+        assert set(gateway.fleet.names) == names
     finally:
         await gateway.stop()
 

@@ -12,9 +12,9 @@ from google.protobuf import struct_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.api.facade import _REQUEST, model_spec_of
+from gateway.api.models import check_label
 from gateway.errors import ECHO_LIMIT, STATUS_LIMIT, InvalidArgument, bounded, parse, shown
-from gateway.facade import _REQUEST, model_spec_of
-from gateway.models_api import check_label
 from gateway.tensors import (
     in_modelmux_names,
     json_to_proto,

@@ -31,7 +31,7 @@ import numpy as np
 import structlog
 
 from gateway.errors import FailedPrecondition, InvalidArgument, NotFound, Status, Unavailable
-from gateway.inference import Signature, _specs
+from gateway.signatures import Signature, specs
 from gateway.tensors import json_to_proto, proto_to_numpy
 from modelmux_common.tfserving import (
     get_model_metadata_pb2,
@@ -219,7 +219,7 @@ class TensorFlowClient:
         meta = _Meta(
             response.model_spec.version.value,
             key,
-            Signature(_specs(sig.inputs), _specs(sig.outputs)),
+            Signature(specs(sig.inputs), specs(sig.outputs)),
         )
         with self._lock:
             self._meta[(model, version)] = meta

@@ -28,7 +28,7 @@ import structlog
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 
-from gateway.calls import Call
+from gateway.edge import Call
 from gateway.errors import (
     FailedPrecondition,
     GatewayError,

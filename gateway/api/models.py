@@ -11,7 +11,8 @@ from typing import Any
 
 import grpc
 
-from gateway.calls import Call, Forwarder
+from gateway.admission import Admission
+from gateway.edge import Call
 from gateway.errors import (
     GatewayError,
     InvalidArgument,
@@ -20,7 +21,7 @@ from gateway.errors import (
     parse,
     shown,
 )
-from gateway.pool import Pool
+from gateway.fleet.fleet import Fleet
 from gateway.routing import Table
 from modelmux.v1 import models_pb2
 from modelmux_common.config import NAME_RE
@@ -53,18 +54,27 @@ class PermissionDenied(GatewayError):
 
 
 class Models:
-    def __init__(self, pool: Pool, forwarder: Forwarder, *, admin_token: str = "") -> None:
-        self.pool = pool
-        self.forwarder = forwarder
+    def __init__(
+        self,
+        fleet: Fleet,
+        admission: Admission,
+        *,
+        backend_max_inflight: int,
+        admin_token: str = "",
+    ) -> None:
+        self.fleet = fleet
+        self.admission = admission
+        self.backend_max_inflight = backend_max_inflight
         self.admin_token = admin_token
         self._watchers: set[asyncio.Queue[models_pb2.WatchModelsResponse | None]] = set()
         self._last: dict[str, tuple[Any, ...]] = {}
 
     def describe(self, name: str) -> models_pb2.Model:
-        table = self.pool.table
+        table = self.fleet.table
+        desired = self.fleet.desired
         route = table.routes.get(name)
         model = models_pb2.Model(
-            name=name, api=self.pool.api_of(name), latest_version=route.latest if route else 0
+            name=name, api=desired.api_of(name), latest_version=route.latest if route else 0
         )
         status = table.states.get(name)
         if status is not None:
@@ -73,34 +83,34 @@ class Models:
         effective = dict(route.labels) if route else {}
         model.labels.update(effective)
         model.pending_labels.update(
-            {lb: v for lb, v in self.pool.labels.get(name, {}).items() if effective.get(lb) != v}
+            {lb: v for lb, v in desired.labels.get(name, {}).items() if effective.get(lb) != v}
         )
-        model.traffic_split.update(self.pool.splits.get(name, {}))
-        states = self.pool.states(name) if name in self.pool.models else {}
-        refused = self.pool.problems.refused.get(name, {})
+        model.traffic_split.update(desired.splits.get(name, {}))
+        states = self.fleet.states(name) if name in desired.models else {}
+        refused = desired.problems.refused.get(name, {})
         for version in sorted(set(states) | {v for v in refused if v is not None}):
             entry = model.versions.add(
                 version=version,
                 routable=bool(route and version in route.versions),
                 refusal=refused.get(version, ""),
             )
-            for backend, st in states.get(version, ()):
+            for report, st in states.get(version, ()):
                 entry.backends.add(
-                    backend=backend.name,
-                    address=backend.address,
-                    accelerator=_ACCELERATOR[backend.accelerator],
+                    backend=report.name,
+                    address=report.config.address,
+                    accelerator=_ACCELERATOR[report.config.accelerator],
                     state=st.state // 10,  # TF Serving states are 10..50
                     error=st.error,
                 )
         return model
 
     def _known(self, name: str) -> None:
-        if name not in self.pool.table.known:
-            known = ", ".join(sorted(self.pool.table.known)) or "none"
+        if name not in self.fleet.table.known:
+            known = ", ".join(sorted(self.fleet.table.known)) or "none"
             raise NotFound(f"model {shown(name)} is not served here (models: {known})")
 
     def _versions(self, name: str) -> Any:
-        desired = self.pool.models.get(name)
+        desired = self.fleet.desired.models.get(name)
         return desired.versions if desired is not None else {}
 
     async def list_models(
@@ -108,12 +118,12 @@ class Models:
     ) -> bytes:
         parse(models_pb2.ListModelsRequest, data)
         limits = models_pb2.Limits(
-            max_inflight=self.forwarder.max_inflight,
-            backend_max_inflight=self.forwarder.backend_max_inflight,
-            inflight=self.forwarder.inflight,
+            max_inflight=self.admission.max_inflight,
+            backend_max_inflight=self.backend_max_inflight,
+            inflight=self.admission.inflight,
         )
         response = models_pb2.ListModelsResponse(
-            models=[self.describe(n) for n in sorted(self.pool.table.known)], limits=limits
+            models=[self.describe(n) for n in sorted(self.fleet.table.known)], limits=limits
         )
         return bytes(response.SerializeToString())
 
@@ -153,7 +163,7 @@ class Models:
             raise NotFound(
                 f"model {request.model!r} has no version {request.version} (versions: {known})"
             )
-        self.pool.set_label(request.model, request.label, request.version)
+        self.fleet.set_label(request.model, request.label, request.version)
         return bytes(
             models_pb2.SetVersionLabelResponse(
                 model=self.describe(request.model)
@@ -173,7 +183,7 @@ class Models:
             raise NotFound(f"model {request.model!r} has no version {unknown[0]}")
         if request.weights and not any(request.weights.values()):
             raise InvalidArgument("every weight is 0: give at least one version a positive weight")
-        self.pool.set_split(request.model, dict(request.weights))
+        self.fleet.set_split(request.model, dict(request.weights))
         return bytes(
             models_pb2.SetTrafficSplitResponse(
                 model=self.describe(request.model)
@@ -187,8 +197,8 @@ class Models:
         return (
             tuple(sorted(route.versions)) if route else (),
             tuple(sorted(route.labels.items())) if route else (),
-            tuple(sorted(self.pool.labels.get(name, {}).items())),
-            tuple(sorted(self.pool.splits.get(name, {}).items())),
+            tuple(sorted(self.fleet.desired.labels.get(name, {}).items())),
+            tuple(sorted(self.fleet.desired.splits.get(name, {}).items())),
             table.states.get(name),
         )
 
@@ -221,7 +231,7 @@ class Models:
         queue: asyncio.Queue[models_pb2.WatchModelsResponse | None] = asyncio.Queue(WATCH_QUEUE + 1)
         self._watchers.add(queue)
         try:
-            for name in sorted(self.pool.table.known):
+            for name in sorted(self.fleet.table.known):
                 if not wanted or name in wanted:
                     yield models_pb2.WatchModelsResponse(
                         model=self.describe(name)

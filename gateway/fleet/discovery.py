@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import structlog
 
-from gateway.pool import Pool
+from gateway.fleet.fleet import Fleet
 from modelmux_common.config import BackendConfig
 
 log = structlog.get_logger("modelmux.gateway")
@@ -39,10 +39,10 @@ async def resolve(entry: BackendConfig) -> dict[str, BackendConfig]:
 
 
 class Discovery:
-    """Keeps the pool's backends in step with what the DNS entries resolve to."""
+    """Keeps the fleet's backends in step with what the DNS entries resolve to."""
 
-    def __init__(self, pool: Pool, entries: Sequence[BackendConfig], *, interval: float) -> None:
-        self.pool = pool
+    def __init__(self, fleet: Fleet, entries: Sequence[BackendConfig], *, interval: float) -> None:
+        self.fleet = fleet
         self.entries = [e for e in entries if e.address.startswith("dns:")]
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
@@ -52,17 +52,17 @@ class Discovery:
             try:
                 found = await resolve(entry)
             except (OSError, UnicodeError, ValueError) as exc:
-                # keep what we have: a resolver hiccup must not empty the pool
+                # keep what we have: a resolver hiccup must not empty the fleet
                 log.warning(
                     "dns_resolve_failed", backend=entry.name, address=entry.address, error=str(exc)
                 )
                 continue
             prefix = f"{entry.name}/"
-            have = {b.name for b in self.pool.backends if b.name.startswith(prefix)}
+            have = {name for name in self.fleet.names if name.startswith(prefix)}
             for name in sorted(found.keys() - have):
-                self.pool.add(found[name])
+                self.fleet.add(found[name])
             for name in sorted(have - found.keys()):
-                await self.pool.remove(name)
+                await self.fleet.remove(name)
 
     def start(self) -> None:
         if self.entries:

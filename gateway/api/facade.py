@@ -1,7 +1,7 @@
 """TF Serving's own gRPC API on the gateway, so existing TF Serving clients work unchanged.
 
 Requests are routed by their model spec and forwarded as the bytes the client sent, with at most a
-model spec appended (see :class:`gateway.calls.Forwarder`): tensors are never decoded.
+model spec appended (see :class:`gateway.forwarding.Forwarder`): tensors are never decoded.
 """
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from gateway.calls import Call, Forwarder, Handler
+from gateway.edge import Call, Handler
 from gateway.errors import InvalidArgument, NotFound, Unimplemented, parse, shown
-from gateway.pool import AVAILABLE, Pool, VersionStatus
+from gateway.fleet.fleet import Fleet
+from gateway.request import Send, resolve
+from gateway.transport import AVAILABLE, VersionStatus
 from gateway.wire import MAX_FIELDS, WireError, field_bytes
 from modelmux_common.tfserving import (
     classification_pb2,
@@ -92,9 +94,9 @@ def _name(method: str) -> str:
 
 
 class Facade:
-    def __init__(self, pool: Pool, forwarder: Forwarder) -> None:
-        self.pool = pool
-        self.forwarder = forwarder
+    def __init__(self, fleet: Fleet, send: Send) -> None:
+        self.fleet = fleet
+        self.send = send  # the path below: admission, batching, forwarding
 
     def forwarding(self, method: str) -> Handler:
         async def handle(
@@ -104,17 +106,13 @@ class Facade:
             choice = spec.WhichOneof("version_choice")
             version = spec.version.value if choice == "version" else None
             label = spec.version_label if choice == "version_label" else None
+            call.model = spec.name
+            request = resolve(
+                self.fleet.table, method, data, model=spec.name, version=version, label=label,
+                partial=partial,
+            )  # fmt: skip
             try:
-                return await self.forwarder.send(
-                    method,
-                    data,
-                    model=spec.name,
-                    version=version,
-                    label=label,
-                    context=context,
-                    call=call,
-                    partial=partial,
-                )
+                return await self.send(request, context, call)
             except grpc.aio.AioRpcError as exc:
                 # a backend that cannot say why (e.g. one that failed to decode the bytes): when
                 # the request does not parse, the caller is told so, as the README promises
@@ -127,17 +125,17 @@ class Facade:
     async def get_model_status(
         self, data: bytes, context: grpc.aio.ServicerContext[Any, Any], call: Call
     ) -> bytes:
-        """The pool's view: a version is AVAILABLE when any backend serves it."""
+        """The fleet's view: a version is AVAILABLE when any backend serves it."""
         request = parse(get_model_status_pb2.GetModelStatusRequest, data)
         name = request.model_spec.name
         call.model = name
-        if name not in self.pool.models:
-            status = self.pool.table.states.get(name)
+        if name not in self.fleet.desired.models:
+            status = self.fleet.table.states.get(name)
             if status is not None:  # known, nothing published: refused, source failing, pending
                 raise status.error(name)
             raise NotFound(f"Could not find any versions of model {shown(name, quote=False)}")
         merged: dict[int, VersionStatus] = {}
-        for version, entries in self.pool.states(name).items():
+        for version, entries in self.fleet.states(name).items():
             if entries:
                 available = [st for _, st in entries if st.state == AVAILABLE]
                 merged[version] = (

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-from gateway.calls import Call, Forwarder
+from gateway.edge import Call
 from gateway.errors import InvalidArgument, parse, shown
+from gateway.request import Resolved, Send, resolve
+from gateway.routing import Tables
+from gateway.signatures import Signature, check_input_names, specs
 from gateway.tensors import (
     in_modelmux_names,
     json_to_proto,
@@ -26,46 +27,23 @@ from modelmux_common.tfserving import get_model_metadata_pb2, predict_pb2
 DEFAULT_SIGNATURE = "serving_default"
 
 
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
-    dtype: int
-    # None for unknown rank; -1 for unknown dimensions
-    shape: tuple[int, ...] | None
-
-
-@dataclass(frozen=True, slots=True)
-class Signature:
-    inputs: dict[str, TensorSpec]
-    outputs: dict[str, TensorSpec]
-
-
-def check_input_names(names: Iterable[str], signature: Signature, signature_name: str) -> None:
-    """INVALID_ARGUMENT for an input the signature does not have: one wording for JSON and typed
-    requests."""
-    unknown = sorted(n for n in names if n not in signature.inputs)
-    if unknown:
-        expected = ", ".join(sorted(signature.inputs)) or "none"
-        raise InvalidArgument(
-            f"unknown input {unknown[0]!r}: signature {signature_name!r} has the inputs {expected}"
-        )
-
-
-def _specs(infos: Any) -> dict[str, TensorSpec]:
-    out = {}
-    for name, info in infos.items():
-        shape = (
-            None if info.tensor_shape.unknown_rank else tuple(d.size for d in info.tensor_shape.dim)
-        )
-        out[name] = TensorSpec(info.dtype, shape)
-    return out
+def _holding(resolved: Resolved, servable: str) -> Resolved:
+    """The request, sent only where ``servable`` serves its version. While a version's content
+    is being replaced its candidates may hold two servables with different signatures; a JSON
+    request converted by one servable's signature is sent to that servable."""
+    holders = tuple(t for t in resolved.candidates if t.servable == servable)
+    if len(holders) == len(resolved.candidates):
+        return resolved
+    return resolved._replace(candidates=holders)
 
 
 class Inference:
     """Converts modelmux requests to TF Serving requests and back; knows signatures per version."""
 
-    def __init__(self, forwarder: Forwarder) -> None:
-        self.forwarder = forwarder
-        # (servable, version) -> signatures, fetched once from a backend
+    def __init__(self, tables: Tables, send: Send) -> None:
+        self.tables = tables
+        self.send = send  # the path below: admission, batching, forwarding
+        # (servable, version) -> signatures, fetched once from a backend holding that servable
         self._signatures: dict[tuple[str, int], asyncio.Future[dict[str, Signature]]] = {}
 
     async def predict(
@@ -89,11 +67,17 @@ class Inference:
             raise InvalidArgument("model is required")
         choice = request.WhichOneof("version_choice")
         call.model = request.model
-        version, candidates = self.forwarder.pool.table.resolve(
-            request.model,
-            request.version if choice == "version" else None,
-            request.version_label if choice == "version_label" else None,
+        routed = resolve(
+            self.tables.table,
+            "Predict",
+            b"",
+            model=request.model,
+            version=request.version if choice == "version" else None,
+            label=request.version_label if choice == "version_label" else None,
         )
+        version = routed.version
+        # the backend request carries the routed version: nothing else to pin
+        routed = routed._replace(asked=version, latest=False)
         use_json = request.HasField("json_inputs")
         if use_json and request.inputs:
             raise InvalidArgument("give inputs or json_inputs, not both")
@@ -107,30 +91,21 @@ class Inference:
         backend_request.output_filter.extend(request.output_filter)
         if use_json:
             # keyed by servable: content rewritten in place may change its signatures
-            servable = candidates[0].servable
-            signature = await self._signature(
-                request.model, version, servable, spec.signature_name, context, call
-            )
+            routed = _holding(routed, routed.candidates[0].servable)
+            signature = await self._signature(routed, spec.signature_name, context, call)
             self._json_inputs(request, signature, backend_request)
         else:
             for name, tensor in request.inputs.items():
                 typed_to_proto(name, tensor, backend_request.inputs[name])
+        outgoing = routed._replace(data=backend_request.SerializeToString())
         try:
-            raw = await self.forwarder.send(
-                "Predict",
-                backend_request.SerializeToString(),
-                model=request.model,
-                version=version,
-                label=None,
-                context=context,
-                call=call,
-            )
+            raw = await self.send(outgoing, context, call)
         except grpc.aio.AioRpcError as exc:
             if use_json or exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
                 raise
             # typed inputs are not checked on the way (no signature needed): when the backend
             # refuses them, an unknown input name gets the same words as in the JSON form
-            await self._check_names(request, version, candidates[0].servable, context, call)
+            await self._check_names(request, routed, context, call)
             raise
         result = predict_pb2.PredictResponse.FromString(raw)
         response = inference_pb2.PredictResponse(
@@ -150,14 +125,14 @@ class Inference:
     async def _check_names(
         self,
         request: Any,
-        version: int,
-        servable: str,
+        routed: Resolved,
         context: grpc.aio.ServicerContext[Any, Any],
         call: Call,
     ) -> None:
         name = request.signature_name or DEFAULT_SIGNATURE
+        routed = _holding(routed, routed.candidates[0].servable)
         try:
-            signature = await self._signature(request.model, version, servable, name, context, call)
+            signature = await self._signature(routed, name, context, call)
         except Exception:  # the backend's own answer stands
             return
         check_input_names(request.inputs, signature, name)
@@ -174,23 +149,23 @@ class Inference:
 
     async def _signature(
         self,
-        model: str,
-        version: int,
-        servable: str,
+        routed: Resolved,
         name: str,
         context: grpc.aio.ServicerContext[Any, Any],
         call: Call,
     ) -> Signature:
-        """The signature, fetched once per servable version; concurrent callers share the fetch,
-        and if the caller doing it goes away, a waiting caller fetches for itself."""
-        key = (servable, version)
+        """The signature, fetched once per servable version from a backend holding that servable
+        (``routed``'s candidates all hold it); concurrent callers share the fetch, and if the
+        caller doing it goes away, a waiting caller fetches for itself."""
+        model, version = routed.model, routed.version
+        key = (routed.candidates[0].servable, version)
         while True:
             future = self._signatures.get(key)
             if future is None or (future.done() and (future.cancelled() or future.exception())):
                 future = asyncio.get_running_loop().create_future()
                 self._signatures[key] = future
                 try:
-                    future.set_result(await self._fetch(model, version, context, call))
+                    future.set_result(await self._fetch(routed, context, call))
                 except asyncio.CancelledError:
                     future.cancel()
                     raise
@@ -213,24 +188,17 @@ class Inference:
         return signatures[name]
 
     async def _fetch(
-        self, model: str, version: int, context: grpc.aio.ServicerContext[Any, Any], call: Call
+        self, routed: Resolved, context: grpc.aio.ServicerContext[Any, Any], call: Call
     ) -> dict[str, Signature]:
         request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
-        request.model_spec.name = model
-        request.model_spec.version.value = version
-        raw = await self.forwarder.send(
-            "GetModelMetadata",
-            request.SerializeToString(),
-            model=model,
-            version=version,
-            label=None,
-            context=context,
-            call=call,
-        )
+        request.model_spec.name = routed.model
+        request.model_spec.version.value = routed.version
+        fetch = routed._replace(method="GetModelMetadata", data=request.SerializeToString())
+        raw = await self.send(fetch, context, call)
         response = get_model_metadata_pb2.GetModelMetadataResponse.FromString(raw)
         signature_map = get_model_metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(signature_map)
         return {
-            name: Signature(_specs(sig.inputs), _specs(sig.outputs))
+            name: Signature(specs(sig.inputs), specs(sig.outputs))
             for name, sig in signature_map.signature_def.items()
         }
