@@ -14,7 +14,7 @@ TS_STAMP := $(TS)/node_modules/.installed
 BUF := $(TS)/node_modules/.bin/buf
 PROTO_BASELINE := 6d1e1055a801d3efb75aadca5f813627bec35164
 
-.PHONY: all help venv models run test check proto proto-check lint fmt bench clean ts-deps ts-check proto-lint deploy-check
+.PHONY: all help venv models run test check proto proto-check lint fmt bench clean ts-deps ts-check proto-lint deploy-check import-check
 
 all: test
 
@@ -97,7 +97,11 @@ ts-check: $(TS_STAMP) ## type-check the TypeScript client
 deploy-check: $(STAMP) ## hadolint the Dockerfiles, render and validate every Kubernetes overlay
 	$(BIN)/python deploy/check.py
 
-check: lint proto-check proto-lint ts-check deploy-check ## lint, proto-check, buf, tsc, deploy-check (what CI runs before the tests)
+# No two of the project's modules import each other, even through others (scripts/check_imports.py).
+import-check: $(STAMP) ## fail on an import cycle among the project's modules
+	$(BIN)/python scripts/check_imports.py
+
+check: lint import-check proto-check proto-lint ts-check deploy-check ## lint, import cycles, proto-check, buf, tsc, deploy-check (what CI runs before the tests)
 
 bench: $(STAMP) models ## the benchmarks (docs/benchmarks.md)
 	$(BIN)/python scripts/bench.py
