@@ -64,6 +64,7 @@ class Bench(Protocol):
         connections: int | None = None,
     ) -> Sample: ...
 
+
 # The kernel spreads connections, not calls, over gateway workers: h2load opens several.
 WORKER_CONNECTIONS = 8
 

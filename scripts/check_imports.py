@@ -127,7 +127,9 @@ def main() -> int:
     allowed = allowed_edges()
     for importer, imported in allowed:
         if imported not in graph.get(importer, set()):
-            print(f"{ALLOWED.name}: {importer} -> {imported} is no import any more: delete the line")
+            print(
+                f"{ALLOWED.name}: {importer} -> {imported} is no import any more: delete the line"
+            )
             return 1
         graph[importer].discard(imported)
     found = cycles(graph)
