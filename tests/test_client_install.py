@@ -15,8 +15,6 @@ import pytest
 from client_helpers import start_client_gateway
 from conftest import ROOT, Proc
 
-pytestmark = pytest.mark.slow
-
 CHECK_IMPORTS = """
 import importlib.util, sys
 import modelmux.client, modelmux.v1.inference_pb2

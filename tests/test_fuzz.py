@@ -43,8 +43,6 @@ from modelmux_common.tfserving import (
     inference_pb2 as tf_inference_pb2,
 )
 
-pytestmark = pytest.mark.slow
-
 FORBIDDEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 MUTANTS = 25  # per seed message
 FUZZ_SECONDS = 90.0  # the whole fuzz stops by then, whatever is left
