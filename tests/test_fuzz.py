@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_properties import as_json
+from unit.test_tensors import as_json
 
 from gateway.errors import STATUS_LIMIT
 from modelmux.modelsync.v1 import modelsync_pb2

@@ -11,13 +11,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import settings
-
-# derandomized and without an example database: the same examples on every run and in CI
-settings.register_profile(
-    "modelmux", max_examples=200, deadline=None, derandomize=True, database=None
-)
-settings.load_profile("modelmux")
 
 
 def _refuse_process(*args: Any, **kwargs: Any) -> Any:
