@@ -14,7 +14,7 @@ TS_STAMP := $(TS)/node_modules/.installed
 BUF := $(TS)/node_modules/.bin/buf
 PROTO_BASELINE := 6d1e1055a801d3efb75aadca5f813627bec35164
 
-.PHONY: all help venv models run test check proto proto-check lint fmt bench clean ts-deps ts-check proto-lint deploy-check
+.PHONY: all help venv models run test test-fast check proto proto-check lint fmt bench clean ts-deps ts-check proto-lint deploy-check import-check
 
 all: test
 
@@ -54,6 +54,12 @@ run: $(STAMP) models ## start modelsync, the embedded backend and the gateway (C
 
 test: $(STAMP) models $(TS_STAMP) ## run the test suite, the TypeScript client's included (PYTEST_ARGS='-k name' for a part)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fast tier: pure code in one process (no TensorFlow, no subprocess, no model files), in
+# seconds; tests/unit/conftest.py fails a test that starts a process or reaches past loopback.
+# `make test` runs it too.
+test-fast: $(STAMP) ## run the fast unit tier (tests/unit/, seconds; PYTEST_ARGS as for test)
+	$(BIN)/python -m pytest tests/unit -q $(PYTEST_ARGS)
 
 proto: $(STAMP) $(TS_STAMP) ## regenerate clients/ (Python and TypeScript) from protos/
 	PYTHON=$(BIN)/python bash scripts/gen_protos.sh
@@ -97,7 +103,11 @@ ts-check: $(TS_STAMP) ## type-check the TypeScript client
 deploy-check: $(STAMP) ## hadolint the Dockerfiles, render and validate every Kubernetes overlay
 	$(BIN)/python deploy/check.py
 
-check: lint proto-check proto-lint ts-check deploy-check ## lint, proto-check, buf, tsc, deploy-check (what CI runs before the tests)
+# No two of the project's modules import each other, even through others (scripts/check_imports.py).
+import-check: $(STAMP) ## fail on an import cycle among the project's modules
+	$(BIN)/python scripts/check_imports.py
+
+check: lint import-check proto-check proto-lint ts-check deploy-check ## lint, import cycles, proto-check, buf, tsc, deploy-check (what CI runs before the tests)
 
 bench: $(STAMP) models ## the benchmarks (docs/benchmarks.md)
 	$(BIN)/python scripts/bench.py

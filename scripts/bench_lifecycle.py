@@ -18,23 +18,52 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import bench_requests as req
 import grpc
-from bench_load import median
+from bench_load import H2Load, PythonLoad, Sample, median
 from bench_stack import (
     MODELMUX,
     ROOT,
     Child,
+    Stack,
     free_port,
     gateway_config,
     modelsync_config,
     wait_port,
 )
+from bench_targets import TARGETS, Settings, Target
 
-if TYPE_CHECKING:
-    from bench import Bench
+
+class Bench(Protocol):
+    """What the scenarios use of scripts/bench.py's ``Bench`` (which imports this module)."""
+
+    settings: Settings
+    stack: Stack
+    workdir: Path
+    models: Path
+    source: Path
+    out: Path
+    targets: list[Target]
+    load: PythonLoad | H2Load
+    procs: dict[str, Child]
+    results: dict[str, Any]
+
+    def note(self, text: str) -> None: ...
+
+    def config(self, name: str, **extra: Any) -> Path: ...
+
+    def _run(
+        self,
+        target: Target,
+        payload: bytes,
+        *,
+        calls: int,
+        concurrency: int,
+        connections: int | None = None,
+    ) -> Sample: ...
+
 
 # The kernel spreads connections, not calls, over gateway workers: h2load opens several.
 WORKER_CONNECTIONS = 8
@@ -180,8 +209,6 @@ class Lifecycle:
             self.stack.discard(two)
 
     def _workers_rounds(self) -> dict[str, Any]:
-        from bench import TARGETS
-
         one = next(t for t in TARGETS if t.name == "facade-latest")
         two = replace(one, name="facade-latest-2w", process="gateway-2w")
         payload = req.build("tf", req.SMALL, None)

@@ -14,9 +14,16 @@ from pathlib import Path
 from typing import IO
 
 import pytest
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELMUX = [sys.executable, "-m", "modelmux_common.cli"]
+
+# derandomized and without an example database: the same examples on every run and in CI
+settings.register_profile(
+    "modelmux", max_examples=200, deadline=None, derandomize=True, database=None
+)
+settings.load_profile("modelmux")
 
 
 @pytest.fixture(scope="session")

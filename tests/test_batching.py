@@ -17,7 +17,6 @@ import structlog.testing
 from conftest import Proc, start_daemon
 from gateway_helpers import start_gateway, wait_for, write_config
 
-from gateway.batching import concat, rows_of, split
 from gateway.server import Gateway
 from gateway.tensors import proto_to_numpy
 from modelmux.v1 import inference_pb2, inference_pb2_grpc
@@ -316,66 +315,6 @@ async def test_bad_calls_fail_alone(stub: Any, gateway: Gateway) -> None:
             await raw(bad, timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "PredictRequest" in (caught.value.details() or "")
-
-
-# --- the pieces -------------------------------------------------------------------------------
-
-
-def test_rows_of() -> None:
-    assert rows_of(request("m", {"a": [1.0, 2.0], "b": [3.0, 4.0]})) == 2
-    assert rows_of(request("m", {"a": [1.0], "b": [3.0, 4.0]})) is None  # disagree
-    assert rows_of(request("m", {})) is None
-    scalar = request("m", {})
-    scalar.inputs["a"].CopyFrom(tensor_pb2.TensorProto(dtype=1, float_val=[1.0]))
-    assert rows_of(scalar) is None
-    short = request("m", {"a": [1.0, 2.0]})
-    short.inputs["a"].tensor_content = short.inputs["a"].tensor_content[:4]
-    assert rows_of(short) is None  # values do not match the shape
-    listed = request("m", {})
-    listed.inputs["a"].CopyFrom(tensor_pb2.TensorProto(dtype=1, float_val=[1.0, 2.0]))
-    listed.inputs["a"].tensor_shape.dim.add(size=2)
-    assert rows_of(listed) == 2
-    del listed.inputs["a"].float_val[1:]
-    assert rows_of(listed) is None  # TF would repeat the last value; a batch must not
-    tagged = request("m", {"a": [1.0]})
-    tagged.client_id = b"me"
-    assert rows_of(tagged) is None  # fields the batch would lose
-
-
-def test_concat_and_split_every_encoding() -> None:
-    content = floats([1.0, 2.0])
-    listed = tensor_pb2.TensorProto(dtype=1, float_val=[3.0])
-    listed.tensor_shape.dim.add(size=1)
-    joined = tensor_pb2.TensorProto()
-    concat([content, listed], joined)
-    assert [d.size for d in joined.tensor_shape.dim] == [3]
-    assert values(joined).tolist() == [1.0, 2.0, 3.0]
-    parts = split(joined, [2, 1])
-    assert parts is not None and [values(p).tolist() for p in parts] == [[1.0, 2.0], [3.0]]
-
-    words = []
-    for batch in ([b"a", b"b"], [b"c"]):
-        t = tensor_pb2.TensorProto(dtype=7, string_val=batch)  # DT_STRING, [n, 1]
-        t.tensor_shape.dim.add(size=len(batch))
-        t.tensor_shape.dim.add(size=1)
-        words.append(t)
-    joined = tensor_pb2.TensorProto()
-    concat(words, joined)
-    assert list(joined.string_val) == [b"a", b"b", b"c"]
-    parts = split(joined, [1, 2])
-    assert parts is not None
-    assert [list(p.string_val) for p in parts] == [[b"a"], [b"b", b"c"]]
-    assert [[d.size for d in p.tensor_shape.dim] for p in parts] == [[1, 1], [2, 1]]
-    assert split(joined, [1, 1]) is None  # 3 rows are not a batch of 2
-
-    # a dtype the gateway does not decode (DT_BFLOAT16) is cut by bytes
-    raw = tensor_pb2.TensorProto(dtype=14, tensor_content=bytes(range(12)))
-    raw.tensor_shape.dim.add(size=3)
-    raw.tensor_shape.dim.add(size=2)
-    parts = split(raw, [1, 2])
-    assert parts is not None
-    assert [p.tensor_content for p in parts] == [bytes(range(4)), bytes(range(4, 12))]
-    assert [[d.size for d in p.tensor_shape.dim] for p in parts] == [[1, 2], [2, 2]]
 
 
 @pytest.mark.parametrize(

@@ -8,14 +8,13 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from client_helpers import start_client_gateway
 from conftest import ROOT, Proc
-
-pytestmark = pytest.mark.slow
 
 CHECK_IMPORTS = """
 import importlib.util, sys
@@ -45,7 +44,8 @@ def base_python() -> str:
 
 
 @pytest.fixture(scope="module")
-def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def client_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The client distribution built as a wheel, from a copy of clients/."""
     root = tmp_path_factory.mktemp("client-dist")
     source = root / "src"
     shutil.copytree(
@@ -53,7 +53,20 @@ def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
         source,
         ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", "node_modules", "ts"),
     )
-    venv = root / "venv"
+    built = root / "wheel"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--disable-pip-version-check",
+         "-w", str(built), str(source)],
+        check=True,
+        timeout=300,
+    )  # fmt: skip
+    (wheel,) = built.glob("modelmux_client-*.whl")
+    return wheel
+
+
+@pytest.fixture(scope="module")
+def client_venv(tmp_path_factory: pytest.TempPathFactory, client_wheel: Path) -> Path:
+    venv = tmp_path_factory.mktemp("client-venv") / "venv"
     subprocess.run([base_python(), "-m", "venv", str(venv)], check=True, timeout=120)
     pip = [
         str(venv / "bin" / "python"),
@@ -63,8 +76,27 @@ def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "-q",
         "--disable-pip-version-check",
     ]
-    subprocess.run([*pip, f"{source}[typing]"], check=True, timeout=600)
+    subprocess.run([*pip, f"{client_wheel}[typing]"], check=True, timeout=600)
     return venv
+
+
+def test_every_package_in_the_wheel_is_typed(client_wheel: Path) -> None:
+    """PEP 561: each package the wheel ships carries py.typed, and every generated module its
+    .pyi stub."""
+    with zipfile.ZipFile(client_wheel) as wheel:
+        names = set(wheel.namelist())
+    packages = sorted(n.removesuffix("/__init__.py") for n in names if n.endswith("/__init__.py"))
+    assert {"modelmux", "modelmux/client", "modelmux/v1"} <= set(packages), packages
+    untyped = [p for p in packages if f"{p}/py.typed" not in names]
+    assert not untyped, f"packages without py.typed: {untyped}"
+    generated = [n for n in names if n.endswith(("_pb2.py", "_pb2_grpc.py"))]
+    assert generated and not [n for n in generated if f"{n}i" not in names]
+    # the source tree's packages are the wheel's: none is left out of the build
+    ours = sorted(
+        str(p.parent.relative_to(ROOT / "clients"))
+        for p in (ROOT / "clients" / "modelmux").rglob("__init__.py")
+    )
+    assert packages == ours
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_properties import as_json
+from unit.test_tensors import as_json
 
 from gateway.errors import STATUS_LIMIT
 from modelmux.modelsync.v1 import modelsync_pb2
@@ -42,8 +42,6 @@ from modelmux_common.tfserving import (
 from modelmux_common.tfserving import (
     inference_pb2 as tf_inference_pb2,
 )
-
-pytestmark = pytest.mark.slow
 
 FORBIDDEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 MUTANTS = 25  # per seed message

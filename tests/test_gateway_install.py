@@ -27,10 +27,8 @@ from modelsync_helpers import free_port
 
 import backend.tfserving as official  # TensorFlow's own classes: the client side
 
-pytestmark = pytest.mark.slow
-
 sys.path.insert(0, str(ROOT / "scripts"))
-import gateway_venv  # noqa: E402  (scripts/ is not a package)
+import gateway_venv
 
 TENSORFLOW = re.compile(r"^(tensorflow|tf[-_]|keras|tensorboard|ml[-_]dtypes)", re.IGNORECASE)
 

@@ -7,14 +7,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from conftest import Proc
 from gateway_helpers import start_gateway, write_config
 
 from gateway.wire import encode_len_field
 from modelmux_common.tfserving import model_pb2
-
-pytestmark = pytest.mark.slow
 
 MIB = 1024 * 1024
 

@@ -208,21 +208,37 @@ def stack(
         proc.stop()
 
 
-@pytest.fixture(scope="module")
+PLACED = {"half_plus_two": {"gpu-0", "cpu-1"}, "half_plus_two_inf": {"inf-0"}}
+
+
+async def placed(stack: Stack, version: int = 1) -> dict[str, set[str]]:
+    """model -> the backends the gateway routes ``version`` of it to now."""
+    async with grpc.aio.insecure_channel(stack.gateway.address) as channel:
+        listing = await models_pb2_grpc.ModelsStub(channel).ListModels(
+            models_pb2.ListModelsRequest(), timeout=5
+        )
+    available = models_pb2.VERSION_STATE_AVAILABLE
+    return {
+        m.name: {b.backend for v in m.versions if v.version == version for b in v.backends
+                 if b.state == available}
+        for m in listing.models
+    }  # fmt: skip
+
+
+@pytest.fixture
 async def load(stack: Stack) -> AsyncIterator[Load]:
+    """A client calling the gateway for this test alone (what it saw is no other test's), started
+    once version 1 of both models is AVAILABLE on every backend it is placed on."""
+
+    async def everywhere() -> bool:
+        try:
+            now = await placed(stack)
+        except grpc.aio.AioRpcError:
+            return False
+        return all(now.get(m) == b for m, b in PLACED.items())
+
+    await wait_for(everywhere, timeout=90, what="version 1 of both models on every backend")
     recorder = Load(stack.gateway.address)
-
-    async def both_answer() -> bool:
-        async with grpc.aio.insecure_channel(stack.gateway.address) as channel:
-            stub = inference_pb2_grpc.InferenceStub(channel)
-            try:
-                for model in ("half_plus_two", "half_plus_two_inf"):
-                    await stub.Predict(own_request(model), timeout=5)
-            except grpc.aio.AioRpcError:
-                return False
-        return True
-
-    await wait_for(both_answer, timeout=90, what="the stack to serve both models")
     tasks = [
         asyncio.create_task(recorder.run("half_plus_two", "own")),
         asyncio.create_task(recorder.run("half_plus_two", "facade")),
@@ -231,6 +247,52 @@ async def load(stack: Stack) -> AsyncIterator[Load]:
     yield recorder
     recorder.stop.set()
     await asyncio.gather(*tasks)
+
+
+async def version_2(stack: Stack, load: Load, content: int | None) -> None:
+    """Version 2 of half_plus_two answering, AVAILABLE on both cpu/gpu backends, and holding the
+    files of example version ``content`` and only those (None: whatever it holds). Put there
+    unless it is so already (the previous test in the file's order leaves it so)."""
+    prefix = "models/half_plus_two/2/"
+    listed = stack.s3.list_objects_v2(Bucket=stack.bucket, Prefix=prefix).get("Contents", [])
+    there = {
+        o["Key"][len(prefix) :]: stack.s3.get_object(Bucket=stack.bucket, Key=o["Key"])[
+            "Body"
+        ].read()
+        for o in listed
+    }
+    files = files_of(stack.models / "half_plus_two" / str(content or 2))
+    if there != files and (content is not None or not there):
+        stack.delete(prefix)
+        stack.put(prefix, files)
+    await wait_for(
+        lambda: any(r[1] == "half_plus_two" and r[2] == 2 for r in load.results),
+        timeout=DEADLINE,
+        what="version 2 answering",
+    )
+
+    async def on_both() -> bool:
+        return (await placed(stack, 2)).get("half_plus_two") == PLACED["half_plus_two"]
+
+    await wait_for(on_both, timeout=DEADLINE, what="version 2 AVAILABLE on gpu-0 and cpu-1")
+
+
+@pytest.fixture
+async def v2_added(stack: Stack, load: Load) -> None:
+    """What test_1 leaves: version 2 added with its own content."""
+    await version_2(stack, load, content=2)
+
+
+@pytest.fixture
+async def v2_rewritten(stack: Stack, load: Load) -> None:
+    """What test_2 leaves: version 2 holding version 1's content."""
+    await version_2(stack, load, content=1)
+
+
+@pytest.fixture
+async def v2_present(stack: Stack, load: Load) -> None:
+    """Version 2 there, whatever its content (test_3 leaves it restructured)."""
+    await version_2(stack, load, content=None)
 
 
 async def published(stack: Stack) -> dict[str, dict[int, str]]:
@@ -287,7 +349,7 @@ async def test_1_version_added(stack: Stack, load: Load) -> None:
     await trigger(load, lambda: stack.put("models/half_plus_two/2/", v2), "half_plus_two", 2, V2_Y)
 
 
-async def test_2_latest_updated_in_place(stack: Stack, load: Load) -> None:
+async def test_2_latest_updated_in_place(stack: Stack, load: Load, v2_added: None) -> None:
     # Versions keep their first content in the servable named after the model (no renaming on the
     # request path); a rewritten version loads beside it as <model>@r<revision>.
     available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
@@ -310,7 +372,7 @@ async def test_2_latest_updated_in_place(stack: Stack, load: Load) -> None:
         assert await servable_state(backend, "half_plus_two", 1) == available
 
 
-async def test_3_structure_changed(stack: Stack, load: Load) -> None:
+async def test_3_structure_changed(stack: Stack, load: Load, v2_rewritten: None) -> None:
     before = (await published(stack))["half_plus_two"][2]
     started = time.monotonic()
     stack.put("models/half_plus_two/2/", {"assets/notes.txt": b"structure change"})
@@ -332,7 +394,7 @@ async def test_3_structure_changed(stack: Stack, load: Load) -> None:
     assert not load.failures(started), load.failures(started)[:5]
 
 
-async def test_4_version_removed(stack: Stack, load: Load) -> None:
+async def test_4_version_removed(stack: Stack, load: Load, v2_present: None) -> None:
     await trigger(load, lambda: stack.delete("models/half_plus_two/2/"), "half_plus_two", 1, V1_Y)
     async with grpc.aio.insecure_channel(stack.gateway.address) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)

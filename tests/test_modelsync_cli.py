@@ -209,3 +209,12 @@ def test_cli_flags_override_the_config(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert tree(elsewhere) == prefixed("m/1/", inf_model("one"))
     assert not Path(loaded.modelsync.target).exists()
+
+
+def test_modelsync_never_imports_tensorflow() -> None:
+    code = (
+        "import sys, modelsync.daemon, modelsync.service, modelsync.syncer, modelsync.s3\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_serving'))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

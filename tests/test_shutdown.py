@@ -18,8 +18,6 @@ from gateway_helpers import wait_for, wait_serving, write_config
 from modelmux.v1 import inference_pb2, models_pb2, tensor_pb2
 from modelmux_common.tfserving import predict_pb2, types_pb2
 
-pytestmark = pytest.mark.slow
-
 GRACE = 2.0
 
 

@@ -12,7 +12,7 @@ import asyncio
 
 import grpc
 import pytest
-from unit_helpers import context, endpoint, predict_reply, table
+from unit.unit_helpers import context, endpoint, predict_reply, table
 
 from gateway.admission import Admission
 from gateway.edge import Call

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from unit_helpers import Context, predict_reply
+from unit.unit_helpers import Context, predict_reply
 
 from gateway.admission import Admission
 from gateway.api.facade import Facade

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 from google.protobuf import struct_pb2
-from unit_helpers import context, endpoint, predict_reply, table
+from unit.unit_helpers import context, endpoint, predict_reply, table
 
 from gateway.api.inference import Inference
 from gateway.edge import Call
