@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from modelmux_common.config import rules
-from modelmux_common.config.fields import RULES, Spec, spec_of
+from modelmux_common.config.fields import RULES, Spec, key_of, spec_of
 from modelmux_common.config.schema import Document
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
@@ -45,7 +45,7 @@ def sections(cls: type, key: str, doc: str) -> list[str]:
     nested: list[tuple[type, str, str]] = []
     for f in dataclasses.fields(cls):
         spec = spec_of(f)
-        name = f"{key}.{f.name}" if key else f.name
+        name = f"{key}.{key_of(f)}" if key else key_of(f)
         kind = spec.kind.name
         if spec.section is not None:
             sub = f"{name}[]" if spec.many else name

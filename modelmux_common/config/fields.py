@@ -99,6 +99,8 @@ class Spec:
     # the field is a section (a dataclass read key by key), or a list of them
     section: type | None = None
     many: bool = False
+    # the key in the file when it is not the field's name (a Python keyword such as "async")
+    key: str = ""
 
 
 def setting(kind: Kind, doc: str, default: Any = dataclasses.MISSING, **spec: Any) -> Any:
@@ -124,6 +126,11 @@ def spec_of(f: dataclasses.Field[Any]) -> Spec:
     if not isinstance(spec, Spec):
         raise TypeError(f"config field {f.name} is not declared with setting() or section()")
     return spec
+
+
+def key_of(f: dataclasses.Field[Any]) -> str:
+    """The field's key in the file."""
+    return spec_of(f).key or f.name
 
 
 # --- kinds -----------------------------------------------------------------------------------
@@ -349,13 +356,14 @@ def read(cls: type, value: Any, key: str, ctx: Context, layers: Layers | None = 
     ``layers`` maps a section's key to values that win over the file's (the environment and
     command-line flags, in that order)."""
     fields = dataclasses.fields(cls)
-    raw = mapping(value, key, {f.name for f in fields}, ctx)
+    raw = mapping(value, key, {key_of(f) for f in fields}, ctx)
     raw.update((layers or {}).get(key, {}))
     out: dict[str, Any] = {}
     for f in fields:
-        spec, fkey = spec_of(f), f"{key}.{f.name}" if key else f.name
-        if f.name in raw:
-            out[f.name] = read_value(spec, raw[f.name], fkey, ctx, layers)
+        spec, name = spec_of(f), key_of(f)
+        fkey = f"{key}.{name}" if key else name
+        if name in raw:
+            out[f.name] = read_value(spec, raw[name], fkey, ctx, layers)
         elif spec.required:
             raise ctx.fail(
                 fkey, f"required: {spec.kind.expect}" if spec.kind.expect else "required"

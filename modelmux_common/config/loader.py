@@ -11,7 +11,7 @@ from typing import Any, Literal
 import yaml
 
 from modelmux_common.config import rules
-from modelmux_common.config.fields import ConfigError, Context, Layers, read, spec_of
+from modelmux_common.config.fields import ConfigError, Context, Layers, key_of, read, spec_of
 from modelmux_common.config.schema import ApiConfig, Config, Document
 
 Daemon = Literal["gateway"]
@@ -63,9 +63,10 @@ def _layers(overrides: Mapping[str, Mapping[str, Any]]) -> Layers:
         spec = spec_of(f)
         if not spec.env or spec.section is None:
             continue
-        layer = layers.setdefault(f.name, {})
-        for key in (k.name for k in dataclasses.fields(spec.section)):
-            env = os.environ.get(f"MODELMUX_{f.name.upper()}_{key.upper()}")
+        section = key_of(f)
+        layer = layers.setdefault(section, {})
+        for key in map(key_of, dataclasses.fields(spec.section)):
+            env = os.environ.get(f"MODELMUX_{section.upper()}_{key.upper()}")
             if env is not None:
                 layer[key] = env
     for section, flags in overrides.items():

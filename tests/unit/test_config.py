@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,18 @@ from modelmux_common.config import (
     load,
     parse_duration,
     parse_size,
+)
+from modelmux_common.config.fields import (
+    DURATION,
+    INTEGER,
+    MORE_THAN_ZERO,
+    POSITIVE,
+    STRING,
+    Context,
+    read,
+    rule,
+    section,
+    setting,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -629,7 +642,9 @@ def test_environment_is_checked_like_the_file(
 
 def test_flags_override_environment(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MODELMUX_GATEWAY_LISTEN", "127.0.0.1:2")
-    flags = {"gateway": {"listen": "127.0.0.1:3", "workers": None}}  # None: a flag not given
+    flags: dict[str, dict[str, Any]] = {
+        "gateway": {"listen": "127.0.0.1:3", "workers": None}
+    }  # None: a flag not given
     config = load_text(folder, "gateway: {workers: 2}", overrides=flags)
     assert config.gateway.listen == "127.0.0.1:3" and config.gateway.workers == 2
     flags = {"gateway": {"listen": "unix:/tmp/g.sock", "workers": 2}}
@@ -709,3 +724,49 @@ def test_reference_is_current() -> None:
     assert (ROOT / "docs" / "config.md").read_text(encoding="utf-8") == gen_config_docs.render(), (
         "docs/config.md is stale: run make config-docs"
     )
+
+
+# --- a new section: what declaring one takes (the keys, their kinds, a rule) ----------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Queue:
+    url: str = setting(STRING, "where requests wait", "")
+    visibility: float = setting(
+        DURATION, "how long a taken request stays hidden", 30.0, range=MORE_THAN_ZERO
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Example:
+    # "async" is a Python keyword: the field has another name, the file the key
+    async_: _Queue = section(_Queue, "the API's queue", default=_Queue, key="async")
+    workers: int = setting(INTEGER, "queue workers", 1, range=POSITIVE)
+
+
+@rule(_Example)
+def _needs_url(example: _Example, key: str, ctx: Context) -> None:
+    """More than one worker needs a queue URL."""
+    if example.workers > 1 and not example.async_.url:
+        raise ctx.fail(f"{key}.async.url", "required with workers > 1")
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (None, _Example()),
+        ({"async": {"visibility": "2m"}}, _Example(async_=_Queue(visibility=120.0))),
+        ({"async": {"url": "q"}, "workers": 2}, _Example(_Queue(url="q"), 2)),
+        ({"async_": {}}, "apis[0].async_: unknown key (known: async, workers)"),
+        ({"async": {"visibility": 0}}, "apis[0].async.visibility: must be more than zero"),
+        ({"workers": 2}, "apis[0].async.url: required with workers > 1"),
+    ],
+)
+def test_a_declared_section(raw: Any, expected: Any) -> None:
+    ctx = Context("f.yaml", ROOT)
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError) as info:
+            read(_Example, raw, "apis[0]", ctx)
+        assert f"{info.value.key}: {info.value.reason}" == expected
+    else:
+        assert read(_Example, raw, "apis[0]", ctx) == expected
