@@ -14,7 +14,7 @@ TS_STAMP := $(TS)/node_modules/.installed
 BUF := $(TS)/node_modules/.bin/buf
 PROTO_BASELINE := 6d1e1055a801d3efb75aadca5f813627bec35164
 
-.PHONY: all help venv models run test test-fast check proto proto-check lint fmt bench clean ts-deps ts-check proto-lint deploy-check import-check
+.PHONY: all help venv models run test test-fast check proto proto-check lint fmt bench clean ts-deps ts-check proto-lint deploy-check import-check config-docs config-docs-check
 
 all: test
 
@@ -107,7 +107,14 @@ deploy-check: $(STAMP) ## hadolint the Dockerfiles, render and validate every Ku
 import-check: $(STAMP) ## fail on an import cycle among the project's modules
 	$(BIN)/python scripts/check_imports.py
 
-check: lint import-check proto-check proto-lint ts-check deploy-check ## lint, import cycles, proto-check, buf, tsc, deploy-check (what CI runs before the tests)
+# docs/config.md is written from the config's declarations (modelmux_common/config/schema.py).
+config-docs: $(STAMP) ## write docs/config.md from the config's declarations
+	$(BIN)/python scripts/gen_config_docs.py
+
+config-docs-check: $(STAMP) ## fail when docs/config.md differs from the config's declarations
+	$(BIN)/python scripts/gen_config_docs.py --check
+
+check: lint import-check proto-check proto-lint ts-check deploy-check config-docs-check ## lint, import cycles, proto-check, buf, tsc, deploy-check, config-docs-check (what CI runs before the tests)
 
 bench: $(STAMP) models ## the benchmarks (docs/benchmarks.md)
 	$(BIN)/python scripts/bench.py

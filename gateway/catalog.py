@@ -136,12 +136,6 @@ def static_catalog(config: Config) -> Mapping[str, DesiredModel]:
         if not source.savedmodel:
             continue
         key = f"apis[{source.api}].models"
-        if source.is_s3:
-            raise ConfigError(
-                config.file,
-                key,
-                f"{source.uri} is on S3: set gateway.modelsync to serve S3 sources",
-            )
         if source.kind == "path":
             found = [(source.name, source.uri)]
         else:

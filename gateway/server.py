@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import os
 import shutil
 import tempfile
@@ -34,7 +33,7 @@ from gateway.transport import FORWARDED_METHODS
 from gateway.workers import supervise
 from modelmux.v1 import inference_pb2, models_pb2
 from modelmux_common import logs
-from modelmux_common.config import Config, ConfigError, load
+from modelmux_common.config import Config, load
 from modelmux_common.grpcutil import (
     NOT_SERVING,
     SERVING,
@@ -71,7 +70,6 @@ class Gateway:
         self.start_failed = asyncio.Event()
         self._settled_once = False
         gw = config.gateway
-        _check(config)
         self.lifecycle = Lifecycle()
         self.fleet = _fleet(config, manage=manage_backends and gw.manage_backends)
         self.discovery = Discovery(self.fleet, config.backends, interval=gw.dns_refresh)
@@ -290,16 +288,6 @@ class Gateway:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
 
-def _check(config: Config) -> None:
-    for i, api in enumerate(config.apis):
-        if api.handler_type == "python" and api.sources and not config.gateway.modelsync:
-            raise ConfigError(
-                config.file,
-                f"apis[{i}].handler.multi_model_reloading",
-                "python handlers' models come through modelsync: set gateway.modelsync",
-            )
-
-
 def _fleet(config: Config, *, manage: bool) -> Fleet:
     """The backends, with the models the config names (path sources) or none until modelsync
     publishes them."""
@@ -390,15 +378,8 @@ async def serve(config: Config, *, manage_backends: bool = True, strict: bool = 
 
 
 def main(args: argparse.Namespace) -> int:
-    config = load(args.config)
-    if args.listen:
-        config = dataclasses.replace(
-            config, gateway=dataclasses.replace(config.gateway, listen=args.listen)
-        )
-    if args.workers:
-        config = dataclasses.replace(
-            config, gateway=dataclasses.replace(config.gateway, workers=args.workers)
-        )
+    flags = {"listen": args.listen or None, "workers": args.workers}
+    config = load(args.config, daemon="gateway", overrides={"gateway": flags})
     logs.configure(level=config.gateway.log_level, component="gateway")
     index = args.worker_index
     if index is None and config.gateway.workers > 1:

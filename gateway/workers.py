@@ -13,24 +13,20 @@ import socket
 import sys
 
 from modelmux_common import supervision
-from modelmux_common.config import Config, ConfigError
+from modelmux_common.config import Config
 from modelmux_common.listen import ensure_free, split
 
 # What a worker gets past gateway.shutdown_grace to finish its stop before it is killed.
 STOP_MARGIN = 5.0
 
 
-def reserve_port(listen: str, file: str) -> tuple[socket.socket, str]:
+def reserve_port(listen: str) -> tuple[socket.socket, str]:
     """Binds (without listening) the address so port 0 becomes one concrete port for all workers.
 
     The workers bind it with SO_REUSEPORT, which the kernel lets any process of this user share:
     so the address is checked first with a bind that does not set it, which fails when another
     process holds the port, with or without SO_REUSEPORT (:func:`ensure_free`).
     """
-    if listen.startswith("unix:"):
-        raise ConfigError(
-            file, "gateway.listen", "several workers need a TCP address, not a unix socket"
-        )
     ensure_free(listen)
     host, port = split(listen)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -43,7 +39,7 @@ def reserve_port(listen: str, file: str) -> tuple[socket.socket, str]:
 
 def supervise(config: Config, args: argparse.Namespace, workers: int) -> int:
     """Starts the workers, forwards SIGINT/SIGTERM to them, and exits once they all have."""
-    reserved, address = reserve_port(config.gateway.listen, config.file)
+    reserved, address = reserve_port(config.gateway.listen)
     children = [
         supervision.spawn(
             [

@@ -51,7 +51,7 @@ def components(config: Config, file: str, *, strict: bool = False) -> list[Compo
 
 
 def main(args: argparse.Namespace) -> int:
-    config = load(args.config)
+    config = load(args.config, daemon="gateway")  # it starts the gateway: its rules too
     parts = components(config, args.config, strict=getattr(args, "strict", False))
     busy = []
     for part in parts:

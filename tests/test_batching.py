@@ -20,7 +20,6 @@ from gateway_helpers import start_gateway, wait_for, write_config
 from gateway.server import Gateway
 from gateway.tensors import proto_to_numpy
 from modelmux.v1 import inference_pb2, inference_pb2_grpc
-from modelmux_common import config as config_mod
 from modelmux_common.tfserving import predict_pb2, tensor_pb2
 
 from backend.tfserving import prediction_service_pb2_grpc  # isort: skip
@@ -315,38 +314,3 @@ async def test_bad_calls_fail_alone(stub: Any, gateway: Gateway) -> None:
             await raw(bad, timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "PredictRequest" in (caught.value.details() or "")
-
-
-@pytest.mark.parametrize(
-    ("batching", "handler_type", "key", "reason"),
-    [
-        ({"max_batch_size": 1}, "tensorflow", "max_batch_size", "at least 2"),
-        ({"batch_interval": "5ms"}, "tensorflow", "max_batch_size", "required"),
-        ({"max_batch_size": 4, "size": 3}, "tensorflow", "size", "unknown key"),
-        ({"max_batch_size": 4, "batch_interval": "-1s"}, "tensorflow", "batch_interval", ""),
-        ({"max_batch_size": 4}, "python", "server_side_batching", "python handler"),
-        ({}, "tensorflow", "server_side_batching", "max_batch_size"),
-    ],
-)
-def test_batching_config_errors(
-    tmp_path: Path, batching: dict[str, Any], handler_type: str, key: str, reason: str
-) -> None:
-    handler = tmp_path / "handler.py"
-    handler.write_text("class Handler:\n    pass\n")
-    models = "models" if handler_type == "tensorflow" else "multi_model_reloading"
-    spec: dict[str, Any] = {
-        "type": handler_type,
-        models: {"path": str(tmp_path)},
-        "server_side_batching": batching,
-    }
-    if handler_type == "python":
-        spec["path"] = str(handler)
-    cfg = write_config(
-        tmp_path / "modelmux.yaml",
-        models=tmp_path,
-        backends=[],
-        apis=[{"name": "a", "handler": spec}],
-    )
-    with pytest.raises(config_mod.ConfigError) as caught:
-        config_mod.load(cfg)
-    assert key in str(caught.value) and reason in str(caught.value)

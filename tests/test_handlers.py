@@ -24,7 +24,6 @@ from google.protobuf import json_format, message_factory
 from test_gateway import IRIS, IRIS_INPUTS, X, grpcurl
 
 from gateway.handlers import userproto
-from gateway.server import Gateway
 from modelmux.v1 import inference_pb2, inference_pb2_grpc
 
 HANDLERS = Path(__file__).parent / "handlers"
@@ -590,50 +589,6 @@ def test_init_failure_stops_start_up_with_the_reason(tmp_path: Path) -> None:
         "Handler.__init__ raised RuntimeError: no vocabulary at /mnt/user/vocab.txt" in done.stderr
     )
     assert "API 'broken'" in done.stderr
-
-
-def test_handler_config_rules(tmp_path: Path) -> None:
-    from modelmux_common.config import ConfigError, load
-
-    handler = tmp_path / "h.py"
-    handler.write_text("class Handler:\n    pass\n")
-
-    def api(**handler_keys: Any) -> dict[str, Any]:
-        return {"name": "a", "handler": {"type": "python", "path": str(handler), **handler_keys}}
-
-    cases = [
-        (api(multi_model_reloading={"path": str(tmp_path), "cache_size": 2}), "set both"),
-        (
-            api(
-                multi_model_reloading={"path": str(tmp_path), "cache_size": 3, "disk_cache_size": 2}
-            ),
-            "must not exceed",
-        ),
-        (
-            api(
-                processes_per_replica=2,
-                multi_model_reloading={
-                    "path": str(tmp_path),
-                    "cache_size": 1,
-                    "disk_cache_size": 1,
-                },
-            ),
-            "processes_per_replica: 1",
-        ),
-        (api(threads_per_process=0), "must be positive"),
-        (api(protobuf_path="nope.proto"), "does not exist"),
-        ({"name": "a", "handler": {"type": "python"}}, "needs the path"),
-    ]
-    for spec, reason in cases:
-        file = tmp_path / "c.yaml"
-        file.write_text(yaml.safe_dump({"apis": [spec]}))
-        with pytest.raises(ConfigError) as err:
-            load(file)
-        assert reason in str(err.value), (spec, str(err.value))
-    # python handlers' models come through modelsync: the gateway refuses to start without it
-    file.write_text(yaml.safe_dump({"apis": [api(multi_model_reloading={"path": str(tmp_path)})]}))
-    with pytest.raises(ConfigError, match=r"set gateway\.modelsync"):
-        Gateway(load(file))
 
 
 # --- last: stops the module's gateway ----------------------------------------------------------

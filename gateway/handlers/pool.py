@@ -383,17 +383,6 @@ class Handlers:
             if not api.handler_path:
                 continue
             key = f"apis[{number}]"
-            if api.kind != "RealtimeAPI":
-                raise ConfigError(
-                    config.file, f"{key}.kind", f"{api.kind} handlers are not supported yet"
-                )
-            if api.cache_size and config.gateway.workers > 1:
-                raise ConfigError(
-                    config.file,
-                    f"{key}.handler.multi_model_reloading.cache_size",
-                    "model caching needs gateway.workers: 1 (each gateway worker runs its own "
-                    "handler workers, so the limits would not hold for the replica)",
-                )
             if not snapshot:  # workers get the config as loaded, not the file as it is later
                 snapshot = os.path.join(runtime_dir, "config.pickle")
                 with open(snapshot, "wb") as fh:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.api.models import check_label
 from gateway.errors import (
     ECHO_LIMIT,
     STATUS_LIMIT,
@@ -19,7 +20,6 @@ from gateway.errors import (
     bounded,
     shown,
 )
-from gateway.api.models import check_label
 from modelmux_common.config import ConfigError, load
 
 

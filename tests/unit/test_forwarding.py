@@ -12,7 +12,6 @@ import asyncio
 
 import grpc
 import pytest
-from unit.unit_helpers import context, endpoint, predict_reply, table
 
 from gateway.admission import Admission
 from gateway.edge import Call
@@ -22,6 +21,7 @@ from gateway.request import resolve
 from gateway.routing import Endpoint, Table, Target
 from gateway.transport import MemoryTransport, rpc_error
 from modelmux_common.tfserving import get_model_metadata_pb2, predict_pb2
+from unit.unit_helpers import context, endpoint, predict_reply, table
 
 
 def _request(version: int | None = None, label: str = "", model: str = "m") -> bytes:

@@ -17,8 +17,6 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from unit.unit_helpers import Context, predict_reply
-
 from gateway.admission import Admission
 from gateway.api.facade import Facade
 from gateway.api.inference import Inference
@@ -31,6 +29,7 @@ from gateway.transport import AVAILABLE, MemoryTransport, VersionStatus
 from modelmux.v1 import inference_pb2
 from modelmux_common.config import BackendConfig, GatewayConfig
 from modelmux_common.tfserving import get_model_metadata_pb2, predict_pb2
+from unit.unit_helpers import Context, predict_reply
 
 ROOT = Path(__file__).resolve().parents[2]
 GATEWAY = ROOT / "gateway"

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import pytest
 from google.protobuf import struct_pb2
-from unit.unit_helpers import context, endpoint, predict_reply, table
 
 from gateway.api.inference import Inference
 from gateway.edge import Call
@@ -26,6 +25,7 @@ from gateway.routing import Endpoint, Table, Target
 from gateway.transport import MemoryTransport
 from modelmux.v1 import inference_pb2
 from modelmux_common.tfserving import get_model_metadata_pb2, predict_pb2
+from unit.unit_helpers import context, endpoint, predict_reply, table
 
 DT_FLOAT = 1
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.errors import InvalidArgument, parse
 from gateway.api.facade import _REQUEST, model_spec_of
+from gateway.errors import InvalidArgument, parse
 from gateway.wire import MAX_FIELDS, WireError, encode_len_field, field_bytes
 from modelmux.v1 import inference_pb2 as own_inference_pb2
 from modelmux.v1 import models_pb2
