@@ -25,7 +25,7 @@ help: ## this list
 # Reinstalled only when pyproject.toml changes; pip's wheel cache keeps re-creation cheap. The
 # first install downloads TensorFlow and takes minutes, so pip's own progress is shown. The full
 # install: the embedded backend (the `backend` extra: TensorFlow) is what `make run` and the tests
-# start; the gateway and modelsync alone install with `pip install .` (README, "Install").
+# start; the gateway and modelsync alone install with `pip install .` (docs/operations.md, "Installing").
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "modelmux needs Python 3.11 or later (make PYTHON=python3.11 ...)"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -1,4 +1,4 @@
-"""Measures what the README promises for the quickstart: a version dropped into the local source
+"""Measures what docs/operations.md promises for the quickstart: a version dropped into the local source
 folder (``cp -r``) is served, and a version rewritten in place serves its new content, about a
 second later.
 

@@ -1,7 +1,8 @@
 """The example APIs of examples/ as `make run` serves them: the quickstart config, with loopback ports
 chosen by the system, a temporary volume and the example models written by make_models.py (the
 session's example_models), run by a real backend, modelsync and gateway. Each example API is
-called once, and the grpcurl commands of the README's Handlers section are run against the stack."""
+called once, and the grpcurl commands of the README, docs/calling.md and docs/handlers.md's examples
+are run against the stack."""
 
 from __future__ import annotations
 
@@ -169,17 +170,27 @@ def test_user_proto_service_through_reflection(quickstart: Proc) -> None:
     ]
 
 
-def readme_commands() -> list[list[str]]:
-    """The grpcurl commands of the README's Handlers section, as argument lists."""
-    text = (ROOT / "README.md").read_text()
-    block = text.split("\n## Handlers\n", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+def doc_commands(page: str, heading: str) -> list[list[str]]:
+    """The grpcurl commands of the first sh block under a heading of a page, as argument lists."""
+    text = (ROOT / page).read_text()
+    block = text.split(f"\n{heading}\n", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
     joined = re.sub(r"\\\n\s*", "", block)
     return [shlex.split(line) for line in joined.splitlines() if line.startswith("grpcurl ")]
 
 
-def test_readme_handler_commands_succeed(quickstart: Proc) -> None:
-    commands = readme_commands()
-    assert len(commands) >= 8
+@pytest.mark.parametrize(
+    ("page", "heading", "at_least"),
+    [
+        ("README.md", "## Calling it with grpcurl", 6),
+        ("docs/calling.md", "## With grpcurl", 10),
+        ("docs/handlers.md", "## The examples", 8),
+    ],
+)
+def test_documented_commands_succeed(
+    quickstart: Proc, page: str, heading: str, at_least: int
+) -> None:
+    commands = doc_commands(page, heading)
+    assert len(commands) >= at_least
     for command in commands:
         args = [quickstart.address if a == "127.0.0.1:8500" else a for a in command[1:]]
         done = grpcurl(*[a for a in args if a != "-plaintext"])

@@ -224,7 +224,7 @@ def test_up_serves_the_healthy_api_and_says_why_the_other_is_not(up_stack: Up) -
         ):
             code, details = status_of(call)
             assert code == grpc.StatusCode.FAILED_PRECONDITION, details
-            assert details == (  # as the README shows it
+            assert details == (  # as docs/routing.md shows it
                 "model 'badinf' cannot be served: modelsync refused version 1: the Inferentia "
                 "layout is saved_model.pb only (a compiled model has no variables/), but "
                 "variables/ holds 2 file(s)"
