@@ -16,6 +16,8 @@ import grpc
 import structlog
 import uvloop
 
+from gateway.asyncapi.service import SERVICE as ASYNC_SERVICE
+from gateway.asyncapi.service import AsyncApis
 from gateway.batching import Policy
 from gateway.calls import Call, Forwarder, Handler, Lifecycle, edge, stream_edge
 from gateway.catalog import expected_models, gpu_apis, static_catalog
@@ -41,6 +43,7 @@ from modelmux_common.grpcutil import (
     run_until_signal,
 )
 from modelmux_common.listen import ListenError, server_options
+from modelmux_common.metrics import MULTIPROC_ENV, Endpoint
 from modelmux_common.quiesce import close_listeners_and_connections
 
 log = structlog.get_logger("modelmux.gateway")
@@ -128,9 +131,21 @@ class Gateway:
                 os.makedirs(self.runtime_dir, exist_ok=True)
             else:
                 self.runtime_dir = tempfile.mkdtemp(prefix="modelmux-")
-        builtin = {INFERENCE_SERVICE, MODELS_SERVICE, PREDICTION_SERVICE, MODEL_SERVICE}
+        builtin = {
+            INFERENCE_SERVICE,
+            MODELS_SERVICE,
+            PREDICTION_SERVICE,
+            MODEL_SERVICE,
+            ASYNC_SERVICE,
+        }
+        # handler workers write their metrics_client's metrics here (modelmux_common/metrics.py)
+        self.metrics_dir = os.path.join(self.runtime_dir, "metrics") if self.runtime_dir else ""
+        metrics_env = (
+            {MULTIPROC_ENV: self.metrics_dir} if gw.metrics_listen and self.runtime_dir else {}
+        )
+        self.metrics: Endpoint | None = None
         try:
-            self.handlers = handlers = Handlers(config, self.runtime_dir, builtin)
+            self.handlers = handlers = Handlers(config, self.runtime_dir, builtin, env=metrics_env)
         except BaseException:
             self._remove_runtime_dir()
             raise
@@ -188,6 +203,21 @@ class Gateway:
             ),
         ):
             self.server.add_registered_method_handlers(service, methods)
+
+        # async APIs (gateway/asyncapi/): their queues and runners start with the handlers
+        self.asyncapi = asyncapi = AsyncApis(config, handlers)
+        self.server.add_registered_method_handlers(
+            ASYNC_SERVICE,
+            {
+                **{
+                    name: wrap(ASYNC_SERVICE, name, getattr(asyncapi, name.lower()))
+                    for name in ("Submit", "Get", "Cancel", "List")
+                },
+                "Watch": grpc.unary_stream_rpc_method_handler(
+                    stream_edge(asyncapi.watch, lifecycle=self.lifecycle)
+                ),
+            },
+        )
 
         def wrap_unary(rpc: str, fn: Handler) -> Any:
             return edge(rpc, fn, log_requests=gw.log_requests, lifecycle=self.lifecycle)
@@ -291,6 +321,10 @@ class Gateway:
             await self.server.stop(0)
             self._remove_runtime_dir()
             raise
+        await self.asyncapi.start()
+        if self.config.gateway.metrics_listen:
+            self.metrics = Endpoint(self.config.gateway.metrics_listen, self.metrics_dir)
+            log.info("metrics", address=self.config.gateway.metrics_listen, port=self.metrics.port)
         self.handlers_ready = True
         self._on_table(self.pool.table)  # nothing else may change: handler-only gateways
         self.pool.start()
@@ -316,6 +350,9 @@ class Gateway:
         await self.server.stop(0)
         if self.follower is not None:
             await self.follower.close()
+        await self.asyncapi.close()
+        if self.metrics is not None:
+            self.metrics.close()
         await self.handlers.close()
         await self.discovery.close()
         await self.pool.close()

@@ -84,6 +84,11 @@ class GatewayConfig:
     # One summary log line per request.
     log_requests: bool = True
     log_level: str = "info"
+    # Durable state (the async APIs' embedded store: <state_dir>/async); relative to the config
+    # file's folder.
+    state_dir: str = ".modelmux/state"
+    # host:port of the Prometheus /metrics HTTP endpoint (modelmux_common/metrics.py); empty: off.
+    metrics_listen: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +151,57 @@ class ModelSource:
         return self.uri.startswith("s3://")
 
 
+# ---- an AsyncAPI's `async` section (docs/async.md) ----------------------------------------
+ASYNC_STORES = ("embedded", "aws")
+
+
+@dataclass(frozen=True, slots=True)
+class AsyncConfig:
+    # Where requests live: "embedded" (SQLite and files in `folder`) or "aws" (SQS + S3).
+    store: str = "embedded"
+    # embedded: the folder; empty means <gateway.state_dir>/async.
+    folder: str = ""
+    # aws: requests under s3://<bucket>/<prefix>/<api>/<id>/, queue <queue_prefix>async-<api>.
+    bucket: str = ""
+    prefix: str = "async"
+    queue_prefix: str = "modelmux-"
+    region: str = ""
+    # S3 and SQS endpoint override (MinIO, LocalStack, moto); empty uses AWS.
+    endpoint_url: str = ""
+    # Runs of a request before it is FAILED (a handler error, a worker or gateway that died).
+    max_attempts: int = 3
+    # How long a received request stays hidden from other gateways; renewed while it runs.
+    visibility_timeout: Seconds = 30.0
+    # How long a result (or an error) is kept after the request ends.
+    result_ttl: Seconds = 7 * 24 * 3600.0
+    # Requests queued or running at once; past it Submit gets RESOURCE_EXHAUSTED.
+    max_queued: int = 10000
+    # Largest payload Submit accepts, in bytes.
+    max_payload_bytes: int = 16 * 1024 * 1024
+    # Upper bound of one handle_async call; past it the attempt fails.
+    timeout: Seconds = 3600.0
+
+
+def _async_section(
+    reader: _Reader, value: Any, key: str, *, kind: str, handler_path: str
+) -> AsyncConfig | None:
+    if kind != "AsyncAPI":
+        if value is not None:
+            raise reader.fail(key, f"only a kind: AsyncAPI has an async section (this is a {kind})")
+        return None
+    if not handler_path:
+        raise reader.fail(
+            key.removesuffix(".async") + ".handler.path",
+            "an AsyncAPI runs a handler's handle_async",
+        )
+    section: AsyncConfig = reader.section(AsyncConfig, value, key)
+    if section.store not in ASYNC_STORES:
+        raise reader.fail(f"{key}.store", f"{section.store!r} is not embedded or aws")
+    if section.store == "aws" and not section.bucket:
+        raise reader.fail(f"{key}.bucket", "store: aws needs the S3 bucket")
+    return section
+
+
 @dataclass(frozen=True, slots=True)
 class ApiConfig:
     name: str
@@ -166,6 +222,8 @@ class ApiConfig:
     # server-side batching of Predict calls to the backends (gateway/batching.py); 0 = off
     max_batch_size: int = 0
     batch_interval: float = 0.0
+    # kind: AsyncAPI only: its `async` section
+    async_config: AsyncConfig | None = None
 
     @property
     def inferentia(self) -> bool:
@@ -272,7 +330,7 @@ class _Reader:
                 if not isinstance(value, str | int | float) or isinstance(value, bool):
                     raise ValueError(f"expected a string, got {type(value).__name__}")
                 text = str(value)
-                if name in ("target", "runtime_dir"):
+                if name in ("target", "runtime_dir", "state_dir", "folder"):
                     return str((self.base / text).resolve()) if text else text
                 return text
         except (TypeError, ValueError) as exc:
@@ -364,7 +422,7 @@ class _Reader:
         return apis
 
     def api(self, item: Any, key: str) -> ApiConfig:
-        raw = self.mapping(item, key, {"name", "kind", "handler", "compute"})
+        raw = self.mapping(item, key, {"name", "kind", "handler", "compute", "async"})
         name = self.name(raw.get("name"), f"{key}.name")
         kind = raw.get("kind", "RealtimeAPI")
         if kind not in ("RealtimeAPI", "AsyncAPI", "BatchAPI"):
@@ -504,6 +562,9 @@ class _Reader:
             protobuf_path=proto,
             max_batch_size=max_batch if batching else 0,
             batch_interval=interval,
+            async_config=_async_section(
+                self, raw.get("async"), f"{key}.async", kind=kind, handler_path=hpath
+            ),
             **counts,
             **cache,
         )
