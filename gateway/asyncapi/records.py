@@ -142,7 +142,18 @@ class Requests:
                 if_absent=True,
             )
         except AlreadyExists:
-            return True  # a runner met the message first and wrote it
+            # A runner met the message first and wrote it (the request is new, not ended), or
+            # the id belongs to a request that ended (its payload was deleted, so the payload
+            # write above went through): then the message just sent finds its outcome and is
+            # dropped, and the payloads are compared as for a request still running.
+            existing = await self.status(request_id)
+            if existing is None or existing.state not in TERMINAL:
+                return True
+            if existing.payload_md5 != md5 or existing.content_type != content_type:
+                raise _Exists(
+                    f"request {shown(request_id)} of API {self.api!r} exists with another payload"
+                ) from None
+            return False
         self.notify(status)
         log.info("async_state", request_id=request_id, api=self.api, state=IN_QUEUE, attempt=0)
         return True
