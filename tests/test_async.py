@@ -173,7 +173,7 @@ def test_bad_input_gets_precise_statuses(client: Client, stack: tuple[Proc, Path
     with pytest.raises(InvalidArgumentError, match="api is required"):
         client.list_requests("")
     # Invoke on an AsyncAPI names the right RPC
-    with pytest.raises(FailedPreconditionError, match="modelmux.v1.Async/Submit"):
+    with pytest.raises(FailedPreconditionError, match=r"modelmux\.v1\.Async/Submit"):
         client.invoke("recorder", {})
     # an undecodable request message
     with grpc.insecure_channel(stack[0].address) as channel:

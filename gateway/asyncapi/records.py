@@ -185,7 +185,8 @@ class Requests:
             raise NotFound(f"API {self.api!r} has no request {shown(request_id)}")
         status = Status.decode(status_blob.body)
         if result is not None and status.state not in TERMINAL:
-            status = _ended(status, result)  # the status write after the outcome is pending
+            # the status write after the outcome is pending
+            status = _ended(status, result, self.config.result_ttl)
         if result is not None and result.content_type == OUTCOME_TYPE:
             result = None
         if status.state == COMPLETED and with_result and result is None:
@@ -285,8 +286,10 @@ class Requests:
     ) -> Status | None:
         """Records the outcome unless one exists (the first one stands), brings the status in
         line with whichever outcome stands, and deletes the payload. Returns the status."""
-        now = time.time()
-        expires = now + self.config.result_ttl
+        # in whole milliseconds, as S3's expiry metadata keeps it: every reader derives the same
+        # finished_at from it (_ended)
+        expires = round((time.time() + self.config.result_ttl) * 1000) / 1000
+        now = expires - self.config.result_ttl
         if state != COMPLETED:
             body = json.dumps({"state": state, "error": error, "attempts": attempts}).encode()
             content_type = OUTCOME_TYPE
@@ -304,7 +307,10 @@ class Requests:
 
     async def settle(self, request_id: str, outcome: Blob) -> Status | None:
         """The status brought in line with an outcome that exists."""
-        return await self.transition(request_id, lambda old: _ended(old, outcome) if old else None)
+        ttl = self.config.result_ttl
+        return await self.transition(
+            request_id, lambda old: _ended(old, outcome, ttl) if old else None
+        )
 
     async def cancel(self, request_id: str) -> Status:
         status = await self.status(request_id)
@@ -341,8 +347,9 @@ async def _none() -> None:
     return None
 
 
-def _ended(status: Status, outcome: Blob) -> Status:
-    """``status`` after the outcome ``outcome``."""
+def _ended(status: Status, outcome: Blob, ttl: float) -> Status:
+    """``status`` after the outcome ``outcome`` (written with expires_at = its end + ``ttl``:
+    exact on both stores, where S3's modification time has whole seconds)."""
     if status.state in TERMINAL:
         return status
     state, error = COMPLETED, ""
@@ -353,6 +360,6 @@ def _ended(status: Status, outcome: Blob) -> Status:
         status,
         state=state,
         error=error,
-        finished_at=outcome.modified,
+        finished_at=outcome.modified if outcome.expires_at is None else outcome.expires_at - ttl,
         expires_at=outcome.expires_at,
     )
