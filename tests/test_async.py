@@ -15,7 +15,16 @@ from typing import Any
 
 import grpc
 import pytest
-from async_helpers import HANDLERS, counts, recorder_api, start_gateway, wait_until, write_config
+import yaml
+from async_helpers import (
+    HANDLERS,
+    RECORDER,
+    counts,
+    recorder_api,
+    start_gateway,
+    wait_until,
+    write_config,
+)
 from conftest import Proc
 from test_gateway import GRPCURL
 
@@ -29,6 +38,7 @@ from modelmux.client import (
     ResourceExhaustedError,
 )
 from modelmux.v1 import async_pb2, async_pb2_grpc
+from modelmux_common.config import AsyncConfig, ConfigError, load
 
 FLOWER = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
 EMBEDDED: dict[str, Any] = {}
@@ -313,3 +323,76 @@ def test_metrics_endpoint(client: Client, stack: tuple[Proc, Path]) -> None:
     ]
     assert states[0] == ("IN_QUEUE", 0) or states[0] == ("IN_PROGRESS", 1)
     assert states[-1] == ("COMPLETED", 1)
+
+
+@pytest.mark.parametrize(
+    ("api", "key", "reason"),
+    [
+        (
+            {
+                "name": "a",
+                "kind": "RealtimeAPI",
+                "async": {},
+                "handler": {"type": "python", "path": RECORDER},
+            },
+            "apis[0].async",
+            "only a kind: AsyncAPI has an async section",
+        ),
+        (
+            {
+                "name": "a",
+                "kind": "AsyncAPI",
+                "handler": {"type": "tensorflow", "models": {"path": "/m"}},
+            },
+            "apis[0].handler.path",
+            "runs a handler",
+        ),
+        (
+            {
+                "name": "a",
+                "kind": "AsyncAPI",
+                "handler": {"type": "python", "path": RECORDER},
+                "async": {"store": "aws"},
+            },
+            "apis[0].async.bucket",
+            "needs the S3 bucket",
+        ),
+        (
+            {
+                "name": "a",
+                "kind": "AsyncAPI",
+                "handler": {"type": "python", "path": RECORDER},
+                "async": {"store": "redis"},
+            },
+            "apis[0].async.store",
+            "is not embedded or aws",
+        ),
+        (
+            {
+                "name": "a",
+                "kind": "AsyncAPI",
+                "handler": {"type": "python", "path": RECORDER},
+                "async": {"max_queued": 0},
+            },
+            "apis[0].async.max_queued",
+            "must be positive",
+        ),
+    ],
+)
+def test_async_config_errors_name_the_key(
+    tmp_path: Path, api: dict[str, Any], key: str, reason: str
+) -> None:
+    path = tmp_path / "modelmux.yaml"
+    path.write_text(yaml.safe_dump({"apis": [api]}))
+    with pytest.raises(ConfigError) as error:
+        load(path)
+    assert (error.value.key, reason in error.value.reason) == (key, True), error.value
+
+
+def test_async_config_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "modelmux.yaml"
+    api = {"name": "a", "kind": "AsyncAPI", "handler": {"type": "python", "path": RECORDER}}
+    path.write_text(yaml.safe_dump({"apis": [api]}))
+    [loaded] = load(path).apis
+    assert loaded.async_config == AsyncConfig()
+    assert AsyncConfig().result_ttl == 7 * 24 * 3600 and AsyncConfig().store == "embedded"
