@@ -19,6 +19,8 @@ from gateway.admission import Admission
 from gateway.api.facade import MODEL_SERVICE, PREDICTION_SERVICE, Facade
 from gateway.api.inference import Inference
 from gateway.api.models import Models
+from gateway.asyncapi.service import SERVICE as ASYNC_SERVICE
+from gateway.asyncapi.service import AsyncApis
 from gateway.batching import Batching, Policy
 from gateway.catalog import expected_models, gpu_apis, static_catalog
 from gateway.edge import Call, Handler, Lifecycle, edge, stream_edge
@@ -44,6 +46,7 @@ from modelmux_common.grpcutil import (
     run_until_signal,
 )
 from modelmux_common.listen import ListenError, server_options
+from modelmux_common.metrics import MULTIPROC_ENV, Endpoint
 from modelmux_common.quiesce import close_listeners_and_connections
 
 log = structlog.get_logger("modelmux.gateway")
@@ -52,7 +55,9 @@ INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_
 MODELS_SERVICE = models_pb2.DESCRIPTOR.services_by_name["Models"].full_name
 MODEL_HEALTH_PREFIX = "modelmux.v1.Model/"
 MODELSYNC_HEALTH = "modelmux.modelsync.v1.ModelSync"
-BUILTIN_SERVICES = frozenset({INFERENCE_SERVICE, MODELS_SERVICE, PREDICTION_SERVICE, MODEL_SERVICE})
+BUILTIN_SERVICES = frozenset(
+    {INFERENCE_SERVICE, MODELS_SERVICE, PREDICTION_SERVICE, MODEL_SERVICE, ASYNC_SERVICE}
+)
 # Of gateway.shutdown_grace, what stop() keeps for closing connections once calls have drained
 QUIESCE_SECONDS = 0.5
 
@@ -82,12 +87,22 @@ class Gateway:
             admin_token=gw.admin_token,
         )
         self.runtime_dir = _runtime_dir(config)
+        # handler workers write their metrics_client's metrics here (modelmux_common/metrics.py)
+        self.metrics_dir = os.path.join(self.runtime_dir, "metrics") if self.runtime_dir else ""
+        metrics_env = (
+            {MULTIPROC_ENV: self.metrics_dir} if gw.metrics_listen and self.runtime_dir else {}
+        )
+        self.metrics: Endpoint | None = None
         try:
-            self.handlers = Handlers(config, self.runtime_dir, set(BUILTIN_SERVICES))
+            self.handlers = Handlers(
+                config, self.runtime_dir, set(BUILTIN_SERVICES), env=metrics_env
+            )
         except BaseException:
             self._remove_runtime_dir()
             raise
         self.handlers_ready = not self.handlers.pools
+        # async APIs (gateway/asyncapi/): their queues and runners start with the handlers
+        self.asyncapi = AsyncApis(config, self.handlers)
         self.server = grpc.aio.server(
             options=[
                 *message_size_options(gw.max_message_bytes),
@@ -155,6 +170,20 @@ class Gateway:
         }
         for service, methods in services.items():
             self.server.add_registered_method_handlers(service, methods)
+
+        asyncapi = self.asyncapi
+        self.server.add_registered_method_handlers(
+            ASYNC_SERVICE,
+            {
+                **{
+                    name: wrap(ASYNC_SERVICE, name, getattr(asyncapi, name.lower()))
+                    for name in ("Submit", "Get", "Cancel", "List")
+                },
+                "Watch": grpc.unary_stream_rpc_method_handler(
+                    stream_edge(asyncapi.watch, lifecycle=self.lifecycle)
+                ),
+            },
+        )
 
         def wrap_unary(rpc: str, fn: Handler) -> Any:
             return edge(rpc, fn, log_requests=gw.log_requests, lifecycle=self.lifecycle)
@@ -252,6 +281,10 @@ class Gateway:
             await self.server.stop(0)
             self._remove_runtime_dir()
             raise
+        await self.asyncapi.start()
+        if self.config.gateway.metrics_listen:
+            self.metrics = Endpoint(self.config.gateway.metrics_listen, self.metrics_dir)
+            log.info("metrics", address=self.config.gateway.metrics_listen, port=self.metrics.port)
         self.handlers_ready = True
         self._on_table(self.fleet.table)  # nothing else may change: handler-only gateways
         self.fleet.start()
@@ -277,6 +310,9 @@ class Gateway:
         await self.server.stop(0)
         if self.follower is not None:
             await self.follower.close()
+        await self.asyncapi.close()
+        if self.metrics is not None:
+            self.metrics.close()
         await self.handlers.close()
         await self.discovery.close()
         await self.fleet.close()

@@ -22,6 +22,7 @@ from gateway_helpers import wait_serving
 from google.protobuf import json_format
 from test_gateway import GRPCURL, IRIS, IRIS_INPUTS
 
+from modelmux.client import Client
 from modelmux.v1 import inference_pb2, inference_pb2_grpc
 
 QUICKSTART = ROOT / "examples" / "quickstart" / "modelmux.yaml"
@@ -39,7 +40,13 @@ def relocate(value: str, models: Path) -> str:
 def quickstart_config(root: Path, models: Path, backend: str) -> Path:
     """examples/quickstart/modelmux.yaml with every address, folder and file made test-local."""
     doc = yaml.safe_load(QUICKSTART.read_text())
-    doc["gateway"].update(listen="127.0.0.1:0", status_interval="200ms", shutdown_grace="1s")
+    doc["gateway"].update(
+        listen="127.0.0.1:0",
+        status_interval="200ms",
+        shutdown_grace="1s",
+        state_dir=str(root / "state"),
+        metrics_listen="127.0.0.1:0",
+    )
     doc["modelsync"].update(
         listen="127.0.0.1:0", target=str(root / "volume"), settle="0s", debounce="200ms"
     )
@@ -205,3 +212,15 @@ def test_user_proto_passes_nan_and_infinity_both_ways(quickstart: Proc) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert messages(done.stdout) == [{"y": ["NaN", 3.5, "Infinity", "-Infinity"], "version": "2"}]
+
+
+def test_async_example_answers_through_watch_and_get(quickstart: Proc) -> None:
+    names = ("sepal_length", "sepal_width", "petal_length", "petal_width")
+    flower = dict(zip(names, IRIS["setosa"], strict=True))
+    with Client(quickstart.address, timeout=30) as client:
+        rid = client.submit("iris-async", flower)
+        states = [update.state for update in client.watch(rid, timeout=60)]
+        assert states[-1] == "COMPLETED"
+        result = client.get(rid).result
+    assert isinstance(result, dict)
+    assert (result["request_id"], result["label"]) == (rid, "setosa")

@@ -33,6 +33,7 @@ import structlog
 from gateway.errors import FailedPrecondition, InvalidArgument, NotFound, Status, Unavailable
 from gateway.signatures import Signature, specs
 from gateway.tensors import json_to_proto, proto_to_numpy
+from modelmux_common.metrics import HandlerMetrics
 from modelmux_common.tfserving import (
     get_model_metadata_pb2,
     predict_pb2,
@@ -476,10 +477,15 @@ class ModelClient:
 
 
 class MetricsClient:
-    """Cortex's metrics_client: each call writes a structured ``metric`` log line."""
+    """Cortex's metrics_client: each call writes a structured ``metric`` log line and, when the
+    gateway exports metrics, updates a Prometheus metric (modelmux_common/metrics.py)."""
+
+    def __init__(self) -> None:
+        self._prometheus = HandlerMetrics()
 
     def _put(self, kind: str, metric: str, value: float, tags: Mapping[str, str] | None) -> None:
         log.info("metric", kind=kind, metric=metric, value=value, tags=dict(tags or {}))
+        self._prometheus.put(kind, metric, value, tags)
 
     def increment(
         self, metric: str, value: float = 1, tags: Mapping[str, str] | None = None

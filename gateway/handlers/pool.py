@@ -41,6 +41,8 @@ from gateway.errors import (
     shown,
 )
 from gateway.handlers import userproto
+from gateway.handlers.worker import CONTENT_TYPE_KEY
+from gateway.handlers.worker import HANDLE_ASYNC as HANDLE_ASYNC_METHOD
 from modelmux.v1 import inference_pb2
 from modelmux_common.config import ApiConfig, Config, ConfigError
 from modelmux_common.grpcutil import message_size_options, remaining
@@ -49,6 +51,7 @@ from modelmux_common.supervision import AsyncChild
 log = structlog.get_logger("modelmux.gateway")
 
 INVOKE = "/modelmux.v1.Inference/Invoke"
+HANDLE_ASYNC = "/{}/{}".format(*HANDLE_ASYNC_METHOD)
 MAX_RESTART_BACKOFF = 30.0
 # A worker that dies sooner than this after starting is restarted with backoff.
 STABLE_AFTER = 10.0
@@ -59,6 +62,14 @@ _SKIPPED_KEYS = {"user-agent", "x-request-id"}
 
 class HandlerStartError(Exception):
     """A handler that cannot start: the message names the API and the reason."""
+
+
+class HandlerFailed(Exception):
+    """handle_async raised (the message is the exception's type and text) or timed out."""
+
+
+class WorkerLost(Exception):
+    """The worker running an async request died, or none was running: the request did not end."""
 
 
 @dataclass(eq=False)
@@ -83,6 +94,7 @@ class HandlerPool:
     gateway: str  # where tensorflow_client reaches the gateway
     config_snapshot: str  # the gateway's config as loaded, for the workers (pickle)
     descriptors: str = ""  # compiled protobuf_path, when the API has one
+    env: dict[str, str] = field(default_factory=dict)  # e.g. the metrics folder
     workers: list[_Worker] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _closing: bool = False
@@ -134,7 +146,7 @@ class HandlerPool:
         what = f"API {self.api.name!r}: handler {self.api.handler_path}"
         try:
             # dies with the gateway, in a session of its own (modelmux_common/supervision.py)
-            process = AsyncChild(command, stdout=True)
+            process = AsyncChild(command, env=self.env, stdout=True)
         except OSError as exc:
             raise HandlerStartError(f"{what}: cannot start a worker: {exc}") from None
         worker.process = process  # close() stops it even while it starts
@@ -318,6 +330,45 @@ class HandlerPool:
         finally:
             worker.inflight -= 1
 
+    @property
+    def live(self) -> bool:
+        return any(w.live for w in self.workers)
+
+    async def handle_async(
+        self, body: bytes, *, request_id: str, content_type: str, timeout: float
+    ) -> inference_pb2.InvokeResponse:
+        """Runs one async request on the worker with the fewest calls. :class:`HandlerFailed`
+        when the handler raised (or the call timed out), :class:`WorkerLost` when the worker
+        died under it or none was running."""
+        try:
+            worker = self._pick()
+        except GatewayError as exc:
+            raise WorkerLost(exc.message) from None
+        worker.inflight += 1
+        try:
+            assert worker.channel is not None
+            call: Any = worker.channel.unary_unary(HANDLE_ASYNC)
+            metadata = (("x-request-id", request_id), (CONTENT_TYPE_KEY, content_type))
+            reply: bytes = await call(body, timeout=timeout, metadata=metadata)
+            return inference_pb2.InvokeResponse.FromString(reply)
+        except grpc.aio.AioRpcError as exc:
+            marked = any(k == "x-modelmux-handler" for k, _ in exc.trailing_metadata() or ())
+            if marked:
+                raise HandlerFailed(exc.details() or exc.code().name) from None
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise HandlerFailed(
+                    f"handle_async did not return within async.timeout ({timeout:g} s)"
+                ) from None
+            raise WorkerLost(
+                f"the handler worker was lost while it ran the request ({exc.code().name})"
+            ) from None
+        except asyncio.CancelledError:
+            if _cancelling():  # the gateway is stopping
+                raise
+            raise WorkerLost("the handler worker was lost while it ran the request") from None
+        finally:
+            worker.inflight -= 1
+
     async def streaming(
         self,
         method: str,
@@ -371,7 +422,14 @@ def _exit(code: int) -> str:
 class Handlers:
     """Every API's handler pool, the Invoke RPC, and the APIs' own services."""
 
-    def __init__(self, config: Config, runtime_dir: str, taken: set[str]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        runtime_dir: str,
+        taken: set[str],
+        *,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.runtime_dir = runtime_dir
         self.gateway = f"unix:{os.path.join(runtime_dir, 'gateway.sock')}"
@@ -387,7 +445,9 @@ class Handlers:
                 snapshot = os.path.join(runtime_dir, "config.pickle")
                 with open(snapshot, "wb") as fh:
                     pickle.dump(config, fh)
-            pool = HandlerPool(config, api, number, runtime_dir, self.gateway, snapshot)
+            pool = HandlerPool(
+                config, api, number, runtime_dir, self.gateway, snapshot, env=dict(env or {})
+            )
             if api.protobuf_path:
                 key = f"{key}.handler.protobuf_path"
                 try:
@@ -427,6 +487,10 @@ class Handlers:
         if not api:
             raise InvalidArgument("api is required")
         pool = self.pools.get(api)
+        if pool is not None and pool.api.kind != "RealtimeAPI":
+            raise FailedPrecondition(
+                f"API {api!r} is an {pool.api.kind}: submit to it with modelmux.v1.Async/Submit"
+            )
         if pool is None:
             if any(a.name == api for a in self.config.apis):
                 raise FailedPrecondition(

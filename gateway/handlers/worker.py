@@ -36,6 +36,7 @@ from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import DecodeError
 
+from gateway.asyncapi import payloads
 from gateway.catalog import Problems, refusal_text
 from gateway.errors import GatewayError, Unimplemented
 from gateway.follower import Follower
@@ -60,6 +61,11 @@ log = structlog.get_logger("modelmux.handler")
 MARK = (("x-modelmux-handler", "1"),)
 DEBUG_KEY = "x-modelmux-debug"
 INVOKE_ARGS = ("payload", "query_params", "headers")
+ASYNC_ARGS = ("payload", "request_id")
+# The async call a gateway's runner makes (gateway/asyncapi/runner.py): the payload's bytes in,
+# an InvokeResponse out; request id and content type in the metadata.
+HANDLE_ASYNC = ("modelmux.handler.Worker", "HandleAsync")
+CONTENT_TYPE_KEY = "x-modelmux-content-type"
 # A worker whose every thread is stuck this long past its call's deadline exits (to be replaced).
 STUCK_GRACE = 5.0
 
@@ -172,6 +178,13 @@ class Runtime:
         names = [p.name for p in _params(self.entry)] if self.entry else []
         self.payload_positional = bool(names) and names[0] not in INVOKE_ARGS
         self.entry_args = [n for n in names if n in INVOKE_ARGS]
+        # handle_async(payload, request_id) of an AsyncAPI: both optional, bound by name
+        self.async_entry = getattr(self.handler, "handle_async", None)
+        names = [p.name for p in _params(self.async_entry)] if self.async_entry else []
+        self.async_positional = bool(names) and names[0] not in ASYNC_ARGS
+        self.async_args = [n for n in names if n in ASYNC_ARGS]
+        if api.kind == "AsyncAPI" and not callable(self.async_entry):
+            raise StartError(f"{cls.__name__} has no handle_async method (the API is an AsyncAPI)")
         if self.models is not None:
             self._follow(config.gateway.modelsync, self.models)
 
@@ -276,27 +289,48 @@ class Runtime:
             args["payload"] = payload
             positional = [payload] if self.payload_positional else []
             result = self.entry(*positional, **{n: args[n] for n in self.entry_args if n in args})
-            response = inference_pb2.InvokeResponse()
-            if isinstance(result, bytes):
-                response.raw = result
-            else:
-                try:
-                    json_format.ParseDict(plain(result), response.json)
-                except (json_format.ParseError, TypeError) as exc:
-                    raise ResultError(
-                        f"the handler returned a value that is not JSON: {exc}"
-                    ) from None
             if debug:
                 shown = f"<{len(result)} bytes>" if isinstance(result, bytes) else plain(result)
                 log.info(
                     "handler_debug", request_id=request_id, payload=_show(payload), result=shown
                 )
-            return response
+            return _response(result)
         except Exception as exc:
             failure = exc
         finally:
             self._end()
         self._fail(context, failure, request_id)
+        raise AssertionError("unreachable")
+
+    def handle_async(self, body: bytes, context: grpc.ServicerContext) -> bytes:
+        """Runs handle_async on the payload decoded by its content type. A handler's exception
+        is INTERNAL with the exception's type and message (the request's error text; the trace
+        goes to the log)."""
+        request_id, _ = self._begin(context)
+        failure: Exception | None = None
+        try:
+            content_type = dict(context.invocation_metadata()).get(CONTENT_TYPE_KEY, "")
+            payload = payloads.decode(body, str(content_type))
+            args = {"payload": payload, "request_id": request_id}
+            positional = [payload] if self.async_positional else []
+            assert self.async_entry is not None
+            result = self.async_entry(*positional, **{n: args[n] for n in self.async_args})
+            return _response(result).SerializeToString()
+        except Exception as exc:
+            failure = exc
+        finally:
+            self._end()
+        if isinstance(failure, ResultError):
+            log.error("handler_result_invalid", request_id=request_id, error=str(failure))
+            context.abort(grpc.StatusCode.INTERNAL, str(failure))
+        log.error(
+            "handler_failed",
+            request_id=request_id,
+            error=f"{type(failure).__name__}: {failure}",
+            exc_info=failure,
+        )
+        text = f"{type(failure).__name__}: {failure}"
+        context.abort(grpc.StatusCode.INTERNAL, text if len(text) < 1000 else text[:1000] + " ...")
         raise AssertionError("unreachable")
 
     @staticmethod
@@ -403,6 +437,19 @@ class Runtime:
         )
 
 
+def _response(result: Any) -> inference_pb2.InvokeResponse:
+    """A handler's return value: bytes as they are, anything else as JSON."""
+    response = inference_pb2.InvokeResponse()
+    if isinstance(result, bytes):
+        response.raw = result
+        return response
+    try:
+        json_format.ParseDict(plain(result), response.json)
+    except (json_format.ParseError, TypeError) as exc:
+        raise ResultError(f"the handler returned a value that is not JSON: {exc}") from None
+    return response
+
+
 def _show(value: Any) -> Any:
     """A payload or result for the debug log line."""
     if hasattr(value, "DESCRIPTOR"):
@@ -471,6 +518,13 @@ def main(argv: list[str] | None = None) -> int:
                 },
             )
         ]
+        if api.kind == "AsyncAPI":
+            handlers.append(
+                grpc.method_handlers_generic_handler(
+                    HANDLE_ASYNC[0],
+                    {HANDLE_ASYNC[1]: grpc.unary_unary_rpc_method_handler(runtime.handle_async)},
+                )
+            )
         handlers.extend(runtime.service_handlers())
         server.add_generic_rpc_handlers(handlers)
         bind(server, f"unix:{args.socket}")  # refuses a path a live server holds

@@ -31,6 +31,23 @@ def gateway_rule(fn: GatewayRule) -> GatewayRule:
     return fn
 
 
+@rule(ApiSpec)
+def _async_section(api: ApiSpec, key: str, ctx: Context) -> None:
+    """Only an `AsyncAPI` has an `async` section, and only with a handler (`handle_async`);
+    `async.store: aws` needs `async.bucket`."""
+    if api.kind != "AsyncAPI":
+        if api.async_ is not None:
+            raise ctx.fail(
+                f"{key}.async", f"only a kind: AsyncAPI has an async section (this is a {api.kind})"
+            )
+        return
+    section = api.async_
+    if section is not None and not api.handler.path:
+        raise ctx.fail(f"{key}.handler.path", "an AsyncAPI's async section runs handle_async")
+    if section is not None and section.store == "aws" and not section.bucket:
+        raise ctx.fail(f"{key}.async.bucket", "store: aws needs the S3 bucket")
+
+
 @rule(ComputeSpec)
 def _gpu_or_inf(compute: ComputeSpec, key: str, ctx: Context) -> None:
     """`compute.gpu` and `compute.inf` are not both more than 0."""
@@ -174,10 +191,10 @@ def _modelsync_for_s3(config: Config, ctx: Context) -> None:
 
 
 @gateway_rule
-def _realtime_handlers(config: Config, ctx: Context) -> None:
-    """Only a `RealtimeAPI` may have a handler (`handler.path`)."""
+def _no_batch_handlers(config: Config, ctx: Context) -> None:
+    """A `BatchAPI` may not have a handler (`handler.path`) yet."""
     for i, api in enumerate(config.apis):
-        if api.handler_path and api.kind != "RealtimeAPI":
+        if api.handler_path and api.kind == "BatchAPI":
             raise ctx.fail(f"apis[{i}].kind", f"{api.kind} handlers are not supported yet")
 
 

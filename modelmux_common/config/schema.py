@@ -155,6 +155,14 @@ class GatewayConfig:
         True,
     )
     log_level: str = setting(LOG_LEVEL, "the gateway's log level", "info")
+    state_dir: str = setting(
+        FOLDER,
+        "durable state: the Async APIs' embedded store is `<state_dir>/async`",
+        ".modelmux/state",
+    )
+    metrics_listen: str = setting(
+        STRING, "host:port of the Prometheus `/metrics` HTTP endpoint; empty = off", ""
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,17 +347,76 @@ class HandlerSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class AsyncConfig:
+    """An AsyncAPI's `async` section (docs/async.md)."""
+
+    store: str = setting(
+        choice("embedded", "aws"),
+        "where requests live: `embedded` (SQLite and files in `folder`) or `aws` (SQS + S3)",
+        "embedded",
+    )
+    folder: str = setting(
+        FOLDER, "embedded: the store's folder; empty = `<gateway.state_dir>/async`", ""
+    )
+    bucket: str = setting(
+        STRING, "aws: requests live under `s3://<bucket>/<prefix>/<api>/<id>/`", ""
+    )
+    prefix: str = setting(STRING, "aws: the S3 key prefix", "async")
+    queue_prefix: str = setting(
+        STRING, "aws: the SQS queue is `<queue_prefix>async-<api>`", "modelmux-"
+    )
+    region: str = setting(STRING, "aws: the region; empty = the default chain's", "")
+    endpoint_url: str = setting(
+        STRING, "aws: an S3 and SQS endpoint (MinIO, LocalStack, moto); empty = AWS", ""
+    )
+    max_attempts: int = setting(
+        INTEGER,
+        "runs of a request before it is FAILED (a handler error, a worker or gateway that died)",
+        3,
+        range=POSITIVE,
+    )
+    visibility_timeout: Seconds = setting(
+        DURATION,
+        "how long a received request stays hidden from other gateways; renewed while it runs",
+        30.0,
+        range=MORE_THAN_ZERO,
+    )
+    result_ttl: Seconds = setting(
+        DURATION, "how long a result (or an error) is kept after the request ends", 7 * 24 * 3600.0
+    )
+    max_queued: int = setting(
+        INTEGER,
+        "requests queued or running at once; past it Submit gets RESOURCE_EXHAUSTED",
+        10000,
+        range=POSITIVE,
+    )
+    max_payload_bytes: int = setting(
+        SIZE, "largest payload Submit accepts", 16 * 1024 * 1024, range=POSITIVE
+    )
+    timeout: Seconds = setting(
+        DURATION,
+        "upper bound of one handle_async call; past it the attempt fails",
+        3600.0,
+        range=MORE_THAN_ZERO,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class ApiSpec:
     name: str = setting(NAME, "the API's name, used by `Invoke`")
     kind: str = setting(
         choice("RealtimeAPI", "AsyncAPI", "BatchAPI"),
-        "`AsyncAPI` / `BatchAPI` without a handler serve their models to Predict like a "
+        "an `AsyncAPI` with a handler runs its `handle_async`; without a handler an `AsyncAPI` or "
+        "`BatchAPI` serves its models to Predict like a "
         "`RealtimeAPI`",
         "RealtimeAPI",
     )
     handler: HandlerSpec = section(HandlerSpec, "how the API serves", default=HandlerSpec)
     compute: ComputeSpec = section(
         ComputeSpec, "the resources the API runs on", default=ComputeSpec
+    )
+    async_: AsyncConfig | None = section(
+        AsyncConfig, "AsyncAPI: the request store, queue, attempts and limits", key="async"
     )
 
 
@@ -394,6 +461,8 @@ class ApiConfig:
     # server-side batching of Predict calls to the backends (gateway/batching.py); 0 = off
     max_batch_size: int = 0
     batch_interval: float = 0.0
+    # kind: AsyncAPI with a handler: its `async` section
+    async_config: AsyncConfig | None = None
 
     @property
     def inferentia(self) -> bool:
@@ -442,6 +511,9 @@ class ApiConfig:
             disk_cache_size=models.disk_cache_size or 0,
             max_batch_size=batching.max_batch_size or 0 if batching else 0,
             batch_interval=batching.batch_interval if batching else 0.0,
+            async_config=(
+                (spec.async_ or AsyncConfig()) if spec.kind == "AsyncAPI" and handler.path else None
+            ),
         )
 
 

@@ -358,7 +358,7 @@ ERRORS: list[tuple[str, str]] = [
     ),
     (
         f"apis: [{{name: a, extra: 1, {TF}}}]",
-        "apis[0].extra: unknown key (known: compute, handler, kind, name)",
+        "apis[0].extra: unknown key (known: async, compute, handler, kind, name)",
     ),
     (
         f"apis: [{{name: a, {TF}}}, {{name: a, handler: {{models: {{path: n}}}}}}]",
@@ -582,8 +582,8 @@ GATEWAY: list[tuple[str, str]] = [
         "apis[0].handler.models: s3://b/m/ is on S3: set gateway.modelsync to serve S3 sources",
     ),
     (
-        "apis: [{name: a, kind: AsyncAPI, handler: {path: h.py, models: {path: m}}}]",
-        "apis[0].kind: AsyncAPI handlers are not supported yet",
+        "apis: [{name: a, kind: BatchAPI, handler: {path: h.py, models: {path: m}}}]",
+        "apis[0].kind: BatchAPI handlers are not supported yet",
     ),
     (
         f"apis: [{TF.join(['{name: a, ', '}'])}, {{name: b, kind: BatchAPI, handler: {{{PY}}}}}]",

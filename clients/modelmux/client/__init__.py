@@ -13,13 +13,22 @@ with Client("127.0.0.1:8500") as client:
 policy, TLS, several channels for several gateway workers): see ``Client``. Failed calls raise a
 ``ModelmuxError`` subclass per status (``NotFoundError``, ``UnavailableError``, ...).
 
-Async requests and batch jobs (``modelmux.v1.Async``, ``modelmux.v1.Jobs``) are not served by the
-gateway yet; their methods will join Predict and Invoke on both faces.
+Async requests (``modelmux.v1.Async``): ``submit`` returns an id at once; ``get``, ``watch``,
+``cancel`` and ``list_requests`` report an ``AsyncRequest`` (state, attempts, times, result or
+error). Batch jobs (``modelmux.v1.Jobs``) will join them.
 """
 
 from modelmux.client.aio import AsyncClient
-from modelmux.client.calls import HealthStatus, JsonValue, Payload, Prediction
+from modelmux.client.calls import (
+    AsyncRequest,
+    AsyncState,
+    HealthStatus,
+    JsonValue,
+    Payload,
+    Prediction,
+)
 from modelmux.client.errors import (
+    AlreadyExistsError,
     DeadlineExceededError,
     FailedPreconditionError,
     InternalError,
@@ -36,7 +45,10 @@ from modelmux.client.sync import Client
 from modelmux.v1.models_pb2 import Model, WatchModelsResponse
 
 __all__ = [
+    "AlreadyExistsError",
     "AsyncClient",
+    "AsyncRequest",
+    "AsyncState",
     "Client",
     "DeadlineExceededError",
     "FailedPreconditionError",

@@ -6,7 +6,9 @@ request, every reply, every option and every error goes through here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import secrets
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
@@ -16,7 +18,7 @@ from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health_pb2
 
 from modelmux.client.tensors import from_tensor, to_tensor
-from modelmux.v1 import inference_pb2, models_pb2
+from modelmux.v1 import async_pb2, inference_pb2, models_pb2
 
 JsonValue: TypeAlias = "bool | int | float | str | list[JsonValue] | dict[str, JsonValue] | None"
 Payload: TypeAlias = "JsonValue | bytes"
@@ -117,3 +119,93 @@ def models(reply: models_pb2.ListModelsResponse) -> list[models_pb2.Model]:
 
 def health_status(reply: health_pb2.HealthCheckResponse) -> HealthStatus:
     return _HEALTH.get(reply.status, "UNKNOWN")
+
+
+# -- async requests (modelmux.v1.Async) ------------------------------------------------------
+
+AsyncState = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "UNSPECIFIED"]
+TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED")
+
+
+@dataclass(frozen=True, slots=True)
+class AsyncRequest:
+    """An async request as the gateway reports it; ``result`` once COMPLETED (JSON as Python
+    values, bytes as bytes), ``error`` once FAILED. Times are epoch seconds, None when unset."""
+
+    id: str
+    api: str
+    state: AsyncState
+    attempts: int
+    submitted_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    expires_at: float | None
+    result: Payload
+    error: str
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+def new_request_id() -> str:
+    """The id the client gives a Submit that names none, so that a retried Submit is the same
+    request (the gateway's own ids have this form too: time-ordered hex)."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
+
+
+def submit_request(
+    api: str, payload: Payload, *, content_type: str, request_id: str | None
+) -> async_pb2.SubmitRequest:
+    """``bytes`` go raw with ``content_type``, anything else as JSON."""
+    request = async_pb2.SubmitRequest(api=api, id=request_id or new_request_id())
+    if isinstance(payload, bytes):
+        request.raw = payload
+        request.content_type = content_type
+    else:
+        holder = struct_pb2.Struct()
+        holder.update({"payload": payload})
+        request.json.CopyFrom(holder.fields["payload"])
+    return request
+
+
+def list_request(
+    api: str, *, states: Sequence[str], page_size: int, page_token: str
+) -> async_pb2.ListRequest:
+    numbers = [async_pb2.AsyncState.Value(f"ASYNC_STATE_{s}") for s in states]
+    return async_pb2.ListRequest(
+        api=api, states=numbers, page_size=page_size, page_token=page_token
+    )
+
+
+def async_request(message: async_pb2.AsyncRequest) -> AsyncRequest:
+    def when(name: str) -> float | None:
+        return (
+            message.__getattribute__(name).ToNanoseconds() / 1e9
+            if message.HasField(
+                name  # type: ignore[arg-type]
+            )
+            else None
+        )
+
+    kind = message.WhichOneof("result")
+    result: Payload = (
+        message.raw if kind == "raw" else _json(message.json) if kind == "json" else None
+    )
+    state = async_pb2.AsyncState.Name(message.state).removeprefix("ASYNC_STATE_")
+    return AsyncRequest(
+        id=message.id,
+        api=message.api,
+        state=state,  # type: ignore[arg-type]
+        attempts=message.attempts,
+        submitted_at=when("submitted_at"),
+        started_at=when("started_at"),
+        finished_at=when("finished_at"),
+        expires_at=when("expires_at"),
+        result=result,
+        error=message.error,
+    )
+
+
+def async_page(reply: async_pb2.ListResponse) -> tuple[list[AsyncRequest], str]:
+    return [async_request(r) for r in reply.requests], reply.next_page_token

@@ -46,6 +46,10 @@ class PermissionDeniedError(ModelmuxError):
     """An admin call with a wrong token."""
 
 
+class AlreadyExistsError(ModelmuxError):
+    """An async request id already submitted with another payload."""
+
+
 class InternalError(ModelmuxError):
     """A bug or a failed handler; the message carries the request id to find it in the log."""
 
@@ -60,6 +64,7 @@ _BY_CODE: dict[grpc.StatusCode, type[ModelmuxError]] = {
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.INTERNAL: InternalError,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
 }
 
 

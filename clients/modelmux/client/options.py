@@ -26,7 +26,13 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # gRPC's C core ignores attempts past this many (it logs "clamped").
 MAX_ATTEMPTS = 5
-_SERVICES = ("modelmux.v1.Inference", "modelmux.v1.Models", "grpc.health.v1.Health")
+# modelmux.v1.Async is safe to retry: the client gives every Submit an id (the idempotency key)
+_SERVICES = (
+    "modelmux.v1.Inference",
+    "modelmux.v1.Models",
+    "modelmux.v1.Async",
+    "grpc.health.v1.Health",
+)
 
 
 def _seconds(value: float) -> str:

@@ -23,7 +23,13 @@ from modelmux.client.options import (
     Settings,
     Tls,
 )
-from modelmux.v1 import inference_pb2_grpc, models_pb2, models_pb2_grpc
+from modelmux.v1 import (
+    async_pb2,
+    async_pb2_grpc,
+    inference_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+)
 
 Reply = TypeVar("Reply")
 _DEFAULT_RETRY = RetryPolicy()
@@ -36,6 +42,7 @@ class _Stubs:
         self.channel = channel
         self.inference = inference_pb2_grpc.InferenceStub(channel)
         self.models = models_pb2_grpc.ModelsStub(channel)
+        self.asyncs = async_pb2_grpc.AsyncStub(channel)
         # grpc_health's stub has no type stubs for its methods: the same call, declared here.
         self.health_check = channel.unary_unary(
             calls.HEALTH_CHECK,
@@ -176,8 +183,69 @@ class Client:
         request = health_pb2.HealthCheckRequest(service=service)
         return calls.health_status(self._call(self._stubs().health_check, request, timeout))
 
-    # Async requests (modelmux.v1.Async: submit / get / watch) and batch jobs (modelmux.v1.Jobs)
-    # get their methods here, beside Predict and Invoke, once the gateway serves those services.
+    # -- async requests (modelmux.v1.Async); batch jobs (modelmux.v1.Jobs) will join them ------
+
+    def submit(
+        self,
+        api: str,
+        payload: calls.Payload = None,
+        *,
+        content_type: str = "application/octet-stream",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        """Queues a request for an AsyncAPI's handle_async; returns its id once it is stored.
+        Without ``request_id`` the client makes one, so that a retried call is the same request."""
+        request = calls.submit_request(
+            api, payload, content_type=content_type, request_id=request_id
+        )
+        return self._call(self._stubs().asyncs.Submit, request, timeout).id
+
+    def get(
+        self, request_id: str, *, api: str = "", timeout: float | None = None
+    ) -> calls.AsyncRequest:
+        """The request's state, and its result or error once it ended."""
+        request = async_pb2.GetRequest(api=api, id=request_id)
+        return calls.async_request(self._call(self._stubs().asyncs.Get, request, timeout).request)
+
+    def watch(
+        self, request_id: str, *, api: str = "", timeout: float | None = None
+    ) -> Generator[calls.AsyncRequest, None, None]:
+        """The request now, then at each change; ends after its terminal state."""
+        stream = self._stubs().asyncs.Watch(
+            async_pb2.WatchRequest(api=api, id=request_id),
+            timeout=timeout,
+            metadata=self.settings.metadata or None,
+            wait_for_ready=self.settings.wait_for_ready,
+        )
+        try:
+            for update in stream:
+                yield calls.async_request(update.request)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        finally:
+            stream.cancel()
+
+    def cancel(
+        self, request_id: str, *, api: str = "", timeout: float | None = None
+    ) -> calls.AsyncRequest:
+        """Cancels a request that has not ended (FailedPreconditionError once it has)."""
+        request = async_pb2.CancelRequest(api=api, id=request_id)
+        reply = self._call(self._stubs().asyncs.Cancel, request, timeout)
+        return calls.async_request(reply.request)
+
+    def list_requests(
+        self,
+        api: str,
+        *,
+        states: Sequence[str] = (),
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> tuple[list[calls.AsyncRequest], str]:
+        """One page of an API's requests (no results) and the token of the next ("" at the end)."""
+        request = calls.list_request(api, states=states, page_size=page_size, page_token=page_token)
+        return calls.async_page(self._call(self._stubs().asyncs.List, request, timeout))
 
     def close(self) -> None:
         for stubs in self._pool:
