@@ -343,9 +343,10 @@ def test_metrics_endpoint(client: Client, stack: tuple[Proc, Path]) -> None:
                 "name": "a",
                 "kind": "AsyncAPI",
                 "handler": {"type": "tensorflow", "models": {"path": "/m"}},
+                "async": {},
             },
             "apis[0].handler.path",
-            "runs a handler",
+            "runs handle_async",
         ),
         (
             {
