@@ -28,8 +28,6 @@ from modelsync_helpers import MotoServer, moto_for_module, new_bucket
 
 from modelmux.client import Client
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
