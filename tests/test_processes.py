@@ -324,8 +324,8 @@ def test_sigkill_of_up_stops_everything_it_started(tmp_path: Path, up_config: Pa
     try:
         wait_serving(addresses(up_config)[0])
         stack = descendants(up.pid)
-        # backend, modelsync, gateway and the gateway's four handler workers
-        assert len(stack) == 7, [_command(p) for p in stack]
+        # backend, modelsync, gateway and the gateway's five handler workers (one per example API)
+        assert len(stack) == 8, [_command(p) for p in stack]
         # a second `make run` beside it fails at once, naming every taken address and its holder
         started = time.monotonic()
         second = run("up", "--config", str(up_config), timeout=30)

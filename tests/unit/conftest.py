@@ -30,8 +30,12 @@ def _loopback_only(connect: Any) -> Any:
 
 @pytest.fixture(autouse=True)
 def _pure(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    # in a whole-suite run other tests have imported them already: only new imports count
+    before = set(sys.modules)
     monkeypatch.setattr(subprocess.Popen, "_execute_child", _refuse_process)
     monkeypatch.setattr(socket.socket, "connect", _loopback_only(socket.socket.connect))
     yield
-    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "backend"))
+    loaded = sorted(
+        m for m in set(sys.modules) - before if m.split(".")[0] in ("tensorflow", "backend")
+    )
     assert not loaded, f"the unit tier imported {loaded[:5]}"
