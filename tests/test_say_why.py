@@ -589,6 +589,14 @@ def test_two_python_apis_log_their_own_api_from_every_thread(
         with grpc.insecure_channel(gateway.address) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             for api_name, model, field in (("py-a", "fahrenheit", 212), ("py-b", "kelvin", 373.15)):
+                if api_name == "py-b":  # its load must be the one ahead of any call, not the call's
+                    deadline = time.monotonic() + 30
+                    while not any(
+                        e.get("event") == "model_loaded" and e.get("model") == model
+                        for e in gateway.lines
+                    ):
+                        assert time.monotonic() < deadline, "py-b never loaded kelvin on its own"
+                        time.sleep(0.1)
                 request = inference_pb2.InvokeRequest(api=api_name, query_params={"model": model})
                 json_format.ParseDict({"celsius": 100}, request.json)
                 deadline = time.monotonic() + 30
