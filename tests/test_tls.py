@@ -23,7 +23,7 @@ from gateway_helpers import wait_for, write_config
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from modelsync_helpers import api, cpu_model, running, write_tree
 from modelsync_helpers import write_config as write_modelsync_config
-from test_gateway import GRPCURL, X
+from test_gateway import GRPCURL, IRIS, IRIS_INPUTS, X
 
 from gateway.follower import Follower
 from gateway.server import Gateway
@@ -31,6 +31,7 @@ from modelmux.client import Client, Tls, UnavailableError
 from modelmux_common import config as config_mod
 from modelmux_common.config import ClientTls
 
+HANDLERS = Path(__file__).parent / "handlers"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 Y = [3.5, 4.0, 5.5]  # half_plus_two v2 (the latest) of X
 
@@ -107,9 +108,11 @@ async def predict(address: str, tls: Tls | None) -> list[float]:
 
 
 async def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real grpcurl. Its handshake gets 2 s, which the calls that succeed here show is
+    enough: grpcurl waits that long for one that is refused instead of saying why."""
     return await asyncio.to_thread(
         subprocess.run,
-        [GRPCURL, "-max-time", "10", *args],
+        [GRPCURL, "-max-time", "10", "-connect-timeout", "2", *args],
         capture_output=True,
         text=True,
         timeout=30,
@@ -166,13 +169,23 @@ async def tls_gw(
 async def mtls_gw(
     tmp_path_factory: pytest.TempPathFactory, example_models: Path, backend: Proc, pki: Pki
 ) -> AsyncIterator[Gateway]:
-    """A gateway that requires client certificates of the test CA."""
+    """A gateway that requires client certificates of the test CA, with a handler API."""
     tls = {"cert": str(pki.server.cert), "key": str(pki.server.key), "client_ca": str(pki.ca_file)}
+    half = {"paths": [{"name": "half_plus_two", "path": str(example_models / "half_plus_two")}]}
+    iris = {
+        "name": "iris",
+        "handler": {
+            "type": "tensorflow",
+            "path": str(HANDLERS / "iris_predictor.py"),
+            "models": {"path": str(example_models / "iris")},
+        },
+    }
     cfg = write_config(
         tmp_path_factory.mktemp("mtls-gw") / "modelmux.yaml",
         models=example_models,
         backends=[{"name": "cpu-0", "address": backend.address}],
         gateway={"tls": tls},
+        apis=[{"name": "half-plus-two", "handler": {"type": "tensorflow", "models": half}}, iris],
     )
     gw = await tls_gateway(cfg, credentials(pki, pki.client))
     yield gw
@@ -206,6 +219,17 @@ async def test_mtls_refuses_a_client_without_a_certificate(mtls_gw: Gateway, pki
         await predict(mtls_gw.address, client_tls(pki, pki.stranger))  # another CA's
     with pytest.raises(UnavailableError):
         await predict(mtls_gw.address, None)
+
+
+async def test_a_handler_behind_an_mtls_gateway(mtls_gw: Gateway, pki: Pki) -> None:
+    """Invoke over mTLS; the handler's own Predict reaches the gateway on its unix socket."""
+
+    def invoke() -> object:
+        tls = client_tls(pki, pki.client)
+        with Client(mtls_gw.address, tls=tls, retry=None, timeout=30) as client:
+            return client.invoke("iris", dict(zip(IRIS_INPUTS, IRIS["setosa"], strict=True)))
+
+    assert await asyncio.to_thread(invoke) == "setosa"
 
 
 async def test_grpcurl_over_tls_and_mtls(
