@@ -12,8 +12,9 @@ import yaml
 
 from gateway.auth import Authorizer
 from gateway.errors import PermissionDenied, Unauthenticated
-from modelmux_common.config import ConfigError, load
+from modelmux_common.config import ClientTls, ConfigError, load
 from modelmux_common.config.schema import AuthSpec, TokenSpec
+from modelmux_common.security import ClientCertificates
 
 SECRET = "s3cr3t-token_value~1"
 
@@ -141,3 +142,23 @@ def test_a_handler_call_passes_only_with_the_secret(tmp_path: Path) -> None:
     auth.check("invoke", Context(mark))  # type: ignore[arg-type]
     with pytest.raises(Unauthenticated):
         auth.check("invoke", Context(("x-modelmux-handler-call", "1")))  # type: ignore[arg-type]
+
+
+def test_client_certificates_tell_when_their_files_changed(
+    tmp_path: Path, pem: dict[str, str]
+) -> None:
+    """What makes the gateway open a new backend or modelsync channel: a file replaced (a
+    rename over it, as a secret volume does), not a file left as it is or one missing a moment."""
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(Path(pem["ca"]).read_bytes())
+    files = ClientCertificates(ClientTls(ca=str(ca), cert=pem["cert"], key=pem["key"]))
+    files.credentials()
+    assert not files.changed()
+    renewed = tmp_path / "renewed.pem"
+    renewed.write_bytes(trustme.CA().cert_pem.bytes())
+    renewed.replace(ca)
+    assert files.changed()
+    files.credentials()
+    assert not files.changed()
+    ca.unlink()
+    assert not files.changed()  # being replaced: the next check sees the new file
