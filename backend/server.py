@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -18,8 +19,9 @@ from backend.services import Device, ModelService, PredictionService
 from backend.tfserving import model_service_pb2, prediction_service_pb2
 from modelmux_common import config as mm_config
 from modelmux_common import grpcutil, logs
-from modelmux_common.config import Accelerator, ConfigError
+from modelmux_common.config import Accelerator, ConfigError, ServerTls
 from modelmux_common.listen import server_options
+from modelmux_common.security import TlsError, check_ca, check_certificate, server_credentials
 
 log = structlog.get_logger("modelmux.backend")
 
@@ -42,6 +44,7 @@ class Settings:
     models: tuple[ModelSpec, ...] | None = None  # from --model-config-file
     max_message_bytes: int = MAX_MESSAGE_BYTES
     device: Device | None = None  # --device-time / --device-slots
+    tls: ServerTls | None = None  # --tls-cert / --tls-key / --tls-client-ca
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -74,7 +77,28 @@ class Settings:
             poll_interval=poll_interval,
             models=tuple(models) if models is not None else None,
             device=device,
+            tls=_tls(args),
         )
+
+
+def _tls(args: argparse.Namespace) -> ServerTls | None:
+    """The --tls-* flags, checked (ConfigError naming the flag)."""
+    cert, key, ca = (getattr(args, f"tls_{k}", None) for k in ("cert", "key", "client_ca"))
+    if not (cert or key or ca):
+        return None
+    if not (cert and key):
+        raise ConfigError("<command line>", "--tls-cert", "--tls-cert and --tls-key go together")
+    paths = [os.path.abspath(p) if p else "" for p in (cert, key, ca)]
+    for flag, path in zip(("--tls-cert", "--tls-key", "--tls-client-ca"), paths, strict=True):
+        if path and not os.path.isfile(path):
+            raise ConfigError("<command line>", flag, f"{path} does not exist")
+    try:
+        check_certificate(paths[0], paths[1])
+        if paths[2]:
+            check_ca(paths[2])
+    except TlsError as exc:
+        raise ConfigError("<command line>", "--tls-*", str(exc)) from None
+    return ServerTls(cert=paths[0], key=paths[1], client_ca=paths[2])
 
 
 def _backend_entry(path: str, name: str) -> mm_config.BackendConfig:
@@ -118,7 +142,8 @@ async def serve(settings: Settings) -> None:
         manager = ModelManager(accelerator=settings.accelerator, executor=executor)
         server = build_server(manager, settings)
         health = grpcutil.add_health_and_reflection(server, SERVICE_NAMES)
-        address = grpcutil.bind(server, settings.listen)
+        credentials = server_credentials(settings.tls, what="backend")
+        address = grpcutil.bind(server, settings.listen, credentials=credentials)
         await server.start()
         if settings.models is not None:
             await _apply_start_config(manager, list(settings.models))

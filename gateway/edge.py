@@ -9,6 +9,7 @@ The edge calls down into the API modules (gateway.api); nothing below calls back
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import os
 import time
@@ -18,6 +19,7 @@ from typing import Any
 import grpc
 import structlog
 
+from gateway.auth import HANDLER_CALL_KEY, Guard
 from gateway.errors import ECHO_LIMIT, GatewayError, Unavailable, bounded, shown
 from modelmux_common.logs import hot_info
 
@@ -53,16 +55,12 @@ RawHandler = Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], Awaitable[byt
 
 
 def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The caller's x-request-id (at most ECHO_LIMIT characters of it: it is logged and passed
+    on), or one of ours."""
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id" and value:
-            return str(value)
+            return str(value)[:ECHO_LIMIT]
     return _PREFIX + str(next(_ids))
-
-
-def _from_handler(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
-    """A handler's own call to the gateway (see gateway/handlers/clients.py): it belongs to an
-    Invoke the gateway accepted, so draining lets it through."""
-    return ("x-modelmux-handler-call", "1") in (context.invocation_metadata() or ())
 
 
 class Lifecycle:
@@ -70,9 +68,14 @@ class Lifecycle:
 
     A call counts until grpc has sent its status (a done callback), not only until its handler
     returned: the shutdown closes connections once no call counts, and a reply still on its way
-    out then would be lost, the caller seeing UNAVAILABLE for a call that ran."""
+    out then would be lost, the caller seeing UNAVAILABLE for a call that ran.
 
-    def __init__(self) -> None:
+    ``handler_secret`` is what a handler's own calls to the gateway carry (HANDLER_CALL_KEY, see
+    gateway/auth.py): they belong to an Invoke the gateway accepted, so draining lets
+    them through and gateway.auth does not ask them for a token."""
+
+    def __init__(self, handler_secret: str = "") -> None:
+        self._secret = handler_secret.encode()
         self.active = 0
         self.draining = False
         self.idle = asyncio.Event()
@@ -88,6 +91,14 @@ class Lifecycle:
         if not self.active:
             self.idle.set()
 
+    def from_handler(self, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+        if not self._secret:
+            return False
+        for key, value in context.invocation_metadata() or ():
+            if key == HANDLER_CALL_KEY and isinstance(value, str):
+                return hmac.compare_digest(value.encode(), self._secret)
+        return False
+
     async def drained(self, grace: float) -> bool:
         """Refuse new calls and wait (at most ``grace`` s) for those in progress; True if all ended."""
         self.draining = True
@@ -98,7 +109,15 @@ class Lifecycle:
         return True
 
 
-def edge(rpc: str, handler: Handler, *, log_requests: bool, lifecycle: Lifecycle) -> RawHandler:
+def edge(
+    rpc: str,
+    handler: Handler,
+    *,
+    log_requests: bool,
+    lifecycle: Lifecycle,
+    guard: Guard | None = None,
+) -> RawHandler:
+    """``handler`` as a gRPC method; ``guard`` (gateway.auth) runs before it when given."""
     summary = hot_info("modelmux.gateway")
 
     async def run(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
@@ -107,8 +126,10 @@ def edge(rpc: str, handler: Handler, *, log_requests: bool, lifecycle: Lifecycle
         code = grpc.StatusCode.OK
         lifecycle.begin(context)
         try:
-            if lifecycle.draining and not _from_handler(context):
+            if lifecycle.draining and not lifecycle.from_handler(context):
                 raise Unavailable("the gateway is shutting down; retry on another instance")
+            if guard is not None:
+                guard(context)
             return await handler(request, context, call)
         except GatewayError as exc:
             code = exc.code
@@ -147,6 +168,7 @@ def stream_edge(
     handler: Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[bytes]],
     *,
     lifecycle: Lifecycle,
+    guard: Guard | None = None,
 ) -> Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[bytes]]:
     """The error edge of a server-streaming RPC (long-lived: not counted for draining)."""
 
@@ -156,6 +178,8 @@ def stream_edge(
         try:
             if lifecycle.draining:
                 raise Unavailable("the gateway is shutting down; retry on another instance")
+            if guard is not None:
+                guard(context)
             async for item in handler(request, context):
                 yield item
         except GatewayError as exc:

@@ -65,6 +65,14 @@ class Unimplemented(GatewayError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
+class Unauthenticated(GatewayError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(GatewayError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 def parse(cls: type[Message], data: bytes) -> Any:
     """A request message from its bytes; INVALID_ARGUMENT naming the message when they don't parse."""
     try:

@@ -26,6 +26,8 @@ import structlog
 
 from gateway.catalog import DesiredModel, Problems, Servable
 from modelmux.modelsync.v1 import modelsync_pb2, modelsync_pb2_grpc
+from modelmux_common.config import ClientTls
+from modelmux_common.security import ClientCertificates, aio_channel
 
 log = structlog.get_logger("modelmux.gateway")
 
@@ -82,8 +84,11 @@ class Follower:
         gpu_apis: frozenset[str] = frozenset(),
         skip_apis: frozenset[str] = frozenset(),
         on_problems: Callable[[Problems], None] | None = None,
+        tls: ClientTls | None = None,
     ) -> None:
         self.address = address
+        # over TLS: the files are checked at each subscription, and a change opens a new channel
+        self._tls = ClientCertificates(tls) if tls is not None else None
         self.gpu_apis = gpu_apis
         # APIs whose models the backends never load (python handlers): left out of the catalogue
         self.skip_apis = skip_apis
@@ -170,9 +175,13 @@ class Follower:
             ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", int(MAX_BACKOFF * 1000)),
         ]
-        async with grpc.aio.insecure_channel(self.address, options=options) as channel:
-            stub = modelsync_pb2_grpc.ModelSyncStub(channel)
+        channel = aio_channel(self.address, self._tls, options)
+        try:
             while True:
+                if self._tls is not None and self._tls.changed():
+                    await channel.close()
+                    channel = aio_channel(self.address, self._tls, options)
+                stub = modelsync_pb2_grpc.ModelSyncStub(channel)
                 try:
                     request = modelsync_pb2.WatchEventsRequest(
                         from_revision=self.revision, instance=self.instance
@@ -200,6 +209,8 @@ class Follower:
                 self._set_connected(False, error)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
+        finally:
+            await channel.close()
 
     def _set_connected(self, connected: bool, error: str = "") -> None:
         if connected == self.connected:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ from gateway.api.inference import Inference
 from gateway.api.models import Models
 from gateway.asyncapi.service import SERVICE as ASYNC_SERVICE
 from gateway.asyncapi.service import AsyncApis
+from gateway.auth import HANDLER_SECRET_ENV, Authorizer
 from gateway.batching import Batching, Policy
 from gateway.catalog import expected_models, gpu_apis, static_catalog
 from gateway.edge import Call, Handler, Lifecycle, edge, stream_edge
@@ -48,6 +50,7 @@ from modelmux_common.grpcutil import (
 from modelmux_common.listen import ListenError, server_options
 from modelmux_common.metrics import MULTIPROC_ENV, Endpoint
 from modelmux_common.quiesce import close_listeners_and_connections
+from modelmux_common.security import server_credentials
 
 log = structlog.get_logger("modelmux.gateway")
 
@@ -75,7 +78,10 @@ class Gateway:
         self.start_failed = asyncio.Event()
         self._settled_once = False
         gw = config.gateway
-        self.lifecycle = Lifecycle()
+        # handler workers' own calls carry this secret (gateway/auth.py); one per start
+        handler_secret = secrets.token_urlsafe(32)
+        self.lifecycle = Lifecycle(handler_secret)
+        self.auth = Authorizer(gw.auth, from_handler=self.lifecycle.from_handler)
         self.fleet = _fleet(config, manage=manage_backends and gw.manage_backends)
         self.discovery = Discovery(self.fleet, config.backends, interval=gw.dns_refresh)
         self.follower = _follower(config, self.fleet)
@@ -92,10 +98,11 @@ class Gateway:
         metrics_env = (
             {MULTIPROC_ENV: self.metrics_dir} if gw.metrics_listen and self.runtime_dir else {}
         )
+        workers_env = {**metrics_env, HANDLER_SECRET_ENV: handler_secret}
         self.metrics: Endpoint | None = None
         try:
             self.handlers = Handlers(
-                config, self.runtime_dir, set(BUILTIN_SERVICES), env=metrics_env
+                config, self.runtime_dir, set(BUILTIN_SERVICES), env=workers_env
             )
         except BaseException:
             self._remove_runtime_dir()
@@ -130,20 +137,26 @@ class Gateway:
         Python lookup per call."""
         gw, models, handlers = self.config.gateway, self.models_api, self.handlers
 
-        def wrap(service: str, method: str, fn: Handler) -> Any:
+        guard = self.auth.guard
+
+        def wrap(service: str, method: str, fn: Handler, api: str = "") -> Any:
             return grpc.unary_unary_rpc_method_handler(
                 edge(
                     f"{service}/{method}",
                     fn,
                     log_requests=gw.log_requests,
                     lifecycle=self.lifecycle,
+                    guard=guard(api) if api else None,
                 )
             )
 
+        def predict(service: str, method: str, fn: Handler) -> Any:
+            return wrap(service, method, fn, "predict")
+
         services: dict[str, dict[str, Any]] = {
             INFERENCE_SERVICE: {
-                "Predict": wrap(INFERENCE_SERVICE, "Predict", inference.predict),
-                "Invoke": wrap(INFERENCE_SERVICE, "Invoke", handlers.invoke),
+                "Predict": predict(INFERENCE_SERVICE, "Predict", inference.predict),
+                "Invoke": wrap(INFERENCE_SERVICE, "Invoke", handlers.invoke, "invoke"),
             },
             MODELS_SERVICE: {
                 "ListModels": wrap(MODELS_SERVICE, "ListModels", models.list_models),
@@ -159,11 +172,11 @@ class Gateway:
                 ),
             },
             PREDICTION_SERVICE: {
-                m: wrap(PREDICTION_SERVICE, m, facade.forwarding(m)) for m in FORWARDED_METHODS
+                m: predict(PREDICTION_SERVICE, m, facade.forwarding(m)) for m in FORWARDED_METHODS
             },
             MODEL_SERVICE: {
-                "GetModelStatus": wrap(MODEL_SERVICE, "GetModelStatus", facade.get_model_status),
-                "HandleReloadConfigRequest": wrap(
+                "GetModelStatus": predict(MODEL_SERVICE, "GetModelStatus", facade.get_model_status),
+                "HandleReloadConfigRequest": predict(
                     MODEL_SERVICE, "HandleReloadConfigRequest", facade.reload_config
                 ),
             },
@@ -176,20 +189,28 @@ class Gateway:
             ASYNC_SERVICE,
             {
                 **{
-                    name: wrap(ASYNC_SERVICE, name, getattr(asyncapi, name.lower()))
+                    name: wrap(ASYNC_SERVICE, name, getattr(asyncapi, name.lower()), "async")
                     for name in ("Submit", "Get", "Cancel", "List")
                 },
                 "Watch": grpc.unary_stream_rpc_method_handler(
-                    stream_edge(asyncapi.watch, lifecycle=self.lifecycle)
+                    stream_edge(asyncapi.watch, lifecycle=self.lifecycle, guard=guard("async"))
                 ),
             },
         )
 
         def wrap_unary(rpc: str, fn: Handler) -> Any:
-            return edge(rpc, fn, log_requests=gw.log_requests, lifecycle=self.lifecycle)
+            return edge(
+                rpc,
+                fn,
+                log_requests=gw.log_requests,
+                lifecycle=self.lifecycle,
+                guard=guard("invoke"),
+            )
 
         def wrap_stream(rpc: str, fn: Any) -> Any:
-            return stream_edge(lambda r, c: fn(r, c, Call(c)), lifecycle=self.lifecycle)
+            return stream_edge(
+                lambda r, c: fn(r, c, Call(c)), lifecycle=self.lifecycle, guard=guard("invoke")
+            )
 
         self.server.add_generic_rpc_handlers(handlers.method_handlers(wrap_unary, wrap_stream))
 
@@ -266,7 +287,10 @@ class Gateway:
     async def start(self) -> str:
         try:
             shared = self.config.gateway.workers > 1
-            self.address = bind(self.server, self.config.gateway.listen, shared_port=shared)
+            tls = server_credentials(self.config.gateway.tls, what="gateway")
+            self.address = bind(
+                self.server, self.config.gateway.listen, shared_port=shared, credentials=tls
+            )
             self.bound = [self.address]
             if self.handlers.pools:  # tensorflow_client reaches the gateway here
                 self.bound.append(bind(self.server, self.handlers.gateway))
@@ -349,6 +373,7 @@ def _follower(config: Config, fleet: Fleet) -> Follower | None:
         gpu_apis=gpu_apis(config),
         skip_apis=python_apis,
         on_problems=fleet.set_problems,
+        tls=config.gateway.modelsync_tls,
     )
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.errors import InvalidArgument
+from gateway.errors import InvalidArgument, shown
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +30,7 @@ def check_input_names(names: Iterable[str], signature: Signature, signature_name
     if unknown:
         expected = ", ".join(sorted(signature.inputs)) or "none"
         raise InvalidArgument(
-            f"unknown input {unknown[0]!r}: signature {signature_name!r} has the inputs {expected}"
+            f"unknown input {shown(unknown[0])}: signature {signature_name!r} has the inputs {expected}"
         )
 
 

@@ -93,25 +93,25 @@ def typed_to_proto(name: str, tensor: tensor_pb2.Tensor, proto: TensorProto) -> 
     """Our Tensor -> ``proto`` (a TensorProto), checking dtype and that content matches shape."""
     entry = _OURS.get(tensor.dtype)
     if entry is None:
-        raise InvalidArgument(f"input {name!r}: dtype is not set or unknown ({tensor.dtype})")
+        raise InvalidArgument(f"input {shown(name)}: dtype is not set or unknown ({tensor.dtype})")
     tf_dtype, np_dtype = entry
     shape = list(tensor.shape)
     if any(d < 0 for d in shape):
-        raise InvalidArgument(f"input {name!r}: shape {shape} has a negative dimension")
+        raise InvalidArgument(f"input {shown(name)}: shape {shape} has a negative dimension")
     count = math.prod(shape)
     proto.dtype = tf_dtype
     _set_shape(proto, shape)
     if np_dtype is None:
         if len(tensor.string_values) != count:
             raise InvalidArgument(
-                f"input {name!r}: shape {shape} needs {count} string_values, got {len(tensor.string_values)}"
+                f"input {shown(name)}: shape {shape} needs {count} string_values, got {len(tensor.string_values)}"
             )
         proto.string_val.extend(tensor.string_values)
         return
     expected = count * np_dtype.itemsize
     if len(tensor.content) != expected:
         raise InvalidArgument(
-            f"input {name!r}: shape {shape} of {D.Name(tensor.dtype)} needs {expected} content bytes, "
+            f"input {shown(name)}: shape {shape} of {D.Name(tensor.dtype)} needs {expected} content bytes, "
             f"got {len(tensor.content)}"
         )
     proto.tensor_content = tensor.content
@@ -191,28 +191,30 @@ def json_to_proto(
         try:
             proto.string_val.extend(_utf8(v) for v in array.reshape(-1))
         except TypeError:
-            raise InvalidArgument(f"input {name!r}: expected strings for DT_STRING") from None
+            raise InvalidArgument(f"input {shown(name)}: expected strings for DT_STRING") from None
         return
     np_dtype = NUMPY_OF_TF.get(tf_dtype)
     if np_dtype is None:
         raise InvalidArgument(
-            f"input {name!r}: dtype {tf_dtype_name(tf_dtype)} cannot come from JSON"
+            f"input {shown(name)}: dtype {tf_dtype_name(tf_dtype)} cannot come from JSON"
         )
     try:
         raw = np.array(value)
         if raw.dtype.kind in "UO" and np_dtype.kind == "f":  # "NaN", "Infinity", "-Infinity"
             raw = np.array(_non_finite(value))
     except ValueError:
-        raise InvalidArgument(f"input {name!r}: nested lists are ragged (not a tensor)") from None
+        raise InvalidArgument(
+            f"input {shown(name)}: nested lists are ragged (not a tensor)"
+        ) from None
     except KeyError as exc:
         raise InvalidArgument(
-            f"input {name!r}: expected numbers for {tf_dtype_name(tf_dtype)}, got strings "
+            f"input {shown(name)}: expected numbers for {tf_dtype_name(tf_dtype)}, got strings "
             f'({shown(exc.args[0])} is none of "NaN", "Infinity", "-Infinity")'
         ) from None
     _check_rectangular(name, raw, value)
     if raw.size and raw.dtype.kind not in "biuf":
         raise InvalidArgument(
-            f"input {name!r}: expected numbers for {tf_dtype_name(tf_dtype)}, got {_json_kind(raw)}"
+            f"input {shown(name)}: expected numbers for {tf_dtype_name(tf_dtype)}, got {_json_kind(raw)}"
         )
     if (
         np_dtype.kind in "iu"
@@ -220,11 +222,13 @@ def json_to_proto(
         and raw.size
         and not (np.isfinite(raw).all() and np.all(np.mod(raw, 1) == 0))
     ):
-        raise InvalidArgument(f"input {name!r}: expected integers for {tf_dtype_name(tf_dtype)}")
+        raise InvalidArgument(
+            f"input {shown(name)}: expected integers for {tf_dtype_name(tf_dtype)}"
+        )
     try:
         array = raw.astype(np_dtype, casting="unsafe")
     except (TypeError, ValueError, OverflowError) as exc:
-        raise InvalidArgument(f"input {name!r}: {exc}") from None
+        raise InvalidArgument(f"input {shown(name)}: {exc}") from None
     _set_shape(proto, array.shape)
     proto.tensor_content = array.tobytes()
 
@@ -258,7 +262,7 @@ def _check_rectangular(name: str, array: np.ndarray[Any, Any], value: Any) -> No
         and isinstance(value, list)
         and any(isinstance(v, list) for v in value)
     ):
-        raise InvalidArgument(f"input {name!r}: nested lists are ragged (not a tensor)")
+        raise InvalidArgument(f"input {shown(name)}: nested lists are ragged (not a tensor)")
 
 
 def proto_to_json(proto: TensorProto) -> Any:

@@ -9,13 +9,17 @@ run the forwarder and the reconciler against it with no server and no port.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
+import structlog
 
+from modelmux_common.config import ClientTls
 from modelmux_common.grpcutil import message_size_options
+from modelmux_common.security import ClientCertificates, aio_channel
 from modelmux_common.tfserving import (
     get_model_status_pb2,
     model_management_pb2,
@@ -27,6 +31,8 @@ END = VersionState.END
 
 _PS = "/tensorflow.serving.PredictionService/"
 _MS = "/tensorflow.serving.ModelService/"
+log = structlog.get_logger("modelmux.gateway")
+
 FORWARDED_METHODS = ("Predict", "Classify", "Regress", "MultiInference", "GetModelMetadata")
 
 
@@ -60,17 +66,29 @@ class Transport(Protocol):
 
 
 class GrpcTransport:
-    """TF Serving's gRPC API on one channel."""
+    """TF Serving's gRPC API on one channel; over TLS with ``tls``, on a new channel once the
+    certificate files change (checked at each status poll and reload, never per forwarded call;
+    the old channel's calls finish within ``RETIRE_GRACE``)."""
 
-    def __init__(self, address: str, *, max_message_bytes: int) -> None:
-        options = [
+    RETIRE_GRACE = 30.0
+
+    def __init__(
+        self, address: str, *, max_message_bytes: int, tls: ClientTls | None = None
+    ) -> None:
+        self.address = address
+        self._options: list[tuple[str, Any]] = [
             *message_size_options(max_message_bytes),
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 2000),
             ("grpc.keepalive_time_ms", 30000),
         ]
-        self.channel = grpc.aio.insecure_channel(address, options=options)
+        self._tls = ClientCertificates(tls) if tls is not None else None
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._open()
+
+    def _open(self) -> None:
+        self.channel = aio_channel(self.address, self._tls, self._options)
         # raw bytes both ways: no (de)serializer, so gRPC calls no Python function per message
         self._calls: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {
             method: self.channel.unary_unary(_PS + method) for method in FORWARDED_METHODS
@@ -86,11 +104,23 @@ class GrpcTransport:
             response_deserializer=model_management_pb2.ReloadConfigResponse.FromString,
         )
 
+    def _renew(self) -> None:
+        """A new channel when the TLS files changed; the old one closes in the background."""
+        if self._tls is None or not self._tls.changed():
+            return
+        old = self.channel
+        self._open()
+        log.info("backend_tls_reloaded", address=self.address)
+        task = asyncio.get_running_loop().create_task(old.close(grace=self.RETIRE_GRACE))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
     def forward(self, method: str, data: bytes, *, timeout: float | None) -> Awaitable[bytes]:
         # the call object itself is awaited: no coroutine frame of ours per call
         return self._calls[method](data, timeout=timeout)
 
     async def reload(self, config: Any, *, timeout: float) -> None:
+        self._renew()
         request = model_management_pb2.ReloadConfigRequest(config=config)
         response = await self._reload(request, timeout=timeout)
         if response.status.error_code:
@@ -101,6 +131,7 @@ class GrpcTransport:
     async def model_status(
         self, servable: str, *, timeout: float
     ) -> dict[int, VersionStatus] | None:
+        self._renew()
         request = get_model_status_pb2.GetModelStatusRequest()
         request.model_spec.name = servable
         try:
@@ -116,6 +147,8 @@ class GrpcTransport:
 
     async def close(self, grace: float | None = None) -> None:
         await self.channel.close(grace=grace)
+        for task in list(self._retiring):
+            task.cancel()
 
 
 def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:

@@ -61,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     backend.add_argument(
         "--device-slots", type=int, default=1, help="Predicts on the device at once (default 1)"
     )
+    backend.add_argument("--tls-cert", help="TLS: the server's certificate chain (PEM)")
+    backend.add_argument("--tls-key", help="TLS: its private key (PEM)")
+    backend.add_argument(
+        "--tls-client-ca", help="mutual TLS: CA certificates (PEM) client certificates need"
+    )
 
     gateway = sub.add_parser("gateway", help="the gateway")
     gateway.add_argument("--config", required=True, help="modelmux YAML")

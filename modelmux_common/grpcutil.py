@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import inspect
+import ipaddress
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any
@@ -177,25 +178,51 @@ def _parsing_handler(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethod
     return grpc.stream_stream_rpc_method_handler(stream_stream, response_serializer=serializer)
 
 
-def bind(server: grpc.aio.Server | grpc.Server, address: str, *, shared_port: bool = False) -> str:
+def bind(
+    server: grpc.aio.Server | grpc.Server,
+    address: str,
+    *,
+    shared_port: bool = False,
+    credentials: grpc.ServerCredentials | None = None,
+) -> str:
     """Binds ``address`` (host:port, [v6]:port or unix:path) and returns what was bound.
 
     Port 0 picks a free port; the returned address carries the real one. A taken address raises
     :class:`ListenError` (the server must be made with ``listen.server_options``): checked first,
     unless ``shared_port`` (a worker of ``gateway --workers N``, whose parent holds the port).
+    With ``credentials`` (modelmux_common.security) the port speaks TLS only; without them a TCP
+    address other than loopback logs a ``plaintext_listen`` warning.
     """
     if not shared_port:
         ensure_free(address)
     try:
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError:  # taken since the check (gRPC has logged why)
         raise ListenError(f"cannot listen on {address}") from None
+    if credentials is None and not is_local(address):
+        log.warning("plaintext_listen", address=address, hint="configure tls (docs/security.md)")
     if address.startswith("unix:"):
         return address
     if port == 0:  # what older gRPC releases return instead of raising
         raise ListenError(f"cannot listen on {address}")
     host = address.rsplit(":", 1)[0]
     return f"{host}:{port}"
+
+
+def is_local(address: str) -> bool:
+    """A unix socket or a loopback host: where plaintext stays the default without a warning."""
+    if address.startswith("unix:"):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def remaining(context: grpc.aio.ServicerContext[object, object], ceiling: float) -> float:

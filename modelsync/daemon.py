@@ -23,6 +23,7 @@ from modelmux_common.grpcutil import (
     run_until_signal,
 )
 from modelmux_common.listen import server_options
+from modelmux_common.security import server_credentials
 from modelsync.publisher import SourceSpec
 from modelsync.service import SERVICE_NAME, ModelSyncService
 from modelsync.state import StateError
@@ -57,7 +58,8 @@ class Daemon:
         pb_grpc.add_ModelSyncServicer_to_server(ModelSyncService(self.syncer), parsing(server))
         self.health = add_health_and_reflection(server, [SERVICE_NAME])
         # a busy address fails here, before the state is loaded or the target touched
-        self.address = bind(server, self.settings.listen)
+        tls = server_credentials(self.settings.tls, what="modelsync")
+        self.address = bind(server, self.settings.listen, credentials=tls)
         self.syncer.open()
         await server.start()
         self.server = server

@@ -14,10 +14,11 @@ import grpc
 from gateway.admission import Admission
 from gateway.edge import Call
 from gateway.errors import (
-    GatewayError,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
+    Unauthenticated,
     parse,
     shown,
 )
@@ -43,14 +44,6 @@ def check_label(label: str) -> None:
             f"label {shown(label)} is not a valid name (letters, digits, '_', '.', '-'; at most "
             "128 characters, starting with a letter or digit), as in the config"
         )
-
-
-class Unauthenticated(GatewayError):
-    code = grpc.StatusCode.UNAUTHENTICATED
-
-
-class PermissionDenied(GatewayError):
-    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class Models:

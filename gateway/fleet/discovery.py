@@ -30,11 +30,14 @@ async def resolve(entry: BackendConfig) -> dict[str, BackendConfig]:
     host, port = split_target(entry.address)
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     out = {}
+    tls = entry.tls
+    if tls is not None and not tls.server_name:  # the certificate names the DNS name, not an IP
+        tls = dataclasses.replace(tls, server_name=host)
     for family, _, _, _, sockaddr in infos:
         ip = str(sockaddr[0])
         address = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
         name = f"{entry.name}/{address}"
-        out[name] = dataclasses.replace(entry, name=name, address=address)
+        out[name] = dataclasses.replace(entry, name=name, address=address, tls=tls)
     return out
 
 

@@ -39,7 +39,9 @@ class Fleet:
     ) -> None:
         self.config = config
         self._transport = transport or (
-            lambda b: GrpcTransport(b.address, max_message_bytes=config.max_message_bytes)
+            lambda b: GrpcTransport(
+                b.address, max_message_bytes=config.max_message_bytes, tls=b.tls
+            )
         )
         self.desired = Desired(
             models=dict(models),

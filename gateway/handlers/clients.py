@@ -30,6 +30,7 @@ import grpc
 import numpy as np
 import structlog
 
+from gateway.auth import HANDLER_CALL_KEY, HANDLER_SECRET_ENV
 from gateway.errors import FailedPrecondition, InvalidArgument, NotFound, Status, Unavailable
 from gateway.signatures import Signature, specs
 from gateway.tensors import json_to_proto, proto_to_numpy
@@ -53,9 +54,11 @@ def call_deadline() -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-# Marks the gateway calls of a handler: a draining gateway still lets them through, since the
-# Invoke they serve was accepted before it began draining.
-HANDLER_CALL = ("x-modelmux-handler-call", "1")
+# Marks the gateway calls of a handler with the secret the gateway gave its workers (taken out of
+# the environment before the handler's code runs): a draining gateway still lets them through,
+# since the Invoke they serve was accepted before it began draining, and gateway.auth asks them
+# for no token (gateway/auth.py).
+HANDLER_CALL = (HANDLER_CALL_KEY, os.environ.pop(HANDLER_SECRET_ENV, ""))
 
 
 def _metadata() -> tuple[tuple[str, str], ...]:

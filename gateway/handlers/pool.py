@@ -28,6 +28,7 @@ import structlog
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 
+from gateway.auth import HANDLER_CALL_KEY
 from gateway.edge import Call
 from gateway.errors import (
     FailedPrecondition,
@@ -57,7 +58,7 @@ MAX_RESTART_BACKOFF = 30.0
 STABLE_AFTER = 10.0
 # Caller metadata a worker must not receive again (gRPC sets its own).
 _DROPPED = ("grpc-", ":")
-_SKIPPED_KEYS = {"user-agent", "x-request-id"}
+_SKIPPED_KEYS = {"user-agent", "x-request-id", HANDLER_CALL_KEY}
 
 
 class HandlerStartError(Exception):
@@ -108,6 +109,9 @@ class HandlerPool:
         ]
         self.limit = self.config.gateway.max_inflight
         self.timeout = self.config.gateway.handler_timeout
+        # the gateway's own tokens stay with the gateway: handler code never sees them
+        protected = self.config.gateway.auth.invoke is not None
+        self._skipped = _SKIPPED_KEYS | ({"authorization"} if protected else set())
 
     async def start(self) -> None:
         """Starts every worker; raises :class:`HandlerStartError` when one cannot start."""
@@ -267,7 +271,7 @@ class HandlerPool:
         passed = tuple(
             (k, v)
             for k, v in context.invocation_metadata() or ()
-            if not k.startswith(_DROPPED) and k not in _SKIPPED_KEYS
+            if not k.startswith(_DROPPED) and k not in self._skipped
         )
         return (*passed, ("x-request-id", call.request_id))
 

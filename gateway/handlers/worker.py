@@ -52,7 +52,7 @@ from gateway.handlers.clients import (
 from gateway.tensors import from_value
 from modelmux.v1 import inference_pb2
 from modelmux_common import logs, supervision
-from modelmux_common.config import ApiConfig, Config
+from modelmux_common.config import ApiConfig, ClientTls, Config
 from modelmux_common.grpcutil import bind, message_size_options
 from modelmux_common.listen import ListenError, server_options
 
@@ -186,14 +186,14 @@ class Runtime:
         if api.kind == "AsyncAPI" and not callable(self.async_entry):
             raise StartError(f"{cls.__name__} has no handle_async method (the API is an AsyncAPI)")
         if self.models is not None:
-            self._follow(config.gateway.modelsync, self.models)
+            self._follow(config.gateway.modelsync, self.models, config.gateway.modelsync_tls)
 
     def _load_model(self, path: str) -> Any:
         if self.handler is None:
             raise RuntimeError("get_model() cannot be called before __init__ returns")
         return self.handler.load_model(path)
 
-    def _follow(self, address: str, client: ModelClient) -> None:
+    def _follow(self, address: str, client: ModelClient, tls: ClientTls | None) -> None:
         """Keeps ``client`` current from modelsync, on a thread of its own."""
         api = self.api.name
 
@@ -212,7 +212,7 @@ class Runtime:
                     }
                 )
 
-            follower = Follower(address, changed, on_problems=refused)
+            follower = Follower(address, changed, on_problems=refused, tls=tls)
             follower.start()
             await asyncio.Event().wait()
 

@@ -16,11 +16,13 @@ from modelmux_common.config.schema import (
     ApiConfig,
     AsyncConfig,
     BackendConfig,
+    ClientTls,
     Config,
     GatewayConfig,
     ModelSource,
     ModelsyncConfig,
     Seconds,
+    ServerTls,
 )
 
 __all__ = [
@@ -30,12 +32,14 @@ __all__ = [
     "ApiConfig",
     "AsyncConfig",
     "BackendConfig",
+    "ClientTls",
     "Config",
     "ConfigError",
     "GatewayConfig",
     "ModelSource",
     "ModelsyncConfig",
     "Seconds",
+    "ServerTls",
     "load",
     "parse_duration",
     "parse_size",

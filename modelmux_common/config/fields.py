@@ -289,6 +289,19 @@ def file(suffix: str) -> Kind:
     return Kind(f"{suffix} file", parse)
 
 
+def _existing_file(value: Any, key: str, ctx: Context) -> str:
+    """A file named relative to the config file that exists now (its content is checked by the
+    section's rules); empty when not given."""
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str):
+        raise ValueError("expected a file path")
+    path = (ctx.base / value).resolve()
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist")
+    return str(path)
+
+
 def _at(parse: Callable[[Any, str, Context], Any], value: Any, key: str, ctx: Context) -> Any:
     try:
         return parse(value, key, ctx)
@@ -309,6 +322,7 @@ URI = Kind("s3:// URI or folder", _uri, expect="an s3:// URI or a folder path")
 ADDRESS = Kind("address", _address, expect="host:port, dns:///name:port or unix:path")
 MAPPING = Kind("mapping", _mapping, lambda v: "{}")
 SCALAR = Kind("number or string", _scalar)
+FILE = Kind("file", _existing_file)
 LABELS = Kind("mapping", _labels, lambda v: "{}")
 SECTION = Kind("section", lambda v, k, c: v)
 SECTIONS = Kind("list", lambda v, k, c: v)

@@ -65,10 +65,15 @@ def _layers(overrides: Mapping[str, Mapping[str, Any]]) -> Layers:
             continue
         section = key_of(f)
         layer = layers.setdefault(section, {})
-        for key in map(key_of, dataclasses.fields(spec.section)):
+        for key in (key_of(k) for k in dataclasses.fields(spec.section) if not _is_section(k)):
             env = os.environ.get(f"MODELMUX_{section.upper()}_{key.upper()}")
             if env is not None:
                 layer[key] = env
     for section, flags in overrides.items():
         layers.setdefault(section, {}).update((k, v) for k, v in flags.items() if v is not None)
     return layers
+
+
+def _is_section(f: dataclasses.Field[Any]) -> bool:
+    """A section inside a section (``gateway.tls``) takes no environment variable."""
+    return spec_of(f).section is not None

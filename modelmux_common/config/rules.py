@@ -14,13 +14,17 @@ from modelmux_common.config.fields import Context, rule
 from modelmux_common.config.schema import (
     ApiSpec,
     BatchingSpec,
+    ClientTls,
     ComputeSpec,
     Config,
     Document,
     HandlerSpec,
     ModelsSpec,
+    ServerTls,
+    TokenSpec,
     positive,
 )
+from modelmux_common.security import TlsError, check_ca, check_certificate, read_tokens
 
 GatewayRule = Callable[[Config, Context], None]
 GATEWAY_RULES: list[GatewayRule] = []
@@ -136,6 +140,48 @@ def _batching(handler: HandlerSpec, key: str, ctx: Context) -> None:
         )
     if batching.max_batch_size is None:
         raise ctx.fail(f"{bkey}.max_batch_size", "required when batching is configured")
+
+
+@rule(ServerTls)
+def _server_tls(tls: ServerTls, key: str, ctx: Context) -> None:
+    """A TLS section's `key` is the private key of its `cert`; `client_ca` holds CA certificates."""
+    try:
+        check_certificate(tls.cert, tls.key)
+    except TlsError as exc:
+        raise ctx.fail(f"{key}.key", str(exc)) from None
+    if tls.client_ca:
+        try:
+            check_ca(tls.client_ca)
+        except TlsError as exc:
+            raise ctx.fail(f"{key}.client_ca", str(exc)) from None
+
+
+@rule(ClientTls)
+def _client_tls(tls: ClientTls, key: str, ctx: Context) -> None:
+    """A client's `cert` and `key` come together and match; `ca` holds CA certificates."""
+    if bool(tls.cert) != bool(tls.key):
+        raise ctx.fail(f"{key}.{'key' if tls.cert else 'cert'}", "cert and key go together")
+    try:
+        if tls.cert:
+            check_certificate(tls.cert, tls.key)
+    except TlsError as exc:
+        raise ctx.fail(f"{key}.key", str(exc)) from None
+    try:
+        if tls.ca:
+            check_ca(tls.ca)
+    except TlsError as exc:
+        raise ctx.fail(f"{key}.ca", str(exc)) from None
+
+
+@rule(TokenSpec)
+def _tokens(spec: TokenSpec, key: str, ctx: Context) -> None:
+    """A token section gives exactly one of `file` and `env`, and it holds a bearer token."""
+    if bool(spec.file) == bool(spec.env):
+        raise ctx.fail(key, "give exactly one of file and env")
+    try:
+        read_tokens(spec)
+    except ValueError as exc:
+        raise ctx.fail(f"{key}.{'file' if spec.file else 'env'}", str(exc)) from None
 
 
 @rule(Document)

@@ -16,6 +16,7 @@ from modelmux_common.config.fields import (
     ADDRESS,
     BOOLEAN,
     DURATION,
+    FILE,
     FOLDER,
     INTEGER,
     LABELS,
@@ -49,6 +50,67 @@ def _log_level(value: Any, key: str, ctx: Context) -> str:
 
 
 LOG_LEVEL = Kind("log level", _log_level)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """A server's TLS (docs/security.md): its certificate and key, and the CA whose client
+    certificates it requires. The files are read again when they change."""
+
+    cert: str = setting(FILE, "the server's certificate chain (PEM), leaf first")
+    key: str = setting(FILE, "the certificate's private key (PEM)")
+    client_ca: str = setting(
+        FILE,
+        "CA certificates (PEM) of the clients; set = mutual TLS: a client without a certificate "
+        "signed by one of them cannot connect",
+        "",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTls:
+    """A client's TLS to a server (a backend, modelsync): whom to trust and, for mutual TLS, its
+    own certificate."""
+
+    ca: str = setting(
+        FILE,
+        "CA certificates (PEM) the server's certificate must chain to",
+        "",
+        default_doc="the system's roots",
+    )
+    cert: str = setting(FILE, "this client's certificate chain (PEM), for mutual TLS", "")
+    key: str = setting(FILE, "this client's private key (PEM), with `cert`", "")
+    server_name: str = setting(
+        STRING,
+        "the name the server's certificate must carry when it is not the address's host (an IP "
+        "address, a resolved `dns:///` backend)",
+        "",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSpec:
+    """Where one API's bearer tokens are: a file (one token per line, so a new token can be added
+    before the old one is removed) or an environment variable. Never logged."""
+
+    file: str = setting(FILE, "a file of tokens, one per line", "")
+    env: str = setting(STRING, "an environment variable holding the token", "")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSpec:
+    """Bearer tokens per API: a call must send `authorization: Bearer <token>` with one of the
+    API's tokens. An API without a section stays open."""
+
+    predict: TokenSpec | None = section(
+        TokenSpec,
+        "`modelmux.v1.Inference/Predict` and TF Serving's PredictionService and ModelService",
+    )
+    invoke: TokenSpec | None = section(
+        TokenSpec, "`modelmux.v1.Inference/Invoke` and the APIs' own services"
+    )
+    async_: TokenSpec | None = section(TokenSpec, "`modelmux.v1.Async`", key="async")
+    jobs: TokenSpec | None = section(TokenSpec, "`modelmux.v1.Jobs`")
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +225,13 @@ class GatewayConfig:
     metrics_listen: str = setting(
         STRING, "host:port of the Prometheus `/metrics` HTTP endpoint; empty = off", ""
     )
+    tls: ServerTls | None = section(
+        ServerTls, "TLS on `listen`; without it the gateway is plaintext"
+    )
+    modelsync_tls: ClientTls | None = section(
+        ClientTls, "TLS to `gateway.modelsync` (set when modelsync serves TLS)"
+    )
+    auth: AuthSpec = section(AuthSpec, "bearer tokens per API", default=AuthSpec)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +295,7 @@ class ModelsyncConfig:
     event_log_size: int = setting(
         INTEGER, "events kept in memory for WatchEvents resumption", 10000, range=POSITIVE
     )
+    tls: ServerTls | None = section(ServerTls, "TLS on `listen`; without it modelsync is plaintext")
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +315,10 @@ class BackendConfig:
         "APIs with `compute.inf > 0` go to `inferentia` backends only, `compute.gpu > 0` to `gpu` "
         "ones, all others to `cpu` / `gpu` ones",
         "cpu",
+    )
+    tls: ClientTls | None = section(
+        ClientTls,
+        "TLS to the backend (TF Serving behind a TLS proxy, or `modelmux backend --tls-*`)",
     )
 
 
