@@ -221,8 +221,16 @@ def json_to_proto(
         and not (np.isfinite(raw).all() and np.all(np.mod(raw, 1) == 0))
     ):
         raise InvalidArgument(f"input {name!r}: expected integers for {tf_dtype_name(tf_dtype)}")
+    if np_dtype.kind in "iu" and raw.size:
+        limits = np.iinfo(np_dtype)
+        if raw.min() < limits.min or raw.max() > limits.max:  # a cast would wrap them
+            raise InvalidArgument(
+                f"input {name!r}: values out of range for {tf_dtype_name(tf_dtype)} "
+                f"({limits.min} to {limits.max})"
+            )
     try:
-        array = raw.astype(np_dtype, casting="unsafe")
+        with np.errstate(over="ignore"):  # a float past the dtype's range becomes ±Infinity
+            array = raw.astype(np_dtype, casting="unsafe")
     except (TypeError, ValueError, OverflowError) as exc:
         raise InvalidArgument(f"input {name!r}: {exc}") from None
     _set_shape(proto, array.shape)

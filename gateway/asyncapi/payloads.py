@@ -34,7 +34,10 @@ def decode(body: bytes, content_type: str) -> Any:
     """The payload as handle_async receives it. Raises ValueError for JSON or text that does not
     decode (Submit checks that before it accepts a payload)."""
     if is_json(content_type):
-        return json.loads(body)
+        try:
+            return json.loads(body)
+        except RecursionError:  # json.loads decodes nested arrays and objects recursively
+            raise ValueError("JSON nested too deeply") from None
     if media_type(content_type).startswith("text/"):
         return body.decode("utf-8")
     return body
