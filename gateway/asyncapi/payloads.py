@@ -43,6 +43,18 @@ def decode(body: bytes, content_type: str) -> Any:
     return body
 
 
+# A content type travels to the handler worker as gRPC metadata (and to S3 as a header): printable
+# ASCII only, and short (a media type's two names are at most 127 characters each, RFC 6838)
+_CONTENT_TYPE = re.compile(r"^[\x20-\x7e]{0,256}\Z")
+
+
+def check_content_type(content_type: str) -> str | None:
+    """None when ``content_type`` can be stored and passed on, else why not."""
+    if _CONTENT_TYPE.match(content_type):
+        return None
+    return "at most 256 printable ASCII characters"
+
+
 def check_id(request_id: str) -> str | None:
     """None when ``request_id`` is a valid client-chosen id, else why not."""
     if _ID.match(request_id):

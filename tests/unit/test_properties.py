@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
 from hypothesis import example, given, settings
@@ -26,6 +27,7 @@ from gateway.work.base import check_key
 from modelmux_common.config import NAME_RE, ConfigError, load
 from modelmux_common.config.fields import key_of, spec_of
 from modelmux_common.config.schema import Document
+from modelmux_common.grpcutil import add_health_and_reflection
 from modelsync.layout import ObjectInfo, group, hostile_reason, validate
 from modelsync.sources import LocalSource
 from modelsync.transfer import safe_join
@@ -253,6 +255,16 @@ def test_a_request_id_is_checked_before_it_becomes_a_store_key(request_id: str) 
         check_key(f"some-api/{request_id}/{part}")
 
 
+@given(content_type=CONTENT_TYPES | st.text(max_size=300))
+@example(content_type="text/plain\n")  # each run of it crashed: not a valid metadata value
+@example(content_type="application/jsön")
+@example(content_type="a" * 257)
+def test_a_content_type_is_checked_before_it_travels_as_metadata(content_type: str) -> None:
+    problem = payloads.check_content_type(content_type)
+    printable = all(" " <= c <= "~" for c in content_type)
+    assert (problem is None) == (printable and len(content_type) <= 256)
+
+
 def test_new_ids_are_valid_and_in_submission_order() -> None:
     ids = [payloads.new_id() for _ in range(50)]
     assert all(payloads.check_id(i) is None for i in ids)
@@ -335,3 +347,44 @@ def test_a_local_file_name_that_is_not_utf8_refuses_its_version(tmp_path: Path) 
     assert grouping.candidates[("m", 2)].problems == [
         "refused key 'm/2/notes-\\udcff.txt': is not valid UTF-8"
     ]
+
+
+# --- health and reflection: bytes that do not parse --------------------------------------------
+
+
+async def test_health_and_reflection_answer_invalid_argument_to_bytes_that_do_not_parse() -> None:
+    """Every method, Health/List included: the aio health servicer does not implement it, and its
+    generated stub (a sync function) was registered as it was, so bytes that do not parse got
+    UNKNOWN "Unexpected <class DecodeError>" (found by the live fuzz, which covers what
+    reflection lists)."""
+    server = grpc.aio.server()
+    add_health_and_reflection(server, [])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    methods = {
+        "/grpc.health.v1.Health/Check": "unary",
+        "/grpc.health.v1.Health/List": "unary",
+        "/grpc.health.v1.Health/Watch": "server",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": "bidi",
+    }
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for method, kind in methods.items():
+                for data in (b"\x80", b"\x0a\x05abc", b"\x0b"):
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        if kind == "unary":
+                            await channel.unary_unary(method)(data, timeout=5)
+                        elif kind == "server":
+                            async for _ in channel.unary_stream(method)(data, timeout=5):
+                                pass
+                        else:
+                            async for _ in channel.stream_stream(method)(iter([data]), timeout=5):
+                                pass
+                    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, data)
+                    assert "request is not a valid grpc." in (info.value.details() or "")
+            empty = channel.unary_unary("/grpc.health.v1.Health/List")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await empty(b"", timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await server.stop(None)
