@@ -5,6 +5,7 @@ Each either answers or fails with its own clean error, never another exception."
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -23,6 +24,7 @@ from gateway.asyncapi import payloads
 from gateway.asyncapi.service import AsyncApis
 from gateway.edge import _request_id
 from gateway.errors import InvalidArgument
+from gateway.work import open_embedded
 from gateway.work.base import check_key
 from modelmux_common.config import NAME_RE, ConfigError, load
 from modelmux_common.config.fields import key_of, spec_of
@@ -388,3 +390,25 @@ async def test_health_and_reflection_answer_invalid_argument_to_bytes_that_do_no
             assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         await server.stop(None)
+
+
+@settings(max_examples=30, deadline=5000)
+@given(token=st.text(max_size=40) | st.binary(max_size=30).map(lambda b: b.hex()))
+@example(token="\udcff")
+@example(token="_w==")  # valid base64 of a byte that is not UTF-8
+def test_a_page_token_lists_a_page_or_is_a_value_error(
+    tmp_path_factory: pytest.TempPathFactory, token: str
+) -> None:
+    """Async.List passes the caller's page_token to the store: a ValueError there is its
+    INVALID_ARGUMENT ("page_token is not one this API's List returned")."""
+
+    async def page() -> None:
+        work = await open_embedded(tmp_path_factory.getbasetemp() / "work")
+        try:
+            await work.store.list("api/", limit=5, token=token)
+        except ValueError:
+            pass
+        finally:
+            await work.close()
+
+    asyncio.run(page())
