@@ -225,8 +225,16 @@ def json_to_proto(
         raise InvalidArgument(
             f"input {shown(name)}: expected integers for {tf_dtype_name(tf_dtype)}"
         )
+    if np_dtype.kind in "iu" and raw.size:
+        limits = np.iinfo(np_dtype)
+        if raw.min() < limits.min or raw.max() > limits.max:  # a cast would wrap them
+            raise InvalidArgument(
+                f"input {shown(name)}: values out of range for {tf_dtype_name(tf_dtype)} "
+                f"({limits.min} to {limits.max})"
+            )
     try:
-        array = raw.astype(np_dtype, casting="unsafe")
+        with np.errstate(over="ignore"):  # a float past the dtype's range becomes ±Infinity
+            array = raw.astype(np_dtype, casting="unsafe")
     except (TypeError, ValueError, OverflowError) as exc:
         raise InvalidArgument(f"input {shown(name)}: {exc}") from None
     _set_shape(proto, array.shape)

@@ -93,7 +93,8 @@ def parsing(server: grpc.aio.Server) -> Any:
     """``server`` for an ``add_..._to_server`` call: each method then receives the request bytes
     and parses them itself, so that bytes that do not parse get INVALID_ARGUMENT naming the
     message. (When a deserializer raises, grpcio answers UNKNOWN "Unexpected <DecodeError>" and
-    logs a traceback.) Async handlers only; others are registered as they are."""
+    logs a traceback.) Async handlers, and sync unary ones (which the aio server then runs on
+    its loop: generated stubs of methods the servicer does not implement); others as they are."""
     return _Parsing(server)
 
 
@@ -131,10 +132,17 @@ def _parsing_handler(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethod
         handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     )
     is_async = inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)
-    if deserializer is None or not is_async:
+    if deserializer is None or not (is_async or handler.unary_unary is not None):
         return handler
     decode = _decoder(deserializer)
     serializer = handler.response_serializer
+    if not is_async:  # a generated base class's stub (grpc.health.v1's List on the aio servicer)
+        inner_sync: Any = handler.unary_unary
+
+        async def unary_sync(data: bytes, context: Any) -> Any:
+            return inner_sync(await decode(data, context), context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_sync, response_serializer=serializer)
     if handler.unary_unary is not None:
         inner_uu: Any = handler.unary_unary
 

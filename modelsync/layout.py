@@ -100,6 +100,10 @@ def hostile_reason(rel: str) -> str:
         return "is an absolute path"
     if any(ord(c) < 32 or ord(c) == 127 for c in rel):
         return "contains a control character"
+    try:
+        rel.encode()
+    except UnicodeEncodeError:  # a local file name that is not UTF-8 (a surrogate escape)
+        return "is not valid UTF-8"
     parts = rel.split("/")
     if any(p in (".", "..") for p in parts):
         return "has a '.' or '..' segment"

@@ -34,10 +34,25 @@ def decode(body: bytes, content_type: str) -> Any:
     """The payload as handle_async receives it. Raises ValueError for JSON or text that does not
     decode (Submit checks that before it accepts a payload)."""
     if is_json(content_type):
-        return json.loads(body)
+        try:
+            return json.loads(body)
+        except RecursionError:  # json.loads decodes nested arrays and objects recursively
+            raise ValueError("JSON nested too deeply") from None
     if media_type(content_type).startswith("text/"):
         return body.decode("utf-8")
     return body
+
+
+# A content type travels to the handler worker as gRPC metadata (and to S3 as a header): printable
+# ASCII only, and short (a media type's two names are at most 127 characters each, RFC 6838)
+_CONTENT_TYPE = re.compile(r"^[\x20-\x7e]{0,256}\Z")
+
+
+def check_content_type(content_type: str) -> str | None:
+    """None when ``content_type`` can be stored and passed on, else why not."""
+    if _CONTENT_TYPE.match(content_type):
+        return None
+    return "at most 256 printable ASCII characters"
 
 
 def check_id(request_id: str) -> str | None:

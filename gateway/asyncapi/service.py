@@ -195,6 +195,9 @@ class AsyncApis:
         else:
             body = request.raw if kind == "raw" else b""
             content_type = request.content_type or payloads.OCTETS
+            problem = payloads.check_content_type(content_type)
+            if problem:  # (it was accepted, then every run of it crashed passing it on)
+                raise InvalidArgument(f"content_type {shown(content_type)}: {problem}")
             try:
                 payloads.decode(body, content_type)
             except (ValueError, UnicodeDecodeError) as exc:

@@ -8,6 +8,7 @@ same declarations, so the two cannot drift. Rules between keys are :mod:`.rules`
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,7 +142,7 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 10s or 500ms")
     if isinstance(value, int | float):
-        seconds = float(value)
+        seconds = float(value) if abs(value) < 1e300 else math.inf  # (a huge int: no float)
     else:
         match = _DURATION_RE.match(str(value))
         if not match:
@@ -149,6 +150,8 @@ def parse_duration(value: Any) -> float:
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
+    if not math.isfinite(seconds):  # .inf or .nan in YAML, or more digits than a float holds
+        raise ValueError("a duration is a finite number of seconds")
     return seconds
 
 
@@ -168,7 +171,10 @@ def parse_size(value: Any) -> int:
     match = _SIZE_RE.match(str(value))
     if not match:
         raise ValueError(f"{value!r} is not a size such as 1048576, 512KiB or 64MiB")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    size = float(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    if not math.isfinite(size):  # more digits than a float holds
+        raise ValueError("the size has more digits than a number holds")
+    return int(size)
 
 
 def _show_size(size: Any) -> str:
@@ -179,8 +185,8 @@ def _show_size(size: Any) -> str:
 
 
 def _integer(value: Any, key: str, ctx: Context) -> int:
-    if isinstance(value, bool):
-        raise ValueError("expected an integer")
+    if isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
+        raise ValueError("expected an integer")  # int(.inf) would raise OverflowError
     return int(value)
 
 
@@ -282,7 +288,11 @@ def file(suffix: str) -> Kind:
         path = (ctx.base / value).resolve()
         if path.suffix != suffix:
             raise ValueError(f"{value!r} is not a {suffix} file")
-        if not path.is_file():
+        try:
+            exists = path.is_file()
+        except OSError as exc:  # e.g. a name longer than the file system takes
+            raise ValueError(f"{path}: {exc.strerror}") from None
+        if not exists:
             raise ValueError(f"{path} does not exist")
         return str(path)
 
@@ -339,8 +349,9 @@ def mapping(value: Any, key: str, allowed: set[str] | None, ctx: Context) -> dic
         raise ctx.fail(key or "<file>", f"expected a mapping, got {type(value).__name__}")
     for k in value:
         if allowed is not None and k not in allowed:
+            shown = str(k) or repr(k)  # an empty key, shown as ''
             raise ctx.fail(
-                f"{key}.{k}" if key else str(k),
+                f"{key}.{shown}" if key else shown,
                 f"unknown key (known: {', '.join(sorted(allowed))})",
             )
     return dict(value)

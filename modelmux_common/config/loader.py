@@ -41,6 +41,10 @@ def load(
             raise ConfigError(file, "<file>", exc.strerror or str(exc)) from None
         except yaml.YAMLError as exc:
             raise ConfigError(file, "<file>", f"not valid YAML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(file, "<file>", f"not UTF-8 text: {exc}") from None
+        except RecursionError:  # PyYAML composes nested collections recursively
+            raise ConfigError(file, "<file>", "collections nested too deeply") from None
     doc: Document = read(Document, raw, "", ctx, _layers(overrides or {}))
     config = Config(
         file=ctx.file,

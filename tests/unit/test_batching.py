@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from gateway.batching import concat, rows_of, split
-from gateway.tensors import proto_to_numpy
+from gateway.tensors import VAL_FIELD, proto_to_numpy
 from modelmux_common.tfserving import predict_pb2, types_pb2
 from modelmux_common.tfserving import tensor_pb2 as tf_tensor_pb2
 
@@ -162,3 +162,65 @@ def test_concat_then_split_gives_each_call_its_rows(
     for part, call in zip(parts, calls, strict=True):
         np.testing.assert_array_equal(proto_to_numpy(part), proto_to_numpy(call))
         assert dims(part) == dims(call)
+
+
+BATCH_DTYPES = [
+    types_pb2.DT_FLOAT, types_pb2.DT_INT8, types_pb2.DT_UINT8, types_pb2.DT_INT32,
+    types_pb2.DT_HALF, types_pb2.DT_BOOL, types_pb2.DT_STRING, types_pb2.DT_INT64,
+    types_pb2.DT_UINT32, types_pb2.DT_COMPLEX64,
+]  # fmt: skip
+
+
+@st.composite
+def tensors(draw: st.DrawFn) -> Any:
+    """A TensorProto as a caller may send it: any of these dtypes, a small shape, values packed
+    or in the dtype's value field, of any count and range."""
+    dtype = draw(st.sampled_from(BATCH_DTYPES))
+    tensor = TensorProto(dtype=dtype)
+    for size in draw(st.lists(st.integers(-1, 3), min_size=0, max_size=3)):
+        tensor.tensor_shape.dim.add(size=size)
+    if dtype == types_pb2.DT_STRING:
+        tensor.string_val.extend(draw(st.lists(st.binary(max_size=3), max_size=8)))
+    elif draw(st.booleans()):
+        tensor.tensor_content = draw(st.binary(max_size=40))
+    elif dtype in VAL_FIELD:
+        field = getattr(tensor, VAL_FIELD[dtype])
+        if dtype in (types_pb2.DT_FLOAT,):
+            field.extend(draw(st.lists(st.floats(width=32), max_size=8)))
+        elif dtype == types_pb2.DT_BOOL:
+            field.extend(draw(st.lists(st.booleans(), max_size=8)))
+        else:
+            bits = 64 if dtype == types_pb2.DT_INT64 else 32
+            low = 0 if dtype == types_pb2.DT_UINT32 else -(2 ** (bits - 1))
+            high = 2**32 - 1 if dtype == types_pb2.DT_UINT32 else 2 ** (bits - 1) - 1
+            field.extend(draw(st.lists(st.integers(low, high), max_size=8)))
+    return tensor
+
+
+@given(inputs=st.lists(tensors(), min_size=1, max_size=4))
+@example(
+    inputs=[
+        TensorProto(dtype=types_pb2.DT_INT8, int_val=[1000], tensor_shape={"dim": [{"size": 1}]})
+    ]
+    * 2
+)
+def test_any_requests_batch_or_are_sent_alone(inputs: list[Any]) -> None:
+    """Requests batching accepts (rows_of) are joined whatever their tensors hold; the others
+    go alone. TF Serving casts an int_val past the dtype's range (it wraps): so does a batch."""
+    accepted = []
+    for tensor in inputs:
+        req = predict_pb2.PredictRequest()
+        req.model_spec.name = "m"
+        req.inputs["x"].CopyFrom(tensor)
+        if rows_of(req) is not None:
+            accepted.append(tensor)
+    same = [
+        t for t in accepted if (t.dtype, dims(t)[1:]) == (accepted[0].dtype, dims(accepted[0])[1:])
+    ]
+    if not same:
+        return
+    joined = TensorProto()
+    concat(same, joined)
+    assert dims(joined)[0] == sum(dims(t)[0] for t in same)
+    if joined.dtype != types_pb2.DT_STRING:
+        assert proto_to_numpy(joined).size == sum(proto_to_numpy(t).size for t in same)

@@ -11,6 +11,8 @@ from typing import Any
 
 import grpc
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.catalog import single_servable
 from gateway.errors import GatewayError
@@ -198,3 +200,21 @@ def test_placement_by_accelerator(inferentia: bool, gpu_only: bool, placed: set[
         for a in ("cpu", "gpu", "inferentia")
     }
     assert {a for a, b in configs.items() if model.placed_on(b)} == placed
+
+
+@given(
+    model=st.sampled_from(["m", "other"]) | st.text(max_size=300),
+    version=st.none() | st.integers(-(2**63), 2**63 - 1),
+    label=st.none() | st.sampled_from(["stable", "gone"]) | st.text(max_size=300),
+)
+def test_any_model_version_and_label_route_or_get_a_bounded_status(
+    model: str, version: int | None, label: str | None
+) -> None:
+    t = table(route({1: [A], 2: [B]}, labels={"stable": 1, "gone": 7}), known=frozenset({"x"}))
+    try:
+        resolved, targets = t.resolve(model, version, label)
+    except GatewayError as exc:
+        assert exc.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE), exc
+        assert len(exc.message) < 1000  # the caller's own words are cut (ECHO_LIMIT)
+        return
+    assert model == "m" and resolved in (1, 2) and targets

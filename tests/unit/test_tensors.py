@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 from google.protobuf import struct_pb2
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from gateway.errors import InvalidArgument
@@ -217,3 +217,69 @@ def test_non_finite_for_an_integer_input_is_invalid_argument_naming_it(
 def test_other_strings_for_a_float_input_are_refused(text: str) -> None:
     with pytest.raises(InvalidArgument, match="expected numbers"):
         from_json([1.0, text], types_pb2.DT_FLOAT, (-1,))
+
+
+# --- any tensor, any JSON ---------------------------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=5)
+    | st.sampled_from(sorted(JSON_NAMES)),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=16,
+)
+TF_DTYPES = st.sampled_from(sorted(types_pb2.DataType.values())) | st.integers(-3, 40)
+
+
+@given(value=JSON_VALUES, dtype=TF_DTYPES, shape=st.none() | st.lists(st.integers(-1, 3)))
+@example(value=[1e300], dtype=types_pb2.DT_INT8, shape=None)  # wrapped silently to garbage
+@example(value=[2**63], dtype=types_pb2.DT_INT32, shape=None)
+@example(value=[-1], dtype=types_pb2.DT_UINT8, shape=None)
+@example(value=[1e300], dtype=types_pb2.DT_FLOAT, shape=None)  # +Infinity, as IEEE rounds it
+def test_any_json_value_converts_or_is_invalid_argument(
+    value: Any, dtype: int, shape: list[int] | None
+) -> None:
+    """What a caller's json_inputs (through a Struct) become; warnings are errors here, so a cast
+    that overflows is caught too."""
+    value = struct_values(struct_from({"x": value}))["x"]  # as the gateway receives it
+    proto = tf_tensor_pb2.TensorProto()
+    try:
+        json_to_proto("x", value, proto, tf_dtype=dtype, signature_shape=shape)
+    except InvalidArgument as exc:
+        assert exc.message.startswith("input 'x': ")
+        return
+    back = proto_to_numpy(proto)  # the tensor is whole: its bytes match its shape
+    assert list(back.shape) == [d.size for d in proto.tensor_shape.dim]
+    if back.dtype.kind in "iu":
+        assert np.array_equal(back, np.asarray(value).astype(back.dtype))  # nothing wrapped
+
+
+@given(
+    dtype=st.sampled_from(sorted(tensor_pb2.DataType.values())) | st.integers(-3, 40),
+    shape=st.lists(st.integers(-2, 4) | st.integers(2**40, 2**62), max_size=4),
+    content=st.binary(max_size=64),
+    strings=st.lists(st.binary(max_size=4), max_size=6),
+)
+def test_any_typed_tensor_converts_or_is_invalid_argument(
+    dtype: int, shape: list[int], content: bytes, strings: list[bytes]
+) -> None:
+    typed = tensor_pb2.Tensor(dtype=dtype, shape=shape, content=content, string_values=strings)  # type: ignore[arg-type]
+    proto = tf_tensor_pb2.TensorProto()
+    try:
+        typed_to_proto("x", typed, proto)
+    except InvalidArgument as exc:
+        assert exc.message.startswith("input 'x': ")
+        return
+    assert [d.size for d in proto.tensor_shape.dim] == shape
+    assert proto.tensor_content == content or list(proto.string_val) == strings
+    if max(shape, default=0) < 2**20:  # what a backend's reply can hold: back the same
+        back = tensor_pb2.Tensor()
+        proto_to_typed(proto, back)
+        assert back.dtype == typed.dtype and list(back.shape) == shape
+        if typed.dtype == tensor_pb2.DATA_TYPE_STRING:  # (the other field is left behind)
+            assert back.string_values == typed.string_values
+        else:
+            assert back.content == typed.content

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from google.protobuf.message import DecodeError
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -198,3 +199,52 @@ def test_parse_answers_invalid_argument_naming_the_message(cls: type, data: byte
         parse(cls, data)
     except InvalidArgument as exc:
         assert cls.DESCRIPTOR.full_name in exc.message  # type: ignore[attr-defined]
+
+
+def _seeds() -> list[tuple[str, bytes]]:
+    multi = inference_pb2.MultiInferenceRequest()
+    multi.tasks.add().model_spec.name = "m"
+    labelled = predict_pb2.PredictRequest.FromString(predict_bytes("m"))
+    labelled.model_spec.version_label = "stable"
+    return [
+        ("Predict", predict_bytes("m", 3)),  # 4 KB: parsed whole
+        ("Predict", predict_bytes("m") * 5),  # 20 KB: walked
+        ("Predict", labelled.SerializeToString()),
+        ("MultiInference", multi.SerializeToString()),
+        (
+            "GetModelMetadata",
+            encode_len_field(1, model_pb2.ModelSpec(name="m").SerializeToString()),
+        ),
+    ]
+
+
+SEEDS = _seeds()
+
+
+@given(
+    seed=st.sampled_from(SEEDS),
+    edits=st.lists(
+        st.tuples(st.floats(0, 1), st.integers(0, 4), st.binary(max_size=4)), min_size=1, max_size=4
+    ),
+)
+def test_a_mutated_request_gives_the_spec_a_parser_sees_or_invalid_argument(
+    seed: tuple[str, bytes], edits: list[tuple[float, int, bytes]]
+) -> None:
+    """Valid requests with bytes cut out and others put in (what a hostile or broken client
+    sends): the walk and the small-request parse agree with protobuf's own parser."""
+    method, data = seed
+    mutated = bytearray(data)
+    for where, cut, new in edits:
+        at = int(where * len(mutated))
+        mutated[at : at + cut] = new
+    try:
+        spec, partial = model_spec_of(method, bytes(mutated))
+    except InvalidArgument as exc:
+        assert exc.message.startswith(("request is not a valid tensorflow.serving.", "model_spec"))
+        return
+    try:
+        full = _REQUEST[method].FromString(bytes(mutated))
+    except DecodeError:
+        return  # routed by its spec; the backend refuses the rest with INVALID_ARGUMENT
+    expected = full.tasks[0].model_spec if method == "MultiInference" else full.model_spec
+    assert spec.name and (partial or spec == expected)
