@@ -19,6 +19,7 @@ import grpc
 import structlog
 
 from gateway.errors import ECHO_LIMIT, GatewayError, Unavailable, bounded, shown
+from modelmux_common import tracing
 from modelmux_common.logs import hot_info
 
 log = structlog.get_logger("modelmux.gateway")
@@ -30,7 +31,7 @@ _PREFIX = f"{os.getpid():x}-"
 class Call:
     """What one request resolved to, for its summary line."""
 
-    __slots__ = ("_context", "_request_id", "backend", "batch", "model", "version")
+    __slots__ = ("_context", "_request_id", "backend", "batch", "model", "span", "version")
 
     def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self._context = context
@@ -39,6 +40,9 @@ class Call:
         self.version = 0
         self.backend = ""
         self.batch = 1  # calls in the backend call that answered this one (server-side batching)
+        self.span: Any = (
+            None  # the call's server span, with tracing on (modelmux_common/tracing.py)
+        )
 
     @property
     def request_id(self) -> str:
@@ -100,9 +104,12 @@ class Lifecycle:
 
 def edge(rpc: str, handler: Handler, *, log_requests: bool, lifecycle: Lifecycle) -> RawHandler:
     summary = hot_info("modelmux.gateway")
+    traced = tracing.active()  # decided once: with tracing off a call makes no span at all
 
     async def run(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         call = Call(context)
+        if traced is not None:
+            call.span = traced.server(rpc, context.invocation_metadata())
         started = time.perf_counter() if log_requests else 0.0
         code = grpc.StatusCode.OK
         lifecycle.begin(context)
@@ -126,6 +133,8 @@ def edge(rpc: str, handler: Handler, *, log_requests: bool, lifecycle: Lifecycle
             log.exception("internal_error", rpc=rpc, request_id=call.request_id)
             await context.abort(code, f"internal error (request id {call.request_id})")
         finally:
+            if call.span is not None:
+                traced.end(call.span, code)  # type: ignore[union-attr]
             if log_requests:
                 summary(
                     "request",

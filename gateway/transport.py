@@ -21,6 +21,7 @@ from modelmux_common.tfserving import (
     model_management_pb2,
 )
 
+Metadata = tuple[tuple[str, str], ...]
 VersionState = get_model_status_pb2.ModelVersionStatus.State
 AVAILABLE = VersionState.AVAILABLE
 END = VersionState.END
@@ -42,8 +43,11 @@ class Transport(Protocol):
     """A backend's calls. Failures are ``grpc.aio.AioRpcError`` (a refused reload:
     ``RuntimeError``), as the gateway maps them to the caller's status."""
 
-    def forward(self, method: str, data: bytes, *, timeout: float | None) -> Awaitable[bytes]:
-        """One of FORWARDED_METHODS: the serialized request in, the serialized reply out."""
+    def forward(
+        self, method: str, data: bytes, *, timeout: float | None, metadata: Metadata | None = None
+    ) -> Awaitable[bytes]:
+        """One of FORWARDED_METHODS: the serialized request in, the serialized reply out
+        (``metadata``: the trace context, with tracing on)."""
         ...
 
     async def reload(self, config: Any, *, timeout: float) -> None:
@@ -86,9 +90,11 @@ class GrpcTransport:
             response_deserializer=model_management_pb2.ReloadConfigResponse.FromString,
         )
 
-    def forward(self, method: str, data: bytes, *, timeout: float | None) -> Awaitable[bytes]:
+    def forward(
+        self, method: str, data: bytes, *, timeout: float | None, metadata: Metadata | None = None
+    ) -> Awaitable[bytes]:
         # the call object itself is awaited: no coroutine frame of ours per call
-        return self._calls[method](data, timeout=timeout)
+        return self._calls[method](data, timeout=timeout, metadata=metadata)
 
     async def reload(self, config: Any, *, timeout: float) -> None:
         request = model_management_pb2.ReloadConfigRequest(config=config)
@@ -144,11 +150,15 @@ class MemoryTransport:
         }
         self.configs: list[Any] = []
         self.sent: list[tuple[str, bytes]] = []
+        self.metadata: list[Metadata] = []  # of each forwarded call, in order
         self.down: grpc.aio.AioRpcError | None = None
         self.closed = False
 
-    async def forward(self, method: str, data: bytes, *, timeout: float | None) -> bytes:
+    async def forward(
+        self, method: str, data: bytes, *, timeout: float | None, metadata: Metadata | None = None
+    ) -> bytes:
         self.sent.append((method, data))
+        self.metadata.append(metadata or ())
         if self.down is not None:
             raise self.down
         if self.handler is None:
