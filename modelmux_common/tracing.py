@@ -215,6 +215,9 @@ def setup(*, configured: bool, service: str) -> Tracing | None:
     provider = TracerProvider(resource=resource)  # the sampler: OTEL_TRACES_SAMPLER(_ARG)
     for exporter in exporters:
         provider.add_span_processor(BatchSpanProcessor(exporter))  # OTEL_BSP_*
+    from opentelemetry import trace
+
+    trace.set_tracer_provider(provider)  # a handler's own spans (the global API) join ours
     return install(provider)
 
 

@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 from test_gateway import X, tf_predict
 from tracing_helpers import Collector, Seen, chain, collector, from_sdk
 
@@ -88,6 +88,7 @@ async def gateway(
                 "models": {"path": str(example_models / "iris")},
             },
         },
+        {"name": "faulty", "handler": {"type": "python", "path": str(HANDLERS / "faulty.py")}},
         {
             "name": "iris-async",
             "kind": "AsyncAPI",
@@ -201,6 +202,28 @@ async def test_a_call_without_traceparent_starts_a_trace_the_handler_continues(
     workers = await worker_spans(otlp, invoke.trace_id, "tensorflow_client.predict")
     spans = gateway_spans(memory) + workers
     assert chain(spans, backend_predict(spans, invoke.trace_id))[0] == invoke
+
+
+async def test_a_handler_that_raises_is_an_error_on_every_span_of_the_call(
+    channel: grpc.aio.Channel, memory: InMemorySpanExporter, otlp: Collector
+) -> None:
+    memory.clear()
+    request = inference_pb2.InvokeRequest(api="faulty", query_params={"mode": "raise"})
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await inference_pb2_grpc.InferenceStub(channel).Invoke(request, timeout=30)
+    assert failed.value.code() == grpc.StatusCode.INTERNAL
+    served, handler_call = sorted(gateway_spans(memory), key=lambda s: s.kind != SERVER)
+    [ran] = await worker_spans(otlp, served.trace_id, "modelmux.v1.Inference/Invoke")
+    assert shape(chain([served, handler_call, ran], ran)) == [
+        ("gateway", SERVER, "modelmux.v1.Inference/Invoke"),
+        ("gateway", CLIENT, "modelmux.v1.Inference/Invoke"),
+        (WORKER, SERVER, "modelmux.v1.Inference/Invoke"),
+    ]
+    for span in (served, handler_call, ran):
+        assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INTERNAL.value[0]
+    assert handler_call.attributes["modelmux.api"] == "faulty"
+    [error] = [s for s in memory.get_finished_spans() if s.kind == SERVER]
+    assert error.status.status_code == StatusCode.ERROR
 
 
 async def test_predict_to_the_backend_and_statuses(
