@@ -76,11 +76,15 @@ class Tracing:
         return self._propagator.extract(carrier) if carrier else self._root
 
     def headers(self, span: Span | None = None) -> Metadata:
-        """``traceparent`` (and ``tracestate``) of ``span``, or of the current span."""
-        carrier: dict[str, str] = {}
-        context = None if span is None else self._trace.set_span_in_context(span)
-        self._propagator.inject(carrier, context)
-        return tuple(carrier.items())
+        """``traceparent`` (and ``tracestate``) of ``span``, or of the current span: W3C's
+        format written here directly (the propagator's inject costs a few microseconds more)."""
+        context = (self._trace.get_current_span() if span is None else span).get_span_context()
+        if not context.is_valid:
+            return ()
+        parent = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+        if not context.trace_state:
+            return ((TRACEPARENT, parent),)
+        return ((TRACEPARENT, parent), (TRACESTATE, context.trace_state.to_header()))
 
     def traceparent(self, span: Span | None) -> str:
         """The span's W3C traceparent, to store with work that runs later ("" for None)."""
@@ -108,7 +112,12 @@ class Tracing:
         parent: Span | None,
         attributes: Mapping[str, Any] | None = None,
     ) -> Client:
-        """A call to ``service/method`` made on behalf of ``parent`` (None: the current span)."""
+        """A call to ``service/method`` made on behalf of ``parent`` (None: the current span).
+        Under a parent that was sampled out no span is made: the callee gets the parent's
+        context, which says "not sampled" all the same (the standard samplers decide a child
+        as its parent or its trace id decided)."""
+        if parent is not None and not parent.is_recording():
+            return Client(self, parent)  # its end() does nothing: the parent is not recorded
         context = None if parent is None else self._trace.set_span_in_context(parent)
         span = self.tracer.start_span(
             f"{service}/{method}",
