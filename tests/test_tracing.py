@@ -20,10 +20,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.trace import SpanKind, StatusCode
 from test_gateway import X, tf_predict
+from test_handlers import invoke_request
 from tracing_helpers import Collector, Seen, chain, collector, from_sdk
 
 from gateway.server import Gateway
-from modelmux.v1 import async_pb2, async_pb2_grpc, inference_pb2, inference_pb2_grpc
+from modelmux.v1 import async_pb2, async_pb2_grpc, inference_pb2_grpc
 from modelmux_common import tracing
 from modelmux_common.tfserving import predict_pb2
 
@@ -155,10 +156,8 @@ def backend_predict(spans: list[Seen], trace_id: str) -> Seen:
 async def test_invoke_is_one_trace_from_the_caller_to_the_backend(
     channel: grpc.aio.Channel, memory: InMemorySpanExporter, otlp: Collector
 ) -> None:
-    request = inference_pb2.InvokeRequest(api="iris")
-    json_format.ParseDict(FLOWER, request.json)
     stub = inference_pb2_grpc.InferenceStub(channel)
-    reply = await stub.Invoke(request, metadata=TRACEPARENT, timeout=30)
+    reply = await stub.Invoke(invoke_request("iris", FLOWER), metadata=TRACEPARENT, timeout=30)
     assert reply.json.string_value == "setosa"
 
     workers = await worker_spans(otlp, CALLER_TRACE, "tensorflow_client.predict")
@@ -194,9 +193,9 @@ async def test_a_call_without_traceparent_starts_a_trace_the_handler_continues(
     channel: grpc.aio.Channel, memory: InMemorySpanExporter, otlp: Collector
 ) -> None:
     memory.clear()
-    request = inference_pb2.InvokeRequest(api="iris")
-    json_format.ParseDict(FLOWER, request.json)
-    await inference_pb2_grpc.InferenceStub(channel).Invoke(request, timeout=30)
+    await inference_pb2_grpc.InferenceStub(channel).Invoke(
+        invoke_request("iris", FLOWER), timeout=30
+    )
     [invoke] = [s for s in gateway_spans(memory) if s.name.endswith("/Invoke") and s.kind == SERVER]
     assert invoke.parent_id == "" and invoke.trace_id != CALLER_TRACE
     workers = await worker_spans(otlp, invoke.trace_id, "tensorflow_client.predict")
@@ -208,7 +207,7 @@ async def test_a_handler_that_raises_is_an_error_on_every_span_of_the_call(
     channel: grpc.aio.Channel, memory: InMemorySpanExporter, otlp: Collector
 ) -> None:
     memory.clear()
-    request = inference_pb2.InvokeRequest(api="faulty", query_params={"mode": "raise"})
+    request = invoke_request("faulty", mode="raise")
     with pytest.raises(grpc.aio.AioRpcError) as failed:
         await inference_pb2_grpc.InferenceStub(channel).Invoke(request, timeout=30)
     assert failed.value.code() == grpc.StatusCode.INTERNAL
