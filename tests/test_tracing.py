@@ -5,14 +5,17 @@ parents a span by hand."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from conftest import Proc
-from gateway_helpers import start_gateway, wait_for, write_config
+from conftest import MODELMUX, Proc, start_daemon
+from gateway_helpers import start_gateway, wait_for, wait_serving, write_config
 from google.protobuf import json_format
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -41,6 +44,17 @@ SERVER, CLIENT, INTERNAL, CONSUMER = (
     SpanKind.INTERNAL,
     SpanKind.CONSUMER,
 )
+
+
+def half_plus_two_api(models: Path) -> dict[str, Any]:
+    path = str(models / "half_plus_two")
+    return {
+        "name": "half-plus-two",
+        "handler": {
+            "type": "tensorflow",
+            "models": {"paths": [{"name": "half_plus_two", "path": path}]},
+        },
+    }
 
 
 @pytest.fixture(scope="module")
@@ -292,3 +306,65 @@ async def test_an_async_run_links_to_its_submit(
         ("gateway", SERVER, PREDICT),
         ("gateway", CLIENT, PREDICT),
     ]
+
+
+def _process_config(root: Path, example_models: Path, backend: Proc) -> Path:
+    """A gateway that only routes (the module's gateway manages the backend) and says nothing of
+    tracing: the environment turns it on."""
+    return write_config(
+        root / "process.yaml",
+        models=example_models,
+        backends=[{"name": "cpu-0", "address": backend.address}],
+        gateway={"manage_backends": False, "status_interval": "200ms"},
+        apis=[half_plus_two_api(example_models)],
+    )
+
+
+async def test_a_gateway_process_traced_by_otel_variables_flushes_at_sigterm(
+    tmp_path: Path, example_models: Path, backend: Proc, gateway: Gateway, otlp: Collector
+) -> None:
+    env = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
+        "OTEL_SERVICE_NAME": "gateway-under-test",
+        "OTEL_BSP_SCHEDULE_DELAY": "600000",  # nothing leaves before the stop
+    }
+    config = _process_config(tmp_path, example_models, backend)
+    proc = await asyncio.to_thread(start_daemon, ["gateway", "--config", str(config)], env=env)
+    try:
+        await asyncio.to_thread(wait_serving, proc.address)
+        trace_id = "5" * 32
+        with grpc.insecure_channel(proc.address) as ch:
+            predict = ch.unary_unary(
+                f"/{PREDICT}",
+                request_serializer=predict_pb2.PredictRequest.SerializeToString,
+                response_deserializer=predict_pb2.PredictResponse.FromString,
+            )
+            metadata = (("traceparent", f"00-{trace_id}-{CALLER_SPAN}-01"),)
+            await asyncio.to_thread(predict, tf_predict("half_plus_two", X), metadata=metadata)
+        assert not [s for s in otlp.spans if s.trace_id == trace_id]
+    finally:
+        assert await asyncio.to_thread(proc.stop) == 0
+    mine = [s for s in otlp.spans if s.trace_id == trace_id]
+    assert shape(sorted(mine, key=lambda s: s.kind != SERVER)) == [
+        ("gateway-under-test", SERVER, PREDICT),
+        ("gateway-under-test", CLIENT, PREDICT),
+    ]
+
+
+def test_an_otlp_protocol_this_build_lacks_stops_the_gateway_at_start(
+    tmp_path: Path, example_models: Path, backend: Proc
+) -> None:
+    config = _process_config(tmp_path, example_models, backend)
+    env = {**os.environ, "OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+    done = subprocess.run(
+        [*MODELMUX, "gateway", "--config", str(config)],
+        env={**env, "MODELMUX_LOG_FORMAT": "json"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert (
+        "OTEL_EXPORTER_OTLP_PROTOCOL='grpc': this build exports http/protobuf only" in done.stderr
+    )
