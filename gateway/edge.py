@@ -21,6 +21,7 @@ import structlog
 
 from gateway.auth import HANDLER_CALL_KEY, Guard
 from gateway.errors import ECHO_LIMIT, GatewayError, Unavailable, bounded, shown
+from modelmux_common import tracing
 from modelmux_common.logs import hot_info
 
 log = structlog.get_logger("modelmux.gateway")
@@ -32,7 +33,7 @@ _PREFIX = f"{os.getpid():x}-"
 class Call:
     """What one request resolved to, for its summary line."""
 
-    __slots__ = ("_context", "_request_id", "backend", "batch", "model", "version")
+    __slots__ = ("_context", "_request_id", "backend", "batch", "model", "span", "version")
 
     def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self._context = context
@@ -41,6 +42,9 @@ class Call:
         self.version = 0
         self.backend = ""
         self.batch = 1  # calls in the backend call that answered this one (server-side batching)
+        self.span: Any = (
+            None  # the call's server span, with tracing on (modelmux_common/tracing.py)
+        )
 
     @property
     def request_id(self) -> str:
@@ -119,9 +123,12 @@ def edge(
 ) -> RawHandler:
     """``handler`` as a gRPC method; ``guard`` (gateway.auth) runs before it when given."""
     summary = hot_info("modelmux.gateway")
+    traced = tracing.active()  # decided once: with tracing off a call makes no span at all
 
     async def run(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         call = Call(context)
+        if traced is not None:
+            call.span = traced.server(rpc, context.invocation_metadata())
         started = time.perf_counter() if log_requests else 0.0
         code = grpc.StatusCode.OK
         lifecycle.begin(context)
@@ -147,6 +154,8 @@ def edge(
             log.exception("internal_error", rpc=rpc, request_id=call.request_id)
             await context.abort(code, f"internal error (request id {call.request_id})")
         finally:
+            if call.span is not None:
+                traced.end(call.span, code)  # type: ignore[union-attr]
             if log_requests:
                 summary(
                     "request",

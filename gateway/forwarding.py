@@ -10,6 +10,7 @@ get the client's model name back the same way.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import random
 import time
@@ -24,11 +25,14 @@ from gateway.errors import ResourceExhausted, Unavailable, parse
 from gateway.request import Resolved
 from gateway.routing import Endpoint, Target
 from gateway.wire import encode_len_field
+from modelmux_common import tracing
 from modelmux_common.grpcutil import remaining
 from modelmux_common.tfserving import inference_pb2, model_pb2
 
 log = structlog.get_logger("modelmux.gateway")
 
+PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
+_OK = grpc.StatusCode.OK
 # where the model spec sits in each forwarded method's response
 _RESPONSE_SPEC_FIELD = {"Predict": 2, "Classify": 2, "Regress": 2, "GetModelMetadata": 1}
 
@@ -90,6 +94,24 @@ def _note_fault(backend: Endpoint) -> None:
         backend.ejected_until = time.monotonic() + EJECT_SECONDS
         backend.call_failures = 0
         log.warning("backend_ejected", backend=backend.name, seconds=EJECT_SECONDS)
+
+
+def _backend_span(target: Target, request: Resolved, call: Call) -> tracing.Client:
+    """The backend call's span (tracing on), a child of the call's own."""
+    traced = tracing.active()
+    assert traced is not None
+    backend = target.backend
+    return traced.client(
+        PREDICTION_SERVICE,
+        request.method,
+        call.span,
+        {
+            "server.address": backend.address,
+            "modelmux.backend": backend.name,
+            "modelmux.model": request.model,
+            "modelmux.version": request.version,
+        },
+    )
 
 
 class Forwarder:
@@ -171,17 +193,28 @@ class Forwarder:
             # backend's own latest is that version (no copy of a large request then)
             data = data + _spec_field(1, target.servable, request.version)
         call.backend = backend.name
+        span = None if call.span is None else _backend_span(target, request, call)
+        code = _OK
         backend.outstanding += 1
         try:
             reply = await backend.transport.forward(
-                method, data, timeout=remaining(context, self.timeout)
+                method,
+                data,
+                timeout=remaining(context, self.timeout),
+                metadata=None if span is None else span.headers,
             )
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in _BACKEND_FAULTS:
+            code = exc.code()
+            if code in _BACKEND_FAULTS:
                 _note_fault(backend)
+            raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
             raise
         finally:
             backend.outstanding -= 1
+            if span is not None:
+                span.end(code)
         backend.call_failures = 0
         if renamed:
             if method == "MultiInference":

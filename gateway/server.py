@@ -36,7 +36,7 @@ from gateway.routing import SETTLED, Table
 from gateway.transport import FORWARDED_METHODS
 from gateway.workers import supervise
 from modelmux.v1 import inference_pb2, models_pb2
-from modelmux_common import logs
+from modelmux_common import logs, tracing
 from modelmux_common.config import Config, load
 from modelmux_common.grpcutil import (
     NOT_SERVING,
@@ -449,7 +449,15 @@ def main(args: argparse.Namespace) -> int:
         structlog.contextvars.bind_contextvars(worker=index)
     if config.gateway.reuse_freed_memory:
         reuse_freed_memory(4 * config.gateway.max_message_bytes)
+    try:  # before the server is built: its edge decides once whether calls are traced
+        tracing.setup(configured=config.gateway.tracing, service="modelmux-gateway")
+    except tracing.TracingError as exc:
+        log.error("start_failed", error=str(exc))
+        return 2
     # uvloop: the event loop in C; a forwarded call costs about an eighth less CPU than on
     # asyncio's own loop (docs/benchmarks.md)
-    uvloop.run(serve(config, manage_backends=not index, strict=getattr(args, "strict", False)))
+    try:
+        uvloop.run(serve(config, manage_backends=not index, strict=getattr(args, "strict", False)))
+    finally:
+        tracing.shutdown()  # exports the spans still buffered
     return 0

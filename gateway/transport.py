@@ -25,6 +25,7 @@ from modelmux_common.tfserving import (
     model_management_pb2,
 )
 
+Metadata = tuple[tuple[str, str], ...]
 VersionState = get_model_status_pb2.ModelVersionStatus.State
 AVAILABLE = VersionState.AVAILABLE
 END = VersionState.END
@@ -48,8 +49,11 @@ class Transport(Protocol):
     """A backend's calls. Failures are ``grpc.aio.AioRpcError`` (a refused reload:
     ``RuntimeError``), as the gateway maps them to the caller's status."""
 
-    def forward(self, method: str, data: bytes, *, timeout: float | None) -> Awaitable[bytes]:
-        """One of FORWARDED_METHODS: the serialized request in, the serialized reply out."""
+    def forward(
+        self, method: str, data: bytes, *, timeout: float | None, metadata: Metadata | None = None
+    ) -> Awaitable[bytes]:
+        """One of FORWARDED_METHODS: the serialized request in, the serialized reply out
+        (``metadata``: the trace context, with tracing on)."""
         ...
 
     async def reload(self, config: Any, *, timeout: float) -> None:
@@ -115,9 +119,11 @@ class GrpcTransport:
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
-    def forward(self, method: str, data: bytes, *, timeout: float | None) -> Awaitable[bytes]:
+    def forward(
+        self, method: str, data: bytes, *, timeout: float | None, metadata: Metadata | None = None
+    ) -> Awaitable[bytes]:
         # the call object itself is awaited: no coroutine frame of ours per call
-        return self._calls[method](data, timeout=timeout)
+        return self._calls[method](data, timeout=timeout, metadata=metadata)
 
     async def reload(self, config: Any, *, timeout: float) -> None:
         self._renew()
@@ -177,11 +183,15 @@ class MemoryTransport:
         }
         self.configs: list[Any] = []
         self.sent: list[tuple[str, bytes]] = []
+        self.metadata: list[Metadata] = []  # of each forwarded call, in order
         self.down: grpc.aio.AioRpcError | None = None
         self.closed = False
 
-    async def forward(self, method: str, data: bytes, *, timeout: float | None) -> bytes:
+    async def forward(
+        self, method: str, data: bytes, *, timeout: float | None, metadata: Metadata | None = None
+    ) -> bytes:
         self.sent.append((method, data))
+        self.metadata.append(metadata or ())
         if self.down is not None:
             raise self.down
         if self.handler is None:

@@ -62,6 +62,8 @@ MAX_BYTES = 128 * 1024 * 1024
 # processes), and both parts are also recorded apart.
 HANDLER_GATEWAYS = ("gateway-handler",)
 HANDLER = Path(__file__).resolve().parent / "bench_handler.py"
+# tracing on, every call sampled out / in (its spans exported over OTLP to a sink of this run)
+TRACED = {"gateway-traced-out": "always_off", "gateway-traced": "always_on"}
 # facade-batched: the same API with server-side batching (at most the calls in flight at saturation)
 BATCHING = {"max_batch_size": 16}
 # the bottleneck scenario's backend: a device stand-in holding each Predict this long, this many
@@ -230,6 +232,12 @@ class Bench:
             self.procs["gateway-batched"] = self.stack.gateway(
                 "gateway-batched", self.config("gateway-batched", batching=BATCHING)
             )
+        for name in (n for n in TRACED if n in wanted):
+            env = {
+                "OTEL_TRACES_SAMPLER": TRACED[name],
+                "OTEL_EXPORTER_OTLP_ENDPOINT": self.stack.otlp_sink(),
+            }
+            self.procs[name] = self.stack.gateway(name, self.config(name, tracing=True), env=env)
         if "gateway-handler" in wanted:
             handler = self.stack.gateway(
                 "gateway-handler", self.config("gateway-handler", handler=HANDLER)
@@ -355,6 +363,11 @@ class Bench:
         handler = bench_report.handler_summary(summary, "invoke", "own-json")
         if handler:
             self.results["handler"] = handler
+        traced = bench_report.cpu_against(
+            summary, "facade-latest", ("facade-traced-out", "facade-traced")
+        )
+        if traced:
+            self.results["tracing"] = traced
         gw = self.procs["gateway"]
         self.results["gateway_after_small"] = {"rss_mib": gw.rss(), "peak_rss_mib": gw.rss("VmHWM")}
         self.results["small"] = {

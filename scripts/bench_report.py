@@ -61,6 +61,39 @@ def add_latency_ratios(
             row["added_p50_x_barehop"] = _div(row["added_p50_us"], floor["p50_us"] - base["p50_us"])
 
 
+def cpu_against(
+    summary: Mapping[str, Mapping[str, Any]], base: str, names: tuple[str, ...]
+) -> dict[str, Any]:
+    """Each of ``names``' CPU per call against ``base``'s, at concurrency 1 and at saturation:
+    the median of the per-round ratios (the targets of one round ran minutes apart at most).
+    Empty when ``base`` or none of ``names`` was measured."""
+    if base not in summary:
+        return {}
+    out: dict[str, Any] = {}
+    for name in (n for n in names if n in summary):
+        row: dict[str, Any] = {"compared_with": base}
+        for suffix, label in (("_c1", "c1"), ("", "sat")):
+            key = f"hop_cpu_us{suffix}"
+            ratios = [
+                _div(a[key], b[key])
+                for a, b in zip(summary[name]["rounds"], summary[base]["rounds"], strict=False)
+            ]
+            row[f"cpu_us_{label}"] = summary[name][key]
+            row[f"cpu_x_{label}"] = median(ratios) if ratios else math.nan
+            row[f"cpu_x_{label}_per_round"] = ratios
+        out[name] = row
+    return out
+
+
+def cpu_lines(rows: Mapping[str, Mapping[str, Any]], what: str) -> list[str]:
+    return [
+        f"  {what} {name}: CPU per call x{_f(row['cpu_x_c1'], '.3f')} at c=1,"
+        f" x{_f(row['cpu_x_sat'], '.3f')} at saturation against {row['compared_with']}"
+        f" ({_f(row['cpu_us_c1'], '.0f')} / {_f(row['cpu_us_sat'], '.0f')} us)"
+        for name, row in rows.items()
+    ]
+
+
 def handler_summary(
     summary: Mapping[str, Mapping[str, Any]], invoke: str, own: str
 ) -> dict[str, Any]:
@@ -387,6 +420,7 @@ def table(results: Mapping[str, Any]) -> str:
         )
         parts.append(small_table(s))
         lines = handler_lines(results.get("handler", {}))
+        lines += cpu_lines(results.get("tracing", {}), "tracing")
         if lines:
             parts.append("")
             parts.extend(lines)

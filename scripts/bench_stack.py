@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import http.server
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -349,6 +351,7 @@ class Stack:
         self.logdir = workdir / "logs"
         self.logdir.mkdir(parents=True, exist_ok=True)
         self.children: list[Child] = []
+        self._sink: http.server.ThreadingHTTPServer | None = None
 
     def spawn(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Child:
         child = Child(name, argv, logdir=self.logdir, env=env)
@@ -388,13 +391,15 @@ class Stack:
         *,
         timeout: float = 120.0,
         extra_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
     ) -> Child:
         """A gateway process, returned once its health says SERVING.
 
         Sets ``child.listening`` (start to the ``serving`` line) and ``child.ready`` (start to
         health SERVING, which includes the backend loading the models it was told to).
         """
-        child = self.spawn(name, [*MODELMUX, "gateway", "--config", str(config), *extra_args])
+        argv = [*MODELMUX, "gateway", "--config", str(config), *extra_args]
+        child = self.spawn(name, argv, env=env)
         child.wait_serving(timeout)
         listening = time.monotonic()
         ready = health_serving(child.address, timeout=timeout)
@@ -453,7 +458,30 @@ class Stack:
             self.children.remove(child)
         child.stop()
 
+    def otlp_sink(self) -> str:
+        """An OTLP/HTTP endpoint on loopback that takes every export and keeps nothing (a thread
+        of this process: the spans' cost to the gateway is what is measured)."""
+        if self._sink is None:
+
+            class Sink(http.server.BaseHTTPRequestHandler):
+                def do_POST(self) -> None:
+                    self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                    self.send_response(200)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+
+                def log_message(self, format: str, *args: Any) -> None:
+                    return
+
+            self._sink = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+            threading.Thread(target=self._sink.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self._sink.server_port}"
+
     def close(self) -> None:
+        if self._sink is not None:
+            self._sink.shutdown()
+            self._sink.server_close()
+            self._sink = None
         while self.children:
             child = self.children.pop()
             with contextlib.suppress(Exception):

@@ -67,6 +67,11 @@ TARGETS = (
     Target("facade-v2", "gateway", "tf", 2, "direct-v2", "barehop-v2"),
     Target("facade-latest", "gateway", "tf", None, "direct-latest", "barehop-latest"),
     Target("facade-latest-logged", "gateway-logged", "tf", None, "direct-latest", "barehop-latest"),
+    # tracing on (docs/tracing.md): every call sampled out, and every call sampled in and exported
+    Target(
+        "facade-traced-out", "gateway-traced-out", "tf", None, "direct-latest", "barehop-latest"
+    ),
+    Target("facade-traced", "gateway-traced", "tf", None, "direct-latest", "barehop-latest"),
     Target("own-typed", "gateway", "typed", None, "direct-latest", "barehop-latest"),
     Target("own-json", "gateway", "json", None, "direct-latest", "barehop-latest"),
     Target("facade-batched", "gateway-batched", "tf", None, "direct-latest", "barehop-latest"),

@@ -59,13 +59,22 @@ class Status:
     finished_at: float | None = None
     expires_at: float | None = None
     error: str = ""
+    # the Submit call's W3C traceparent, with tracing on: the run's span links to it
+    traceparent: str = ""
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        fields = asdict(self)
+        if not self.traceparent:
+            del fields["traceparent"]  # what a gateway without tracing wrote before, unchanged
+        return json.dumps(fields, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, body: bytes) -> Status:
-        return cls(**json.loads(body))
+        fields = json.loads(body)
+        return cls(**{k: v for k, v in fields.items() if k in _STATUS_FIELDS})
+
+
+_STATUS_FIELDS = frozenset(Status.__dataclass_fields__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +110,9 @@ class Requests:
 
     # -- submit ------------------------------------------------------------------------------
 
-    async def submit(self, request_id: str, body: bytes, content_type: str) -> bool:
+    async def submit(
+        self, request_id: str, body: bytes, content_type: str, *, traceparent: str = ""
+    ) -> bool:
         """Stores, queues and records the request; True when it is new, False when the same id
         and payload were submitted before. Order: payload, queue message, status, so that a
         status always has its message (docs/async.md, "Crash points"); the embedded store writes
@@ -119,7 +130,9 @@ class Requests:
             )
         md5 = content_version(body)
         now = time.time()
-        status = Status(request_id, self.api, IN_QUEUE, md5, content_type, now)
+        status = Status(
+            request_id, self.api, IN_QUEUE, md5, content_type, now, traceparent=traceparent
+        )
         payload_key = self.key(request_id, "payload")
         payload = Put(payload_key, body, content_type, expires_at=now + PAYLOAD_BACKSTOP)
         record = Put(self.key(request_id, "status"), status.encode(), STATUS_TYPE)
@@ -246,8 +259,9 @@ class Requests:
             self.notify(new)
             return new
 
-    async def start(self, request_id: str, attempt: int, payload: Blob) -> None:
-        """IN_PROGRESS, attempt ``attempt``; writes the status if its submitter died first."""
+    async def start(self, request_id: str, attempt: int, payload: Blob) -> Status | None:
+        """IN_PROGRESS, attempt ``attempt``; writes the status if its submitter died first.
+        Returns the status as it is afterwards."""
         now = time.time()
 
         def change(old: Status | None) -> Status | None:
@@ -264,7 +278,7 @@ class Requests:
                 return None
             return replace(old, state=IN_PROGRESS, attempts=attempt, started_at=now)
 
-        await self.transition(request_id, change)
+        return await self.transition(request_id, change)
 
     async def retry(self, request_id: str, error: str) -> None:
         """Back to IN_QUEUE after a failed attempt, with its error."""

@@ -14,17 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 
+import grpc
 import structlog
 from prometheus_client import Counter, Gauge
 
 from gateway.asyncapi import payloads
-from gateway.asyncapi.records import COMPLETED, FAILED, Requests
+from gateway.asyncapi.records import COMPLETED, FAILED, Requests, Status
 from gateway.handlers.pool import HandlerFailed, HandlerPool, WorkerLost
+from gateway.handlers.worker import HANDLE_ASYNC
 from gateway.tensors import from_value
-from gateway.work import Message, Queue, Store, WorkError, holding
+from gateway.work import Blob, Message, Queue, Store, WorkError, holding
+from modelmux.v1.inference_pb2 import InvokeResponse
+from modelmux_common import tracing
 from modelmux_common.config import AsyncConfig
 from modelmux_common.metrics import REGISTRY
 
@@ -143,15 +148,10 @@ class Runner:
             await self._end(request_id, FAILED, error="the payload is gone (deleted or expired)")
             await self.queue.delete(message)
             return
-        await self.requests.start(request_id, attempt, payload)
+        status = await self.requests.start(request_id, attempt, payload)
         error = ""
         try:
-            reply = await self.pool.handle_async(
-                payload.body,
-                request_id=request_id,
-                content_type=payload.content_type,
-                timeout=self.config.timeout,
-            )
+            reply = await self._handle(payload, status, request_id, attempt)
         except HandlerFailed as exc:
             error = str(exc)
         except WorkerLost as exc:
@@ -175,10 +175,59 @@ class Runner:
         await self._end(request_id, FAILED, error=error, attempts=attempt)
         await self.queue.delete(message)
 
+    async def _handle(
+        self, payload: Blob, status: Status | None, request_id: str, attempt: int
+    ) -> InvokeResponse:
+        """The handler's run; with tracing on, in a span linked to the Submit call's."""
+        run = functools.partial(
+            self.pool.handle_async,
+            payload.body,
+            request_id=request_id,
+            content_type=payload.content_type,
+            timeout=self.config.timeout,
+        )
+        traced = tracing.active()
+        if traced is None:
+            return await run()
+        span = _span(traced, status, request_id, attempt)
+        code = grpc.StatusCode.OK
+        try:
+            return await run(trace=span.headers)
+        except HandlerFailed:
+            code = grpc.StatusCode.INTERNAL
+            raise
+        except WorkerLost:
+            code = grpc.StatusCode.UNAVAILABLE
+            raise
+        except BaseException:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            span.end(code)
+
     async def _end(self, request_id: str, state: str, **outcome: object) -> None:
         status = await self.requests.finish(request_id, state, **outcome)  # type: ignore[arg-type]
         if status is not None and status.state == state:  # this run's outcome stood
             OUTCOMES.labels(self.api, state).inc()
+
+
+def _span(
+    traced: tracing.Tracing, status: Status | None, request_id: str, attempt: int
+) -> tracing.Client:
+    """The span of one run of an async request: linked to its Submit call's span."""
+    service, method = HANDLE_ASYNC
+    return traced.linked(
+        f"{service}/{method}",
+        "" if status is None else status.traceparent,
+        {
+            "rpc.system": "grpc",
+            "rpc.service": service,
+            "rpc.method": method,
+            "modelmux.api": "" if status is None else status.api,
+            "modelmux.request_id": request_id,
+            "modelmux.attempt": attempt,
+        },
+    )
 
 
 class Sweeper:

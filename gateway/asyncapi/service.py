@@ -26,6 +26,7 @@ from gateway.handlers.pool import Handlers
 from gateway.tensors import from_value
 from gateway.work import AwsConfig, Work, open_aws, open_embedded, queue_name
 from modelmux.v1 import async_pb2
+from modelmux_common import tracing
 from modelmux_common.config import ApiConfig, AsyncConfig, Config
 
 log = structlog.get_logger("modelmux.async")
@@ -204,7 +205,9 @@ class AsyncApis:
                 raise InvalidArgument(
                     f"raw payload is not valid {payloads.media_type(content_type)}: {exc}"
                 ) from None
-        created = await requests.submit(request_id, body, content_type)
+        traced = tracing.active()
+        traceparent = "" if traced is None else traced.traceparent(call.span)
+        created = await requests.submit(request_id, body, content_type, traceparent=traceparent)
         return async_pb2.SubmitResponse(id=request_id, created=created).SerializeToString()
 
     async def get(self, data: bytes, context: Any, call: Any) -> bytes:

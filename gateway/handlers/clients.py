@@ -31,9 +31,17 @@ import numpy as np
 import structlog
 
 from gateway.auth import HANDLER_CALL_KEY, HANDLER_SECRET_ENV
-from gateway.errors import FailedPrecondition, InvalidArgument, NotFound, Status, Unavailable
+from gateway.errors import (
+    FailedPrecondition,
+    GatewayError,
+    InvalidArgument,
+    NotFound,
+    Status,
+    Unavailable,
+)
 from gateway.signatures import Signature, specs
 from gateway.tensors import json_to_proto, proto_to_numpy
+from modelmux_common import tracing
 from modelmux_common.metrics import HandlerMetrics
 from modelmux_common.tfserving import (
     get_model_metadata_pb2,
@@ -62,8 +70,12 @@ HANDLER_CALL = (HANDLER_CALL_KEY, os.environ.pop(HANDLER_SECRET_ENV, ""))
 
 
 def _metadata() -> tuple[tuple[str, str], ...]:
+    """A handler's call to the gateway: marked, with the request id and (tracing on) the
+    current span's trace context."""
     request_id = getattr(current, "request_id", "")
-    return (HANDLER_CALL, ("x-request-id", request_id)) if request_id else (HANDLER_CALL,)
+    marks = (HANDLER_CALL, ("x-request-id", request_id)) if request_id else (HANDLER_CALL,)
+    traced = tracing.active()
+    return marks if traced is None else marks + traced.headers()
 
 
 class Values(list[Any]):
@@ -232,6 +244,29 @@ class TensorFlowClient:
     def predict(
         self, model_input: Any, model_name: Any = None, model_version: Any = None
     ) -> Prediction:
+        traced = tracing.active()
+        if traced is None:
+            return self._predicted(model_input, model_name, model_version)
+        # a span of its own: the gateway calls it makes (metadata, Predict) are its children
+        span = traced.internal(
+            "tensorflow_client.predict",
+            {"modelmux.model": str(model_name or ""), "modelmux.version": str(model_version or "")},
+        )
+        token = traced.current(span)
+        code = grpc.StatusCode.OK
+        try:
+            return self._predicted(model_input, model_name, model_version)
+        except GatewayError as exc:
+            code = exc.code
+            raise
+        except BaseException:
+            code = grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            traced.restore(token)
+            traced.end(span, code, server=False)
+
+    def _predicted(self, model_input: Any, model_name: Any, model_version: Any) -> Prediction:
         model = default_model(model_name, self.models, self.api)
         if self.only_listed and model not in self.models:
             raise NotFound(

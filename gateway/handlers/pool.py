@@ -45,6 +45,7 @@ from gateway.handlers import userproto
 from gateway.handlers.worker import CONTENT_TYPE_KEY
 from gateway.handlers.worker import HANDLE_ASYNC as HANDLE_ASYNC_METHOD
 from modelmux.v1 import inference_pb2
+from modelmux_common import tracing
 from modelmux_common.config import ApiConfig, Config, ConfigError
 from modelmux_common.grpcutil import message_size_options, remaining
 from modelmux_common.supervision import AsyncChild
@@ -59,6 +60,7 @@ STABLE_AFTER = 10.0
 # Caller metadata a worker must not receive again (gRPC sets its own).
 _DROPPED = ("grpc-", ":")
 _SKIPPED_KEYS = {"user-agent", "x-request-id", HANDLER_CALL_KEY}
+_TRACE_KEYS = {tracing.TRACEPARENT, tracing.TRACESTATE}
 
 
 class HandlerStartError(Exception):
@@ -266,14 +268,30 @@ class HandlerPool:
         return min(live, key=lambda w: w.inflight)
 
     def _metadata(
-        self, context: grpc.aio.ServicerContext[Any, Any], call: Call
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        call: Call,
+        span: tracing.Client | None = None,
     ) -> tuple[tuple[str, str | bytes], ...]:
+        """The caller's metadata and the request id; with tracing on, the handler call's trace
+        context in place of the caller's."""
+        skipped = self._skipped if span is None else self._skipped | _TRACE_KEYS
         passed = tuple(
             (k, v)
             for k, v in context.invocation_metadata() or ()
-            if not k.startswith(_DROPPED) and k not in self._skipped
+            if not k.startswith(_DROPPED) and k not in skipped
         )
+        if span is not None:
+            passed += span.headers
         return (*passed, ("x-request-id", call.request_id))
+
+    def _span(self, method: str, call: Call, worker: _Worker) -> tracing.Client:
+        """The handler call's span (tracing on), a child of the call's own."""
+        traced = tracing.active()
+        assert traced is not None
+        service, _, name = method[1:].rpartition("/")
+        attributes = {"modelmux.api": self.api.name, "modelmux.handler_worker": worker.index}
+        return traced.client(service, name, call.span, attributes)
 
     def _error(self, exc: grpc.aio.AioRpcError, limit: float, call: Call) -> GatewayError:
         code = exc.code()
@@ -315,6 +333,8 @@ class HandlerPool:
         worker = self._pick()
         call.model, call.backend = self.api.name, f"handler-{worker.index}"
         limit = remaining(context, self.timeout)
+        span = None if call.span is None else self._span(method, call, worker)
+        code = grpc.StatusCode.OK
         worker.inflight += 1
         try:
             assert worker.channel is not None
@@ -323,27 +343,39 @@ class HandlerPool:
                 if client_streaming
                 else worker.channel.unary_unary(method)
             )
-            reply: bytes = await send(data, timeout=limit, metadata=self._metadata(context, call))
+            metadata = self._metadata(context, call, span)
+            reply: bytes = await send(data, timeout=limit, metadata=metadata)
             return reply
         except grpc.aio.AioRpcError as exc:
+            code = exc.code()
             raise self._error(exc, limit, call) from None
         except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
             if _cancelling():  # the caller cancelled or its deadline passed
                 raise
             raise self._lost(call) from None  # the worker's channel was closed under the call
         finally:
             worker.inflight -= 1
+            if span is not None:
+                span.end(code)
 
     @property
     def live(self) -> bool:
         return any(w.live for w in self.workers)
 
     async def handle_async(
-        self, body: bytes, *, request_id: str, content_type: str, timeout: float
+        self,
+        body: bytes,
+        *,
+        request_id: str,
+        content_type: str,
+        timeout: float,
+        trace: tracing.Metadata = (),
     ) -> inference_pb2.InvokeResponse:
-        """Runs one async request on the worker with the fewest calls. :class:`HandlerFailed`
-        when the handler raised (or the call timed out), :class:`WorkerLost` when the worker
-        died under it or none was running."""
+        """Runs one async request on the worker with the fewest calls (``trace``: the trace
+        context the worker's span continues). :class:`HandlerFailed` when the handler raised (or
+        the call timed out), :class:`WorkerLost` when the worker died under it or none was
+        running."""
         try:
             worker = self._pick()
         except GatewayError as exc:
@@ -352,7 +384,7 @@ class HandlerPool:
         try:
             assert worker.channel is not None
             call: Any = worker.channel.unary_unary(HANDLE_ASYNC)
-            metadata = (("x-request-id", request_id), (CONTENT_TYPE_KEY, content_type))
+            metadata = (("x-request-id", request_id), (CONTENT_TYPE_KEY, content_type), *trace)
             reply: bytes = await call(body, timeout=timeout, metadata=metadata)
             return inference_pb2.InvokeResponse.FromString(reply)
         except grpc.aio.AioRpcError as exc:

@@ -51,7 +51,7 @@ from gateway.handlers.clients import (
 )
 from gateway.tensors import from_value
 from modelmux.v1 import inference_pb2
-from modelmux_common import logs, supervision
+from modelmux_common import logs, supervision, tracing
 from modelmux_common.config import ApiConfig, ClientTls, Config
 from modelmux_common.grpcutil import bind, message_size_options
 from modelmux_common.listen import ListenError, server_options
@@ -66,6 +66,7 @@ ASYNC_ARGS = ("payload", "request_id")
 # an InvokeResponse out; request id and content type in the metadata.
 HANDLE_ASYNC = ("modelmux.handler.Worker", "HandleAsync")
 CONTENT_TYPE_KEY = "x-modelmux-content-type"
+INVOKE_RPC = "modelmux.v1.Inference/Invoke"
 # A worker whose every thread is stuck this long past its call's deadline exits (to be replaced).
 STUCK_GRACE = 5.0
 
@@ -111,6 +112,7 @@ class Runtime:
         self, config: Config, api: ApiConfig, *, gateway: str, cache_dir: str, descriptors: bytes
     ) -> None:
         self.api = api
+        self.traced = tracing.active()
         # thread -> deadline of the call it runs (for the stuck-worker watchdog)
         self.busy: dict[int, float | None] = {}
         self.file = userproto.load(descriptors, api.protobuf_path) if descriptors else None
@@ -220,8 +222,11 @@ class Runtime:
 
     # -- the request path -------------------------------------------------------------------
 
-    def _begin(self, context: grpc.ServicerContext) -> tuple[str, bool]:
+    def _begin(self, context: grpc.ServicerContext, rpc: str) -> tuple[str, bool]:
         request_id, debug = "", False
+        if self.traced is not None:  # the call's span, current on this thread while it runs
+            current.span = self.traced.server(rpc, context.invocation_metadata())
+            current.trace_token = self.traced.current(current.span)
         for key, value in context.invocation_metadata():
             if key == "x-request-id":
                 request_id = str(value)
@@ -236,7 +241,11 @@ class Runtime:
         self.busy[threading.get_ident()] = current.deadline
         return request_id, debug
 
-    def _end(self) -> None:
+    def _end(self, context: grpc.ServicerContext, failure: Exception | None) -> None:
+        if self.traced is not None and current.span is not None:
+            self.traced.restore(current.trace_token)
+            self.traced.end(current.span, _code(context, failure))
+            current.span = current.trace_token = None
         current.request_id, current.deadline = "", None
         structlog.contextvars.unbind_contextvars("request_id")
         self.busy.pop(threading.get_ident(), None)
@@ -267,7 +276,7 @@ class Runtime:
     def invoke(
         self, request: inference_pb2.InvokeRequest, context: grpc.ServicerContext
     ) -> inference_pb2.InvokeResponse:
-        request_id, debug = self._begin(context)
+        request_id, debug = self._begin(context, INVOKE_RPC)
         failure: Exception | None = None
         try:
             if self.entry is None:
@@ -298,7 +307,7 @@ class Runtime:
         except Exception as exc:
             failure = exc
         finally:
-            self._end()
+            self._end(context, failure)
         self._fail(context, failure, request_id)
         raise AssertionError("unreachable")
 
@@ -306,7 +315,7 @@ class Runtime:
         """Runs handle_async on the payload decoded by its content type. A handler's exception
         is INTERNAL with the exception's type and message (the request's error text; the trace
         goes to the log)."""
-        request_id, _ = self._begin(context)
+        request_id, _ = self._begin(context, "/".join(HANDLE_ASYNC))
         failure: Exception | None = None
         try:
             content_type = dict(context.invocation_metadata()).get(CONTENT_TYPE_KEY, "")
@@ -319,7 +328,7 @@ class Runtime:
         except Exception as exc:
             failure = exc
         finally:
-            self._end()
+            self._end(context, failure)
         if isinstance(failure, ResultError):
             log.error("handler_result_invalid", request_id=request_id, error=str(failure))
             context.abort(grpc.StatusCode.INTERNAL, str(failure))
@@ -381,7 +390,7 @@ class Runtime:
                 ) from None
 
         def unary(payload: Any, context: grpc.ServicerContext) -> Any:
-            request_id, debug = self._begin(context)
+            request_id, debug = self._begin(context, rpc)
             failure: Exception | None = None
             try:
                 result = message(fn(payload, context) if wants_context else fn(payload))
@@ -397,12 +406,12 @@ class Runtime:
             except Exception as exc:
                 failure = exc
             finally:
-                self._end()
+                self._end(context, failure)
             self._fail(context, failure, request_id)
             raise AssertionError("unreachable")
 
         def streaming(payload: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            request_id, _ = self._begin(context)
+            request_id, _ = self._begin(context, rpc)
             failure: Exception | None = None
             try:
                 for item in fn(payload, context) if wants_context else fn(payload):
@@ -411,7 +420,7 @@ class Runtime:
             except Exception as exc:
                 failure = exc
             finally:
-                self._end()
+                self._end(context, failure)
             self._fail(context, failure, request_id)
 
         def parsed(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
@@ -435,6 +444,16 @@ class Runtime:
             request_deserializer=None if method.client_streaming else request_cls.FromString,
             response_serializer=response_cls.SerializeToString,
         )
+
+
+def _code(context: grpc.ServicerContext, failure: Exception | None) -> grpc.StatusCode:
+    """The status a handler call ends with, for its span."""
+    if failure is None:
+        return grpc.StatusCode.OK
+    code = context.code()  # type: ignore[attr-defined]
+    if code not in (None, grpc.StatusCode.OK):
+        return code  # type: ignore[no-any-return]
+    return failure.code if isinstance(failure, GatewayError) else grpc.StatusCode.INTERNAL
 
 
 def _response(result: Any) -> inference_pb2.InvokeResponse:
@@ -491,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     try:
+        tracing.setup(configured=config.gateway.tracing, service="modelmux-handler")
         api = next(a for a in config.apis if a.name == args.api)
         descriptors = b""
         if args.descriptors:
@@ -534,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("handler_start_failed", error=str(exc))
         else:
             log.exception("handler_start_failed")
-        known = isinstance(exc, StartError | ListenError)
+        known = isinstance(exc, StartError | ListenError | tracing.TracingError)
         reason = str(exc) if known else f"{type(exc).__name__}: {exc}"
         reason = reason if len(reason) < 4000 else reason[:4000] + " ..."
         ready.write(json.dumps({"failed": reason}) + "\n")
@@ -562,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=watchdog, name="watchdog", daemon=True).start()
     stop.wait()
     server.stop(config.gateway.shutdown_grace).wait()
+    tracing.shutdown()  # exports the spans still buffered
     log.info("handler_worker_stopped", pid=os.getpid())
     sys.stderr.flush()
     os._exit(0)  # a handler thread still stuck in a call must not keep the process alive

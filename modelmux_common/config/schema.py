@@ -217,6 +217,12 @@ class GatewayConfig:
         True,
     )
     log_level: str = setting(LOG_LEVEL, "the gateway's log level", "info")
+    tracing: bool = setting(
+        BOOLEAN,
+        "OpenTelemetry tracing of every call, exported as the standard `OTEL_*` variables say "
+        "(docs/tracing.md); also on when `OTEL_TRACES_EXPORTER` names an exporter",
+        False,
+    )
     state_dir: str = setting(
         FOLDER,
         "durable state: the Async APIs' embedded store is `<state_dir>/async`",
