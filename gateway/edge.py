@@ -19,6 +19,7 @@ import grpc
 import structlog
 
 from gateway.errors import ECHO_LIMIT, GatewayError, Unavailable, bounded, shown
+from gateway.metrics import Route
 from modelmux_common.logs import hot_info
 
 log = structlog.get_logger("modelmux.gateway")
@@ -98,12 +99,21 @@ class Lifecycle:
         return True
 
 
-def edge(rpc: str, handler: Handler, *, log_requests: bool, lifecycle: Lifecycle) -> RawHandler:
+def edge(
+    rpc: str,
+    handler: Handler,
+    *,
+    log_requests: bool,
+    lifecycle: Lifecycle,
+    metrics: Route | None = None,
+) -> RawHandler:
+    """``metrics``: the route's request counter and latency (None: metrics are off)."""
     summary = hot_info("modelmux.gateway")
+    timed = log_requests or metrics is not None
 
     async def run(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         call = Call(context)
-        started = time.perf_counter() if log_requests else 0.0
+        started = time.perf_counter() if timed else 0.0
         code = grpc.StatusCode.OK
         lifecycle.begin(context)
         try:
@@ -126,6 +136,8 @@ def edge(rpc: str, handler: Handler, *, log_requests: bool, lifecycle: Lifecycle
             log.exception("internal_error", rpc=rpc, request_id=call.request_id)
             await context.abort(code, f"internal error (request id {call.request_id})")
         finally:
+            if metrics is not None:
+                metrics.observe(call.model, call.version, code, time.perf_counter() - started)
             if log_requests:
                 summary(
                     "request",

@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import structlog
 
+from gateway import metrics as m
 from gateway.edge import Call
 from gateway.errors import ResourceExhausted, Unavailable, parse
 from gateway.request import Resolved
@@ -89,15 +90,23 @@ def _note_fault(backend: Endpoint) -> None:
     if backend.call_failures >= EJECT_AFTER:
         backend.ejected_until = time.monotonic() + EJECT_SECONDS
         backend.call_failures = 0
+        m.EJECTIONS.labels(backend.name).inc()
         log.warning("backend_ejected", backend=backend.name, seconds=EJECT_SECONDS)
 
 
 class Forwarder:
     """The last layer of the request path: picks a target, sends, retries once."""
 
-    def __init__(self, *, timeout: float, backend_max_inflight: int) -> None:
+    def __init__(
+        self,
+        *,
+        timeout: float,
+        backend_max_inflight: int,
+        metrics: m.RequestMetrics | None = None,
+    ) -> None:
         self.timeout = timeout
         self.backend_max_inflight = backend_max_inflight
+        self.metrics = metrics
 
     async def send(
         self, request: Resolved, context: grpc.aio.ServicerContext[Any, Any], call: Call
@@ -116,6 +125,8 @@ class Forwarder:
             candidates = [c for c in healthy or candidates if c.backend.outstanding < limit]
             target = pick(candidates)
         if target is None:
+            if self.metrics is not None:
+                self.metrics.rejected["gateway.backend_max_inflight"].inc()
             raise ResourceExhausted(
                 f"every backend holding {request.model} version {request.version} is at its "
                 f"in-flight limit ({limit}, gateway.backend_max_inflight)"
@@ -140,6 +151,7 @@ class Forwarder:
         first.backend.poke()
         other = pick(candidates, exclude=first)
         name = first.backend.name
+        m.RETRIES.labels(name).inc()
         if other is None or remaining(context, self.timeout) <= 0:
             raise Unavailable(
                 f"backend {name} ({first.backend.address}) could not run the call: {exc.details()}"
@@ -172,6 +184,11 @@ class Forwarder:
             data = data + _spec_field(1, target.servable, request.version)
         call.backend = backend.name
         backend.outstanding += 1
+        metrics = self.metrics
+        if metrics is not None:
+            latency, inflight = metrics.backend(backend.name)
+            inflight.inc()
+            started = time.perf_counter()
         try:
             reply = await backend.transport.forward(
                 method, data, timeout=remaining(context, self.timeout)
@@ -179,9 +196,14 @@ class Forwarder:
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _BACKEND_FAULTS:
                 _note_fault(backend)
+            if metrics is not None:
+                metrics.backend_error(backend.name, exc.code())
             raise
         finally:
             backend.outstanding -= 1
+            if metrics is not None:
+                latency.observe(time.perf_counter() - started)
+                inflight.dec()
         backend.call_failures = 0
         if renamed:
             if method == "MultiInference":

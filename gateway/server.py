@@ -29,9 +29,10 @@ from gateway.fleet.fleet import Fleet
 from gateway.follower import Follower
 from gateway.forwarding import Forwarder
 from gateway.handlers.pool import Handlers, HandlerStartError
+from gateway.metrics import RELOADS, RequestMetrics, set_states
 from gateway.request import Send
 from gateway.routing import SETTLED, Table
-from gateway.transport import FORWARDED_METHODS
+from gateway.transport import FORWARDED_METHODS, VersionState
 from gateway.workers import supervise
 from modelmux.v1 import inference_pb2, models_pb2
 from modelmux_common import logs
@@ -46,7 +47,7 @@ from modelmux_common.grpcutil import (
     run_until_signal,
 )
 from modelmux_common.listen import ListenError, server_options
-from modelmux_common.metrics import MULTIPROC_ENV, Endpoint
+from modelmux_common.metrics import MULTIPROC_ENV, Endpoint, multiprocess
 from modelmux_common.quiesce import close_listeners_and_connections
 
 log = structlog.get_logger("modelmux.gateway")
@@ -79,7 +80,13 @@ class Gateway:
         self.fleet = _fleet(config, manage=manage_backends and gw.manage_backends)
         self.discovery = Discovery(self.fleet, config.backends, interval=gw.dns_refresh)
         self.follower = _follower(config, self.fleet)
-        self.admission = _request_path(config, self.fleet)
+        apis = frozenset(api.name for api in config.apis)
+        self.request_metrics = (
+            RequestMetrics(lambda name: name in self.fleet.table.known or name in apis)
+            if gw.metrics_listen
+            else None
+        )
+        self.admission = _request_path(config, self.fleet, self.request_metrics)
         self.models_api = Models(
             self.fleet,
             self.admission,
@@ -87,8 +94,11 @@ class Gateway:
             admin_token=gw.admin_token,
         )
         self.runtime_dir = _runtime_dir(config)
-        # handler workers write their metrics_client's metrics here (modelmux_common/metrics.py)
-        self.metrics_dir = os.path.join(self.runtime_dir, "metrics") if self.runtime_dir else ""
+        # handler workers write their metrics_client's metrics here (modelmux_common/metrics.py);
+        # a --workers N gateway's worker has the supervisor's folder, which it writes itself
+        self.metrics_dir = os.environ.get(MULTIPROC_ENV, "") if multiprocess() else ""
+        if not self.metrics_dir and self.runtime_dir:
+            self.metrics_dir = os.path.join(self.runtime_dir, "metrics")
         metrics_env = (
             {MULTIPROC_ENV: self.metrics_dir} if gw.metrics_listen and self.runtime_dir else {}
         )
@@ -129,16 +139,16 @@ class Gateway:
         """Every RPC behind the edge, as registered methods: gRPC matches the path in C, no
         Python lookup per call."""
         gw, models, handlers = self.config.gateway, self.models_api, self.handlers
+        metrics = self.request_metrics
+
+        def wrap_unary(rpc: str, fn: Handler) -> Any:
+            route = metrics.route(rpc) if metrics is not None else None
+            return edge(
+                rpc, fn, log_requests=gw.log_requests, lifecycle=self.lifecycle, metrics=route
+            )
 
         def wrap(service: str, method: str, fn: Handler) -> Any:
-            return grpc.unary_unary_rpc_method_handler(
-                edge(
-                    f"{service}/{method}",
-                    fn,
-                    log_requests=gw.log_requests,
-                    lifecycle=self.lifecycle,
-                )
-            )
+            return grpc.unary_unary_rpc_method_handler(wrap_unary(f"{service}/{method}", fn))
 
         services: dict[str, dict[str, Any]] = {
             INFERENCE_SERVICE: {
@@ -185,9 +195,6 @@ class Gateway:
             },
         )
 
-        def wrap_unary(rpc: str, fn: Handler) -> Any:
-            return edge(rpc, fn, log_requests=gw.log_requests, lifecycle=self.lifecycle)
-
         def wrap_stream(rpc: str, fn: Any) -> Any:
             return stream_edge(lambda r, c: fn(r, c, Call(c)), lifecycle=self.lifecycle)
 
@@ -212,6 +219,7 @@ class Gateway:
             settled = settled and self.follower.synced.is_set()
             wanted[MODELSYNC_HEALTH] = SERVING if self.follower.connected else NOT_SERVING
         unservable = sorted(name for name in table.known if name not in table.routes)
+        self._note_states(table)
         if settled and not self._settled_once:
             self._settled_once = True
             self._report_start(table, unservable)
@@ -232,6 +240,25 @@ class Gateway:
         self._health_task = asyncio.get_running_loop().create_task(
             self._set_health(changed, previous)
         )
+
+    def _note_states(self, table: Table) -> None:
+        """The metrics of model state: versions per backend and state, routable versions per
+        backend, and the reloads that became routable."""
+        versions: dict[tuple[str, str], int] = {}
+        for report in self.fleet.reports():
+            for statuses in report.reported.values():
+                for status in statuses.values():
+                    key = (report.name, _state_name(status.state))
+                    versions[key] = versions.get(key, 0) + 1
+        routable: dict[tuple[str], int] = {}
+        served: set[tuple[str, int, str]] = set()
+        for route in table.routes.values():
+            for version, targets in route.versions.items():
+                for target in targets:
+                    routable[(target.backend.name,)] = routable.get((target.backend.name,), 0) + 1
+                    served.add((route.model, version, target.servable))
+        set_states(versions, routable)
+        RELOADS.routable(lambda model, version, servable: (model, version, servable) in served)
 
     def _report_start(self, table: Table, unservable: list[str]) -> None:
         """One line when start-up settles, listing every model that cannot be served and why;
@@ -264,6 +291,17 @@ class Gateway:
             await self.health.set(name, status)
 
     async def start(self) -> str:
+        gw = self.config.gateway
+        # the supervisor of a --workers N gateway serves /metrics from the workers' files
+        if gw.metrics_listen and not multiprocess():
+            try:
+                self.metrics = Endpoint(
+                    gw.metrics_listen, self.metrics_dir, key="gateway.metrics_listen"
+                )
+            except ListenError:
+                self._remove_runtime_dir()
+                raise
+            log.info("metrics", address=gw.metrics_listen, port=self.metrics.port)
         try:
             shared = self.config.gateway.workers > 1
             self.address = bind(self.server, self.config.gateway.listen, shared_port=shared)
@@ -282,9 +320,6 @@ class Gateway:
             self._remove_runtime_dir()
             raise
         await self.asyncapi.start()
-        if self.config.gateway.metrics_listen:
-            self.metrics = Endpoint(self.config.gateway.metrics_listen, self.metrics_dir)
-            log.info("metrics", address=self.config.gateway.metrics_listen, port=self.metrics.port)
         self.handlers_ready = True
         self._on_table(self.fleet.table)  # nothing else may change: handler-only gateways
         self.fleet.start()
@@ -324,6 +359,14 @@ class Gateway:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
 
+def _state_name(state: int) -> str:
+    """TF Serving's name of a version state (a number from a newer server shown as it is)."""
+    try:
+        return str(VersionState.Name(state))
+    except ValueError:
+        return str(state)
+
+
 def _fleet(config: Config, *, manage: bool) -> Fleet:
     """The backends, with the models the config names (path sources) or none until modelsync
     publishes them."""
@@ -352,11 +395,13 @@ def _follower(config: Config, fleet: Fleet) -> Follower | None:
     )
 
 
-def _request_path(config: Config, fleet: Fleet) -> Admission:
+def _request_path(config: Config, fleet: Fleet, metrics: RequestMetrics | None) -> Admission:
     """The layers below the API modules, top to bottom: admission (gateway.max_inflight),
     server-side batching for the APIs that ask for it, forwarding."""
     gw = config.gateway
-    forwarder = Forwarder(timeout=gw.backend_timeout, backend_max_inflight=gw.backend_max_inflight)
+    forwarder = Forwarder(
+        timeout=gw.backend_timeout, backend_max_inflight=gw.backend_max_inflight, metrics=metrics
+    )
     policies = {
         api.name: Policy(api.max_batch_size, api.batch_interval)
         for api in config.apis
@@ -365,7 +410,7 @@ def _request_path(config: Config, fleet: Fleet) -> Admission:
     send: Send = forwarder.send
     if policies:
         send = Batching(send, policies, max_bytes=gw.max_message_bytes, tables=fleet).send
-    return Admission(send, max_inflight=gw.max_inflight)
+    return Admission(send, max_inflight=gw.max_inflight, metrics=metrics)
 
 
 def _runtime_dir(config: Config) -> str:

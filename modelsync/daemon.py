@@ -23,6 +23,7 @@ from modelmux_common.grpcutil import (
     run_until_signal,
 )
 from modelmux_common.listen import server_options
+from modelmux_common.metrics import Endpoint
 from modelsync.publisher import SourceSpec
 from modelsync.service import SERVICE_NAME, ModelSyncService
 from modelsync.state import StateError
@@ -49,6 +50,7 @@ class Daemon:
         self.server: grpc.aio.Server | None = None
         self.health: HealthServicer | None = None
         self.address = ""
+        self.metrics: Endpoint | None = None
         self._stopped = False
 
     async def start(self) -> str:
@@ -58,6 +60,9 @@ class Daemon:
         self.health = add_health_and_reflection(server, [SERVICE_NAME])
         # a busy address fails here, before the state is loaded or the target touched
         self.address = bind(server, self.settings.listen)
+        if self.settings.metrics_listen:
+            self.metrics = Endpoint(self.settings.metrics_listen, key="modelsync.metrics_listen")
+            log.info("metrics", address=self.settings.metrics_listen, port=self.metrics.port)
         self.syncer.open()
         await server.start()
         self.server = server
@@ -84,6 +89,8 @@ class Daemon:
         if self._stopped:
             return
         self._stopped = True
+        if self.metrics is not None:
+            self.metrics.close()
         if self.server is None:  # start() failed before serving: nothing to drain or announce
             await self.syncer.stop()
             return

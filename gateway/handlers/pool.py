@@ -43,6 +43,7 @@ from gateway.errors import (
 from gateway.handlers import userproto
 from gateway.handlers.worker import CONTENT_TYPE_KEY
 from gateway.handlers.worker import HANDLE_ASYNC as HANDLE_ASYNC_METHOD
+from gateway.metrics import HANDLER_RESTARTS, HANDLER_SECONDS
 from modelmux.v1 import inference_pb2
 from modelmux_common.config import ApiConfig, Config, ConfigError
 from modelmux_common.grpcutil import message_size_options, remaining
@@ -196,6 +197,7 @@ class HandlerPool:
             log.error(
                 "handler_worker_exited", api=self.api.name, index=worker.index, exit=_exit(code)
             )
+            HANDLER_RESTARTS.labels(self.api.name).inc()
             # calls still on the old channel fail by themselves (the socket is gone); it is closed
             # once they had time to, since closing cancels them without a status
             if worker.channel is not None:
@@ -312,6 +314,7 @@ class HandlerPool:
         call.model, call.backend = self.api.name, f"handler-{worker.index}"
         limit = remaining(context, self.timeout)
         worker.inflight += 1
+        started, code = time.perf_counter(), "OK"
         try:
             assert worker.channel is not None
             send: Any = (
@@ -322,13 +325,16 @@ class HandlerPool:
             reply: bytes = await send(data, timeout=limit, metadata=self._metadata(context, call))
             return reply
         except grpc.aio.AioRpcError as exc:
+            code = exc.code().name
             raise self._error(exc, limit, call) from None
         except asyncio.CancelledError:
+            code = "CANCELLED"
             if _cancelling():  # the caller cancelled or its deadline passed
                 raise
             raise self._lost(call) from None  # the worker's channel was closed under the call
         finally:
             worker.inflight -= 1
+            HANDLER_SECONDS.labels(self.api.name, code).observe(time.perf_counter() - started)
 
     @property
     def live(self) -> bool:

@@ -17,6 +17,7 @@ from modelmux_common.config.fields import (
     BOOLEAN,
     DURATION,
     FOLDER,
+    HTTP_ADDRESS,
     INTEGER,
     LABELS,
     MAPPING,
@@ -161,7 +162,10 @@ class GatewayConfig:
         ".modelmux/state",
     )
     metrics_listen: str = setting(
-        STRING, "host:port of the Prometheus `/metrics` HTTP endpoint; empty = off", ""
+        HTTP_ADDRESS,
+        "host:port of the gateway's Prometheus `/metrics` HTTP endpoint (with `workers` > 1, "
+        "one endpoint for all workers); empty = off",
+        "",
     )
 
 
@@ -226,6 +230,11 @@ class ModelsyncConfig:
     event_log_size: int = setting(
         INTEGER, "events kept in memory for WatchEvents resumption", 10000, range=POSITIVE
     )
+    metrics_listen: str = setting(
+        HTTP_ADDRESS,
+        "host:port of modelsync's Prometheus `/metrics` HTTP endpoint; empty = off",
+        "",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +254,12 @@ class BackendConfig:
         "APIs with `compute.inf > 0` go to `inferentia` backends only, `compute.gpu > 0` to `gpu` "
         "ones, all others to `cpu` / `gpu` ones",
         "cpu",
+    )
+    metrics_listen: str = setting(
+        HTTP_ADDRESS,
+        "host:port of the embedded backend's Prometheus `/metrics` HTTP endpoint (`modelmux "
+        "backend --name` and `modelmux up`; a TF Serving backend has its own); empty = off",
+        "",
     )
 
 
