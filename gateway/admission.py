@@ -28,19 +28,14 @@ class Admission:
     async def send(
         self, request: Resolved, context: grpc.aio.ServicerContext[Any, Any], call: Call
     ) -> bytes:
-        metrics = self.metrics
         if self.inflight >= self.max_inflight:
-            if metrics is not None:
-                metrics.rejected["gateway.max_inflight"].inc()
+            if self.metrics is not None:
+                self.metrics.rejected["gateway.max_inflight"].inc()
             raise ResourceExhausted(
                 f"the gateway's in-flight limit ({self.max_inflight}, gateway.max_inflight) is reached"
             )
         self.inflight += 1
-        if metrics is not None:
-            metrics.inflight.inc()
         try:
             return await self.next(request, context, call)
         finally:
             self.inflight -= 1
-            if metrics is not None:
-                metrics.inflight.dec()

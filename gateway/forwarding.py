@@ -186,8 +186,7 @@ class Forwarder:
         backend.outstanding += 1
         metrics = self.metrics
         if metrics is not None:
-            latency, inflight = metrics.backend(backend.name)
-            inflight.inc()
+            latency = metrics.backend(backend.name)
             started = time.perf_counter()
         try:
             reply = await backend.transport.forward(
@@ -203,7 +202,6 @@ class Forwarder:
             backend.outstanding -= 1
             if metrics is not None:
                 latency.observe(time.perf_counter() - started)
-                inflight.dec()
         backend.call_failures = 0
         if renamed:
             if method == "MultiInference":

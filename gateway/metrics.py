@@ -15,8 +15,9 @@ the gauges say how the processes' values combine (``multiprocess_mode``).
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import grpc
@@ -56,7 +57,7 @@ BACKEND_ERRORS = Counter(
 )
 INFLIGHT = Gauge(
     "modelmux_inflight_calls",
-    "Calls admitted and not yet answered, counted against a limit",
+    "Calls admitted and not yet answered, counted against a limit (sampled twice a second)",
     ["limit"],
     multiprocess_mode="livesum",
     registry=REGISTRY,
@@ -134,6 +135,8 @@ HANDLER_SECONDS = Histogram(
 )
 
 OK = grpc.StatusCode.OK
+# How often the in-flight gauges are read from the request path's own counts.
+SAMPLE_SECONDS = 0.5
 
 
 class Route:
@@ -157,7 +160,7 @@ class Route:
     def _bind(self, model: str, version: int, code: grpc.StatusCode) -> tuple[Any, Any]:
         known = bool(model) and self._known(model)
         shown = model if known else ""
-        pinned = str(version) if version and code is OK else ""
+        pinned = str(version) if known and version and code is OK else ""
         pair = (
             REQUESTS.labels(self.service, self.method, shown, pinned, code.name),
             REQUEST_SECONDS.labels(self.service, self.method, shown),
@@ -172,24 +175,35 @@ class RequestMetrics:
 
     def __init__(self, known: Callable[[str], bool]) -> None:
         self.known = known
-        self.inflight = INFLIGHT.labels("gateway.max_inflight")
         self.rejected = {
             limit: REJECTED.labels(limit)
             for limit in ("gateway.max_inflight", "gateway.backend_max_inflight")
         }
-        self._backends: dict[str, tuple[Any, Any]] = {}
+        self._backends: dict[str, Any] = {}
+        self._inflight: dict[str, Any] = {}
         self._errors: dict[tuple[str, grpc.StatusCode], Any] = {}
 
     def route(self, rpc: str) -> Route:
         return Route(rpc, self.known)
 
-    def backend(self, name: str) -> tuple[Any, Any]:
-        """(latency histogram, in-flight gauge) children of one backend."""
-        pair = self._backends.get(name)
-        if pair is None:
-            pair = (BACKEND_SECONDS.labels(name), INFLIGHT.labels(f"backend:{name}"))
-            self._backends[name] = pair
-        return pair
+    def backend(self, name: str) -> Any:
+        """The latency histogram's child of one backend."""
+        child = self._backends.get(name)
+        if child is None:
+            child = self._backends[name] = BACKEND_SECONDS.labels(name)
+        return child
+
+    async def sample(self, inflight: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        """Copies the request path's in-flight counts, (limit, calls) from ``inflight``, into
+        the gauge every SAMPLE_SECONDS: the counts are the plain integers admission and
+        forwarding keep anyway, so a call pays nothing for the gauge."""
+        while True:
+            for limit, calls in inflight():
+                child = self._inflight.get(limit)
+                if child is None:
+                    child = self._inflight[limit] = INFLIGHT.labels(limit)
+                child.set(calls)
+            await asyncio.sleep(SAMPLE_SECONDS)
 
     def backend_error(self, name: str, code: grpc.StatusCode) -> None:
         child = self._errors.get((name, code))

@@ -128,6 +128,7 @@ class Gateway:
         )
         self._health: dict[str, int] = {}
         self._health_task: asyncio.Task[None] | None = None
+        self._sampler: asyncio.Task[None] | None = None
         self.address = ""
         self.bound: list[str] = []  # what start() bound: the addresses stop() closes
         # composed: from now on every new routing table reaches health and the watchers
@@ -241,6 +242,11 @@ class Gateway:
             self._set_health(changed, previous)
         )
 
+    def _inflight(self) -> list[tuple[str, int]]:
+        """The in-flight counts of the request path, by limit (the gauge's sample)."""
+        backends = [(f"backend:{r.name}", r.endpoint.outstanding) for r in self.fleet.reports()]
+        return [("gateway.max_inflight", self.admission.inflight), *backends]
+
     def _note_states(self, table: Table) -> None:
         """The metrics of model state: versions per backend and state, routable versions per
         backend, and the reloads that became routable."""
@@ -323,6 +329,8 @@ class Gateway:
         self.handlers_ready = True
         self._on_table(self.fleet.table)  # nothing else may change: handler-only gateways
         self.fleet.start()
+        if self.request_metrics is not None:
+            self._sampler = asyncio.create_task(self.request_metrics.sample(self._inflight))
         await self.discovery.refresh()
         self.discovery.start()
         if self.follower is not None:
@@ -350,6 +358,8 @@ class Gateway:
             self.metrics.close()
         await self.handlers.close()
         await self.discovery.close()
+        if self._sampler is not None:
+            self._sampler.cancel()
         await self.fleet.close()
         self._remove_runtime_dir()
         log.info("stopped", forced=force, drained=drained)

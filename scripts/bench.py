@@ -70,6 +70,11 @@ DEVICE_TIME = "10ms"
 DEVICE_SLOTS = 4
 
 
+# The same gateway with one feature on, each compared with facade-latest (CPU per call, paired
+# by round): what the feature costs a call.
+VERSUS = {"facade-latest-metrics": "facade-latest", "facade-latest-logged": "facade-latest"}
+
+
 def backend_of(process: str) -> str:
     """The backend behind a process: gateways following modelsync have their own."""
     if process.startswith("gateway") and not process.startswith("gateway-static"):
@@ -222,6 +227,10 @@ class Bench:
             self.procs["gateway-logged"] = self.stack.gateway(
                 "gateway-logged", self.config("gateway-logged", log_requests=True)
             )
+        if "gateway-metrics" in wanted:  # Prometheus metrics on, nobody scraping
+            self.procs["gateway-metrics"] = self.stack.gateway(
+                "gateway-metrics", self.config("gateway-metrics", metrics_listen="127.0.0.1:0")
+            )
         if "gateway-static" in wanted:
             static = self.stack.gateway("gateway-static", self.config("gateway-static"))
             self.procs["gateway-static"] = static
@@ -352,6 +361,7 @@ class Bench:
             spread = {k: [min(row[k] for row in rows), max(row[k] for row in rows)] for k in keys}
             summary[target.name] = {**figures, "min_max": spread, "rounds": rows}
         bench_report.add_ratios(summary, {t.name: (t.base, t.floor) for t in self.targets})
+        bench_report.add_versus(summary, VERSUS)
         handler = bench_report.handler_summary(summary, "invoke", "own-json")
         if handler:
             self.results["handler"] = handler

@@ -67,6 +67,9 @@ TARGETS = (
     Target("facade-v2", "gateway", "tf", 2, "direct-v2", "barehop-v2"),
     Target("facade-latest", "gateway", "tf", None, "direct-latest", "barehop-latest"),
     Target("facade-latest-logged", "gateway-logged", "tf", None, "direct-latest", "barehop-latest"),
+    Target(
+        "facade-latest-metrics", "gateway-metrics", "tf", None, "direct-latest", "barehop-latest"
+    ),
     Target("own-typed", "gateway", "typed", None, "direct-latest", "barehop-latest"),
     Target("own-json", "gateway", "json", None, "direct-latest", "barehop-latest"),
     Target("facade-batched", "gateway-batched", "tf", None, "direct-latest", "barehop-latest"),
