@@ -18,12 +18,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
+from gateway.transport import VersionState
 from modelmux_common.metrics import LATENCY_BUCKETS, REGISTRY
+
+if TYPE_CHECKING:
+    from gateway.fleet.report import Report
+    from gateway.routing import Table
 
 # Model events reach the backends in milliseconds to minutes (a large model loading).
 RELOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -240,6 +245,34 @@ class Reloads:
 
 
 RELOADS = Reloads()
+
+
+def note_table(table: Table, reports: Iterable[Report]) -> None:
+    """The metrics of model state, on every new routing table: versions per backend and state,
+    routable versions per backend, and the reloads that became routable."""
+    versions: dict[tuple[str, str], int] = {}
+    for report in reports:
+        for statuses in report.reported.values():
+            for status in statuses.values():
+                key = (report.name, _state_name(status.state))
+                versions[key] = versions.get(key, 0) + 1
+    routable: dict[tuple[str], int] = {}
+    served: set[tuple[str, int, str]] = set()
+    for route in table.routes.values():
+        for version, targets in route.versions.items():
+            for target in targets:
+                routable[(target.backend.name,)] = routable.get((target.backend.name,), 0) + 1
+                served.add((route.model, version, target.servable))
+    set_states(versions, routable)
+    RELOADS.routable(lambda model, version, servable: (model, version, servable) in served)
+
+
+def _state_name(state: int) -> str:
+    """TF Serving's name of a version state (a number from a newer server shown as it is)."""
+    try:
+        return str(VersionState.Name(state))
+    except ValueError:
+        return str(state)
 
 
 def set_states(versions: dict[tuple[str, str], int], routable: dict[tuple[str], int]) -> None:

@@ -29,10 +29,10 @@ from gateway.fleet.fleet import Fleet
 from gateway.follower import Follower
 from gateway.forwarding import Forwarder
 from gateway.handlers.pool import Handlers, HandlerStartError
-from gateway.metrics import RELOADS, RequestMetrics, set_states
+from gateway.metrics import RequestMetrics, note_table
 from gateway.request import Send
 from gateway.routing import SETTLED, Table
-from gateway.transport import FORWARDED_METHODS, VersionState
+from gateway.transport import FORWARDED_METHODS
 from gateway.workers import supervise
 from modelmux.v1 import inference_pb2, models_pb2
 from modelmux_common import logs
@@ -220,7 +220,7 @@ class Gateway:
             settled = settled and self.follower.synced.is_set()
             wanted[MODELSYNC_HEALTH] = SERVING if self.follower.connected else NOT_SERVING
         unservable = sorted(name for name in table.known if name not in table.routes)
-        self._note_states(table)
+        note_table(table, self.fleet.reports())
         if settled and not self._settled_once:
             self._settled_once = True
             self._report_start(table, unservable)
@@ -246,25 +246,6 @@ class Gateway:
         """The in-flight counts of the request path, by limit (the gauge's sample)."""
         backends = [(f"backend:{r.name}", r.endpoint.outstanding) for r in self.fleet.reports()]
         return [("gateway.max_inflight", self.admission.inflight), *backends]
-
-    def _note_states(self, table: Table) -> None:
-        """The metrics of model state: versions per backend and state, routable versions per
-        backend, and the reloads that became routable."""
-        versions: dict[tuple[str, str], int] = {}
-        for report in self.fleet.reports():
-            for statuses in report.reported.values():
-                for status in statuses.values():
-                    key = (report.name, _state_name(status.state))
-                    versions[key] = versions.get(key, 0) + 1
-        routable: dict[tuple[str], int] = {}
-        served: set[tuple[str, int, str]] = set()
-        for route in table.routes.values():
-            for version, targets in route.versions.items():
-                for target in targets:
-                    routable[(target.backend.name,)] = routable.get((target.backend.name,), 0) + 1
-                    served.add((route.model, version, target.servable))
-        set_states(versions, routable)
-        RELOADS.routable(lambda model, version, servable: (model, version, servable) in served)
 
     def _report_start(self, table: Table, unservable: list[str]) -> None:
         """One line when start-up settles, listing every model that cannot be served and why;
@@ -367,14 +348,6 @@ class Gateway:
     def _remove_runtime_dir(self) -> None:
         if self.runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
-
-
-def _state_name(state: int) -> str:
-    """TF Serving's name of a version state (a number from a newer server shown as it is)."""
-    try:
-        return str(VersionState.Name(state))
-    except ValueError:
-        return str(state)
 
 
 def _fleet(config: Config, *, manage: bool) -> Fleet:

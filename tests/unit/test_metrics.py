@@ -3,9 +3,12 @@ gauges that drop to 0 when a combination goes away."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 
 from gateway.metrics import Reloads, RequestMetrics, set_states
+from modelmux_common.config import load
 from modelmux_common.metrics import REGISTRY
 
 OK, NOT_FOUND = grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND
@@ -75,3 +78,15 @@ def test_state_gauges_drop_to_zero_when_a_combination_goes() -> None:
     assert sample("modelmux_backend_model_versions", backend="u-0", state="AVAILABLE") == 3
     assert sample("modelmux_backend_model_versions", backend="u-0", state="LOADING") == 0
     assert sample("modelmux_routable_versions", backend="u-1") == 0
+
+
+def test_make_run_serves_metrics_from_every_daemon() -> None:
+    """examples/quickstart/modelmux.yaml (`make run`): an endpoint per daemon, on fixed ports."""
+    quickstart = Path(__file__).resolve().parents[2] / "examples" / "quickstart" / "modelmux.yaml"
+    config = load(str(quickstart))
+    addresses = [
+        config.gateway.metrics_listen,
+        config.modelsync.metrics_listen,
+        *(b.metrics_listen for b in config.backends),
+    ]
+    assert addresses == ["127.0.0.1:8530", "127.0.0.1:8531", "127.0.0.1:8532"]
