@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import bench_lifecycle
+import bench_metrics
 import bench_report
 import bench_requests as req
 import grpc
@@ -54,7 +55,9 @@ from bench_stack import (
 )
 from bench_targets import LARGE_TARGETS, QUICK, TARGETS, Settings, Target
 
-SCENARIOS = ("small", "latency", "large", "bottleneck", "memory", "start", "workers", "reload")
+SCENARIOS = (
+    "small", "metrics", "latency", "large", "bottleneck", "memory", "start", "workers", "reload",
+)  # fmt: skip
 MAX_BYTES = 128 * 1024 * 1024
 
 
@@ -507,6 +510,13 @@ class Bench:
         self.check_targets()
         if "small" in self.scenarios:
             self.small()
+        if "metrics" in self.scenarios:  # in-process: the request path with metrics off and on
+            facade = self.results.get("small", {}).get("targets", {}).get("facade-latest", {})
+            self.results["metrics"] = bench_metrics.request_path(
+                rounds=self.settings.metrics_rounds,
+                calls=self.settings.metrics_calls,
+                hop_cpu_us=facade.get("hop_cpu_us", 0.0),
+            )
         if "latency" in self.scenarios:
             self.latency()
         if self.profile:

@@ -182,6 +182,7 @@ ISSUE_TARGETS = (
     ("facade-v2 added p50 vs bare hop's (c=1, interleaved)", 1.15, (*_I, "facade-v2", "added_p50_x_barehop"), False),
     ("facade-latest CPU/call, metrics on vs off (saturation)", 1.05, (*_S, "facade-latest-metrics", "cpu_x_facade-latest"), False),
     ("facade-latest CPU/call, metrics on vs off (c=1)", 1.05, (*_S, "facade-latest-metrics", "cpu_c1_x_facade-latest"), False),
+    ("facade-latest CPU/call + what metrics add to the request path in-process", 1.05, ("metrics", "x_facade"), False),
     ("own-typed CPU/call vs bare hop (saturation)", 1.5, (*_S, "own-typed", "cpu_x_barehop"), False),
     ("40 MB facade-v2 time vs direct", 1.25, (*_L, "facade-v2", "x_direct"), False),
     ("40 MB facade-latest time vs direct", 1.25, (*_L, "facade-latest", "x_direct"), False),
@@ -407,6 +408,13 @@ def table(results: Mapping[str, Any]) -> str:
         if lines:
             parts.append("")
             parts.extend(lines)
+    if "metrics" in results:
+        m = results["metrics"]
+        parts.append(
+            f"\nmetrics, the request path in-process ({m['rounds']} rounds of {m['calls']} calls):"
+            f" {m['off_us']:.2f} us per call off, {m['on_us']:.2f} us on, {m['added_us']:.2f} us"
+            " added"
+        )
     if "latency" in results:
         parts.append(
             f"\nlatency at c=1, every target interleaved call by call (a sync Python client,"
