@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 import structlog
+
+from backend.metrics import REQUEST_SECONDS, REQUESTS
 
 log = structlog.get_logger("modelmux.backend")
 
@@ -56,19 +60,30 @@ def rpc_edge(method: Method[Servicer, Request, Response]) -> Method[Servicer, Re
     ``BaseException`` and passes through untouched.
     """
 
+    latency = REQUEST_SECONDS.labels(method.__name__)
+
     @functools.wraps(method)
     async def wrapper(
         self: Servicer, request: Request, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Response:
+        started, code = time.perf_counter(), grpc.StatusCode.OK
         try:
             return await method(self, request, context)
         except ServingError as exc:
+            code = exc.code
             await _abort(context, exc.code, exc.message)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception as exc:
+            code = grpc.StatusCode.INTERNAL
             log.exception("rpc failed", rpc=method.__name__)
             await _abort(
                 context, grpc.StatusCode.INTERNAL, f"{method.__name__}: {type(exc).__name__}: {exc}"
             )
+        finally:
+            latency.observe(time.perf_counter() - started)
+            REQUESTS.labels(method.__name__, code.name).inc()
 
     return wrapper
 

@@ -21,6 +21,7 @@ import structlog
 
 from backend import servable as servables
 from backend.errors import FailedPrecondition, NotFound, ServingError
+from backend.metrics import LOAD_SECONDS
 from backend.modelconfig import ModelSpec
 from backend.servable import LoadError, Servable
 from backend.tfserving import get_model_status_pb2
@@ -249,6 +250,7 @@ class ModelManager:
             # (END with the reason), never a crashed backend.
             record.error = LoadError(f"{type(exc).__name__}: {exc}", code=grpc.StatusCode.UNKNOWN)
         seconds = round(time.monotonic() - started, 3)
+        LOAD_SECONDS.labels("failed" if record.error else "loaded").observe(seconds)
         if record.error is None:
             record.state = AVAILABLE
             log.info(
@@ -313,6 +315,14 @@ class ModelManager:
                 + (f" (version {version} is {record.state_name})" if record else "")
             )
         return record.servable
+
+    def state_counts(self) -> dict[str, int]:
+        """Versions of every model by state name (the metrics' model versions gauge)."""
+        counts: dict[str, int] = {}
+        for model in self._models.values():
+            for record in model.versions.values():
+                counts[record.state_name] = counts.get(record.state_name, 0) + 1
+        return counts
 
     def status(self, name: str, version: int | None) -> list[VersionRecord]:
         """Version records for GetModelStatus (removed models keep their END records)."""

@@ -14,6 +14,7 @@ from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_p
 
 from backend.errors import ServingError
 from backend.manager import ModelManager
+from backend.metrics import States
 from backend.modelconfig import ModelSpec, read_config_file
 from backend.services import Device, ModelService, PredictionService
 from backend.tfserving import model_service_pb2, prediction_service_pb2
@@ -21,6 +22,7 @@ from modelmux_common import config as mm_config
 from modelmux_common import grpcutil, logs
 from modelmux_common.config import Accelerator, ConfigError, ServerTls
 from modelmux_common.listen import server_options
+from modelmux_common.metrics import Endpoint
 from modelmux_common.security import TlsError, check_ca, check_certificate, server_credentials
 
 log = structlog.get_logger("modelmux.backend")
@@ -45,14 +47,16 @@ class Settings:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     device: Device | None = None  # --device-time / --device-slots
     tls: ServerTls | None = None  # --tls-cert / --tls-key / --tls-client-ca
+    metrics_listen: str = ""  # the backends entry's metrics_listen
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
         """Defaults < the ``backends`` entry named ``--name`` in ``--config`` < explicit flags."""
-        listen, accelerator = DEFAULT_LISTEN, DEFAULT_ACCELERATOR
+        listen, accelerator, metrics_listen = DEFAULT_LISTEN, DEFAULT_ACCELERATOR, ""
         if getattr(args, "config", None) and getattr(args, "name", None):
             entry = _backend_entry(args.config, args.name)
             listen, accelerator = entry.address, entry.accelerator
+            metrics_listen = entry.metrics_listen
         try:
             poll_interval = mm_config.parse_duration(getattr(args, "poll_interval", "1s"))
         except ValueError as exc:
@@ -78,6 +82,7 @@ class Settings:
             models=tuple(models) if models is not None else None,
             device=device,
             tls=_tls(args),
+            metrics_listen=metrics_listen,
         )
 
 
@@ -144,6 +149,7 @@ async def serve(settings: Settings) -> None:
         health = grpcutil.add_health_and_reflection(server, SERVICE_NAMES)
         credentials = server_credentials(settings.tls, what="backend")
         address = grpcutil.bind(server, settings.listen, credentials=credentials)
+        metrics = _metrics(settings, manager)
         await server.start()
         if settings.models is not None:
             await _apply_start_config(manager, list(settings.models))
@@ -161,12 +167,27 @@ async def serve(settings: Settings) -> None:
         try:
             await grpcutil.run_until_signal(stop=stop)
         finally:
+            if metrics is not None:
+                metrics.close()
             stop_polling.set()
             await poller  # the poll's wait is interruptible: it returns as soon as stop is set
             await manager.close()
             await server.stop(0)
             executor.shutdown(wait=False, cancel_futures=True)
     log.info("stopped", address=address)
+
+
+def _metrics(settings: Settings, manager: ModelManager) -> Endpoint | None:
+    """``/metrics`` when the backend's entry sets ``metrics_listen`` (a busy address fails)."""
+    if not settings.metrics_listen:
+        return None
+    metrics = Endpoint(
+        settings.metrics_listen,
+        key="backends[].metrics_listen",
+        collectors=[States(manager.state_counts)],
+    )
+    log.info("metrics", address=settings.metrics_listen, port=metrics.port)
+    return metrics
 
 
 async def _apply_start_config(manager: ModelManager, specs: list[ModelSpec]) -> None:

@@ -35,6 +35,7 @@ import structlog
 
 from gateway.edge import Call
 from gateway.errors import parse
+from gateway.metrics import BATCH_CALLS, BATCH_ROWS
 from gateway.request import Resolved, Send
 from gateway.routing import Tables
 from gateway.tensors import NUMPY_OF_TF, VAL_FIELD, proto_to_numpy
@@ -370,6 +371,8 @@ class Batching:
             )  # fmt: skip
             await self._one_by_one(group, members)
             return
+        BATCH_CALLS.labels(group.model).observe(len(members))
+        BATCH_ROWS.labels(group.model).observe(sum(rows))
         for i, member in enumerate(members):
             member.call.model = group.model
             member.call.version = group.version

@@ -21,6 +21,7 @@ import structlog
 
 from gateway.auth import HANDLER_CALL_KEY, Guard
 from gateway.errors import ECHO_LIMIT, GatewayError, Unavailable, bounded, shown
+from gateway.metrics import Route
 from modelmux_common import tracing
 from modelmux_common.logs import hot_info
 
@@ -120,16 +121,19 @@ def edge(
     log_requests: bool,
     lifecycle: Lifecycle,
     guard: Guard | None = None,
+    metrics: Route | None = None,
 ) -> RawHandler:
-    """``handler`` as a gRPC method; ``guard`` (gateway.auth) runs before it when given."""
+    """``handler`` as a gRPC method; ``guard`` (gateway.auth) runs before it when given;
+    ``metrics``: the route's request counter and latency (None: metrics are off)."""
     summary = hot_info("modelmux.gateway")
     traced = tracing.active()  # decided once: with tracing off a call makes no span at all
+    timed = log_requests or metrics is not None
 
     async def run(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         call = Call(context)
         if traced is not None:
             call.span = traced.server(rpc, context.invocation_metadata())
-        started = time.perf_counter() if log_requests else 0.0
+        started = time.perf_counter() if timed else 0.0
         code = grpc.StatusCode.OK
         lifecycle.begin(context)
         try:
@@ -156,6 +160,8 @@ def edge(
         finally:
             if call.span is not None:
                 traced.end(call.span, code)  # type: ignore[union-attr]
+            if metrics is not None:
+                metrics.observe(call.model, call.version, code, time.perf_counter() - started)
             if log_requests:
                 summary(
                     "request",

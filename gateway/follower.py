@@ -25,6 +25,7 @@ import grpc
 import structlog
 
 from gateway.catalog import DesiredModel, Problems, Servable
+from gateway.metrics import RELOADS
 from modelmux.modelsync.v1 import modelsync_pb2, modelsync_pb2_grpc
 from modelmux_common.config import ClientTls
 from modelmux_common.security import ClientCertificates, aio_channel
@@ -302,17 +303,24 @@ class Follower:
             model = self._models.setdefault(event.model, _Model(event.api, event.inferentia, view))
             model.versions[event.version] = event.store_base_path
             self._first.setdefault((event.model, event.version), event.store_base_path)
+            if model.api not in self.skip_apis:  # (python APIs' models are never routed)
+                self._time_reload(event)
         elif kind == K.EVENT_KIND_VERSION_REMOVED and event.HasField("version"):
+            RELOADS.event(_kind_name(kind))
+            RELOADS.forget(event.model, event.version)
             model = self._models.get(event.model)
             if model is None or model.versions.pop(event.version, None) is None:
                 return False
             self._first.pop((event.model, event.version), None)
         elif kind == K.EVENT_KIND_MODEL_REMOVED:
+            RELOADS.event(_kind_name(kind))
+            RELOADS.forget(event.model)
             model = self._models.pop(event.model, None)
             if model is None:
                 return False
             self._first = {k: b for k, b in self._first.items() if k[0] != event.model}
         else:
+            RELOADS.event(_kind_name(kind))
             self._note(event)
             log.info(
                 "modelsync_event",
@@ -330,6 +338,15 @@ class Follower:
             revision=event.revision,
         )
         return model.api not in self.skip_apis
+
+    def _time_reload(self, event: modelsync_pb2.Event) -> None:
+        """Starts the event-to-routable clock of the servable the catalogue will name."""
+        base = event.store_base_path
+        first = self._first.get((event.model, event.version)) == base
+        servable = event.model if first else servable_name(event.model, base)
+        RELOADS.event(
+            _kind_name(event.kind), model=event.model, version=event.version, servable=servable
+        )
 
     def _note(self, event: modelsync_pb2.Event) -> None:
         """Keeps what modelsync refuses and which sources fail."""

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import structlog
 
+from gateway import metrics as m
 from gateway.edge import Call
 from gateway.errors import ResourceExhausted, Unavailable, parse
 from gateway.request import Resolved
@@ -93,6 +94,7 @@ def _note_fault(backend: Endpoint) -> None:
     if backend.call_failures >= EJECT_AFTER:
         backend.ejected_until = time.monotonic() + EJECT_SECONDS
         backend.call_failures = 0
+        m.EJECTIONS.labels(backend.name).inc()
         log.warning("backend_ejected", backend=backend.name, seconds=EJECT_SECONDS)
 
 
@@ -117,9 +119,16 @@ def _backend_span(target: Target, request: Resolved, call: Call) -> tracing.Clie
 class Forwarder:
     """The last layer of the request path: picks a target, sends, retries once."""
 
-    def __init__(self, *, timeout: float, backend_max_inflight: int) -> None:
+    def __init__(
+        self,
+        *,
+        timeout: float,
+        backend_max_inflight: int,
+        metrics: m.RequestMetrics | None = None,
+    ) -> None:
         self.timeout = timeout
         self.backend_max_inflight = backend_max_inflight
+        self.metrics = metrics
 
     async def send(
         self, request: Resolved, context: grpc.aio.ServicerContext[Any, Any], call: Call
@@ -138,6 +147,8 @@ class Forwarder:
             candidates = [c for c in healthy or candidates if c.backend.outstanding < limit]
             target = pick(candidates)
         if target is None:
+            if self.metrics is not None:
+                self.metrics.rejected["gateway.backend_max_inflight"].inc()
             raise ResourceExhausted(
                 f"every backend holding {request.model} version {request.version} is at its "
                 f"in-flight limit ({limit}, gateway.backend_max_inflight)"
@@ -162,6 +173,7 @@ class Forwarder:
         first.backend.poke()
         other = pick(candidates, exclude=first)
         name = first.backend.name
+        m.RETRIES.labels(name).inc()
         if other is None or remaining(context, self.timeout) <= 0:
             raise Unavailable(
                 f"backend {name} ({first.backend.address}) could not run the call: {exc.details()}"
@@ -196,6 +208,10 @@ class Forwarder:
         span = None if call.span is None else _backend_span(target, request, call)
         code = _OK
         backend.outstanding += 1
+        metrics = self.metrics
+        if metrics is not None:
+            latency = metrics.backend(backend.name)
+            started = time.perf_counter()
         try:
             reply = await backend.transport.forward(
                 method,
@@ -207,6 +223,8 @@ class Forwarder:
             code = exc.code()
             if code in _BACKEND_FAULTS:
                 _note_fault(backend)
+            if metrics is not None:
+                metrics.backend_error(backend.name, exc.code())
             raise
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
@@ -215,6 +233,8 @@ class Forwarder:
             backend.outstanding -= 1
             if span is not None:
                 span.end(code)
+            if metrics is not None:
+                latency.observe(time.perf_counter() - started)
         backend.call_failures = 0
         if renamed:
             if method == "MultiInference":

@@ -31,6 +31,7 @@ from gateway.fleet.fleet import Fleet
 from gateway.follower import Follower
 from gateway.forwarding import Forwarder
 from gateway.handlers.pool import Handlers, HandlerStartError
+from gateway.metrics import RequestMetrics, note_table
 from gateway.request import Send
 from gateway.routing import SETTLED, Table
 from gateway.transport import FORWARDED_METHODS
@@ -48,7 +49,7 @@ from modelmux_common.grpcutil import (
     run_until_signal,
 )
 from modelmux_common.listen import ListenError, server_options
-from modelmux_common.metrics import MULTIPROC_ENV, Endpoint
+from modelmux_common.metrics import MULTIPROC_ENV, Endpoint, multiprocess
 from modelmux_common.quiesce import close_listeners_and_connections
 from modelmux_common.security import server_credentials
 
@@ -85,7 +86,13 @@ class Gateway:
         self.fleet = _fleet(config, manage=manage_backends and gw.manage_backends)
         self.discovery = Discovery(self.fleet, config.backends, interval=gw.dns_refresh)
         self.follower = _follower(config, self.fleet)
-        self.admission = _request_path(config, self.fleet)
+        apis = frozenset(api.name for api in config.apis)
+        self.request_metrics = (
+            RequestMetrics(lambda name: name in self.fleet.table.known or name in apis)
+            if gw.metrics_listen
+            else None
+        )
+        self.admission = _request_path(config, self.fleet, self.request_metrics)
         self.models_api = Models(
             self.fleet,
             self.admission,
@@ -93,8 +100,11 @@ class Gateway:
             admin_token=gw.admin_token,
         )
         self.runtime_dir = _runtime_dir(config)
-        # handler workers write their metrics_client's metrics here (modelmux_common/metrics.py)
-        self.metrics_dir = os.path.join(self.runtime_dir, "metrics") if self.runtime_dir else ""
+        # handler workers write their metrics_client's metrics here (modelmux_common/metrics.py);
+        # a --workers N gateway's worker has the supervisor's folder, which it writes itself
+        self.metrics_dir = os.environ.get(MULTIPROC_ENV, "") if multiprocess() else ""
+        if not self.metrics_dir and self.runtime_dir:
+            self.metrics_dir = os.path.join(self.runtime_dir, "metrics")
         metrics_env = (
             {MULTIPROC_ENV: self.metrics_dir} if gw.metrics_listen and self.runtime_dir else {}
         )
@@ -125,6 +135,7 @@ class Gateway:
         )
         self._health: dict[str, int] = {}
         self._health_task: asyncio.Task[None] | None = None
+        self._sampler: asyncio.Task[None] | None = None
         self.address = ""
         self.bound: list[str] = []  # what start() bound: the addresses stop() closes
         # composed: from now on every new routing table reaches health and the watchers
@@ -136,19 +147,22 @@ class Gateway:
         """Every RPC behind the edge, as registered methods: gRPC matches the path in C, no
         Python lookup per call."""
         gw, models, handlers = self.config.gateway, self.models_api, self.handlers
-
+        metrics = self.request_metrics
         guard = self.auth.guard
 
-        def wrap(service: str, method: str, fn: Handler, api: str = "") -> Any:
-            return grpc.unary_unary_rpc_method_handler(
-                edge(
-                    f"{service}/{method}",
-                    fn,
-                    log_requests=gw.log_requests,
-                    lifecycle=self.lifecycle,
-                    guard=guard(api) if api else None,
-                )
+        def wrap_unary(rpc: str, fn: Handler, api: str = "invoke") -> Any:
+            """``api``: whose bearer tokens (gateway.auth) it takes; "" for none."""
+            return edge(
+                rpc,
+                fn,
+                log_requests=gw.log_requests,
+                lifecycle=self.lifecycle,
+                guard=guard(api) if api else None,
+                metrics=metrics.route(rpc) if metrics is not None else None,
             )
+
+        def wrap(service: str, method: str, fn: Handler, api: str = "") -> Any:
+            return grpc.unary_unary_rpc_method_handler(wrap_unary(f"{service}/{method}", fn, api))
 
         def predict(service: str, method: str, fn: Handler) -> Any:
             return wrap(service, method, fn, "predict")
@@ -198,15 +212,6 @@ class Gateway:
             },
         )
 
-        def wrap_unary(rpc: str, fn: Handler) -> Any:
-            return edge(
-                rpc,
-                fn,
-                log_requests=gw.log_requests,
-                lifecycle=self.lifecycle,
-                guard=guard("invoke"),
-            )
-
         def wrap_stream(rpc: str, fn: Any) -> Any:
             return stream_edge(
                 lambda r, c: fn(r, c, Call(c)), lifecycle=self.lifecycle, guard=guard("invoke")
@@ -233,6 +238,7 @@ class Gateway:
             settled = settled and self.follower.synced.is_set()
             wanted[MODELSYNC_HEALTH] = SERVING if self.follower.connected else NOT_SERVING
         unservable = sorted(name for name in table.known if name not in table.routes)
+        note_table(table, self.fleet.reports())
         if settled and not self._settled_once:
             self._settled_once = True
             self._report_start(table, unservable)
@@ -253,6 +259,11 @@ class Gateway:
         self._health_task = asyncio.get_running_loop().create_task(
             self._set_health(changed, previous)
         )
+
+    def _inflight(self) -> list[tuple[str, int]]:
+        """The in-flight counts of the request path, by limit (the gauge's sample)."""
+        backends = [(f"backend:{r.name}", r.endpoint.outstanding) for r in self.fleet.reports()]
+        return [("gateway.max_inflight", self.admission.inflight), *backends]
 
     def _report_start(self, table: Table, unservable: list[str]) -> None:
         """One line when start-up settles, listing every model that cannot be served and why;
@@ -285,6 +296,17 @@ class Gateway:
             await self.health.set(name, status)
 
     async def start(self) -> str:
+        gw = self.config.gateway
+        # the supervisor of a --workers N gateway serves /metrics from the workers' files
+        if gw.metrics_listen and not multiprocess():
+            try:
+                self.metrics = Endpoint(
+                    gw.metrics_listen, self.metrics_dir, key="gateway.metrics_listen"
+                )
+            except ListenError:
+                self._remove_runtime_dir()
+                raise
+            log.info("metrics", address=gw.metrics_listen, port=self.metrics.port)
         try:
             shared = self.config.gateway.workers > 1
             tls = server_credentials(self.config.gateway.tls, what="gateway")
@@ -306,12 +328,11 @@ class Gateway:
             self._remove_runtime_dir()
             raise
         await self.asyncapi.start()
-        if self.config.gateway.metrics_listen:
-            self.metrics = Endpoint(self.config.gateway.metrics_listen, self.metrics_dir)
-            log.info("metrics", address=self.config.gateway.metrics_listen, port=self.metrics.port)
         self.handlers_ready = True
         self._on_table(self.fleet.table)  # nothing else may change: handler-only gateways
         self.fleet.start()
+        if self.request_metrics is not None:
+            self._sampler = asyncio.create_task(self.request_metrics.sample(self._inflight))
         await self.discovery.refresh()
         self.discovery.start()
         if self.follower is not None:
@@ -339,6 +360,8 @@ class Gateway:
             self.metrics.close()
         await self.handlers.close()
         await self.discovery.close()
+        if self._sampler is not None:
+            self._sampler.cancel()
         await self.fleet.close()
         self._remove_runtime_dir()
         log.info("stopped", forced=force, drained=drained)
@@ -377,11 +400,13 @@ def _follower(config: Config, fleet: Fleet) -> Follower | None:
     )
 
 
-def _request_path(config: Config, fleet: Fleet) -> Admission:
+def _request_path(config: Config, fleet: Fleet, metrics: RequestMetrics | None) -> Admission:
     """The layers below the API modules, top to bottom: admission (gateway.max_inflight),
     server-side batching for the APIs that ask for it, forwarding."""
     gw = config.gateway
-    forwarder = Forwarder(timeout=gw.backend_timeout, backend_max_inflight=gw.backend_max_inflight)
+    forwarder = Forwarder(
+        timeout=gw.backend_timeout, backend_max_inflight=gw.backend_max_inflight, metrics=metrics
+    )
     policies = {
         api.name: Policy(api.max_batch_size, api.batch_interval)
         for api in config.apis
@@ -390,7 +415,7 @@ def _request_path(config: Config, fleet: Fleet) -> Admission:
     send: Send = forwarder.send
     if policies:
         send = Batching(send, policies, max_bytes=gw.max_message_bytes, tables=fleet).send
-    return Admission(send, max_inflight=gw.max_inflight)
+    return Admission(send, max_inflight=gw.max_inflight, metrics=metrics)
 
 
 def _runtime_dir(config: Config) -> str:

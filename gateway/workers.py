@@ -4,17 +4,28 @@ The kernel spreads *connections* over the processes (SO_REUSEPORT), not calls: a
 channel talks to one worker, so sidecar clients should open several channels. Every worker follows
 modelsync and keeps its own routing state; only worker 0 pushes model configs to the backends,
 the others watch the backends' status, so the backends see one owner of their configuration.
+
+With ``gateway.metrics_listen`` set, the workers keep their metrics in prometheus_client's
+multiprocess files in one folder, and this process serves ``/metrics`` from it: one scrape gives
+the totals over the workers (docs/metrics.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import socket
 import sys
+import tempfile
+
+import structlog
 
 from modelmux_common import supervision
 from modelmux_common.config import Config
 from modelmux_common.listen import ensure_free, split
+from modelmux_common.metrics import MULTIPROC_ENV, Endpoint
+
+log = structlog.get_logger("modelmux.gateway")
 
 # What a worker gets past gateway.shutdown_grace to finish its stop before it is killed.
 STOP_MARGIN = 5.0
@@ -40,6 +51,33 @@ def reserve_port(listen: str) -> tuple[socket.socket, str]:
 def supervise(config: Config, args: argparse.Namespace, workers: int) -> int:
     """Starts the workers, forwards SIGINT/SIGTERM to them, and exits once they all have."""
     reserved, address = reserve_port(config.gateway.listen)
+    folder, metrics = "", None
+    if config.gateway.metrics_listen:
+        folder = tempfile.mkdtemp(prefix="modelmux-metrics-")
+        try:
+            metrics = Endpoint(
+                config.gateway.metrics_listen, folder, key="gateway.metrics_listen", own=False
+            )
+        except BaseException:
+            reserved.close()
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        log.info(
+            "metrics", address=config.gateway.metrics_listen, port=metrics.port, workers=workers
+        )
+    try:
+        return _run(config, args, workers, address, {MULTIPROC_ENV: folder} if folder else {})
+    finally:
+        reserved.close()
+        if metrics is not None:
+            metrics.close()
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run(
+    config: Config, args: argparse.Namespace, workers: int, address: str, env: dict[str, str]
+) -> int:
     children = [
         supervision.spawn(
             [
@@ -56,13 +94,11 @@ def supervise(config: Config, args: argparse.Namespace, workers: int) -> int:
                 "--worker-index",
                 str(index),
                 *(["--strict"] if getattr(args, "strict", False) else []),
-            ]
+            ],
+            env=env,
         )
         for index in range(workers)
     ]
     supervision.forward_signals(children, grace=config.gateway.shutdown_grace + STOP_MARGIN)
-    try:
-        codes = [child.wait() for child in children]
-    finally:
-        reserved.close()
+    codes = [child.wait() for child in children]
     return max(codes, key=abs)

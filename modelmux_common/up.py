@@ -54,11 +54,11 @@ def main(args: argparse.Namespace) -> int:
     config = load(args.config, daemon="gateway")  # it starts the gateway: its rules too
     parts = components(config, args.config, strict=getattr(args, "strict", False))
     busy = []
-    for part in parts:
+    for name, address in [(p.name, p.address) for p in parts] + _metrics_addresses(config):
         try:
-            ensure_free(part.address)
+            ensure_free(address)
         except ListenError as exc:
-            busy.append(f"modelmux up: {part.name}: {exc}")
+            busy.append(f"modelmux up: {name}: {exc}")
     if busy:
         print("\n".join(busy), file=sys.stderr)
         return 1
@@ -93,6 +93,15 @@ def main(args: argparse.Namespace) -> int:
         return 0
     finally:
         _stop(running, gateway_grace=config.gateway.shutdown_grace + STOP_GRACE)
+
+
+def _metrics_addresses(config: Config) -> list[tuple[str, str]]:
+    """(component, address) of every /metrics endpoint the started components will serve."""
+    found = [(f"backend {b.name} metrics", b.metrics_listen) for b in config.backends]
+    if config.gateway.modelsync:
+        found.append(("modelsync metrics", config.modelsync.metrics_listen))
+    found.append(("gateway metrics", config.gateway.metrics_listen))
+    return [(name, address) for name, address in found if address]
 
 
 def _spawn(part: Component) -> subprocess.Popen[bytes]:

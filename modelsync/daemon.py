@@ -23,6 +23,7 @@ from modelmux_common.grpcutil import (
     run_until_signal,
 )
 from modelmux_common.listen import server_options
+from modelmux_common.metrics import Endpoint
 from modelmux_common.security import server_credentials
 from modelsync.publisher import SourceSpec
 from modelsync.service import SERVICE_NAME, ModelSyncService
@@ -50,6 +51,7 @@ class Daemon:
         self.server: grpc.aio.Server | None = None
         self.health: HealthServicer | None = None
         self.address = ""
+        self.metrics: Endpoint | None = None
         self._stopped = False
 
     async def start(self) -> str:
@@ -60,6 +62,9 @@ class Daemon:
         # a busy address fails here, before the state is loaded or the target touched
         tls = server_credentials(self.settings.tls, what="modelsync")
         self.address = bind(server, self.settings.listen, credentials=tls)
+        if self.settings.metrics_listen:
+            self.metrics = Endpoint(self.settings.metrics_listen, key="modelsync.metrics_listen")
+            log.info("metrics", address=self.settings.metrics_listen, port=self.metrics.port)
         self.syncer.open()
         await server.start()
         self.server = server
@@ -86,6 +91,8 @@ class Daemon:
         if self._stopped:
             return
         self._stopped = True
+        if self.metrics is not None:
+            self.metrics.close()
         if self.server is None:  # start() failed before serving: nothing to drain or announce
             await self.syncer.stop()
             return

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import structlog
 
+from modelsync import metrics
 from modelsync.events import EventKind
 from modelsync.layout import Problem, group
 from modelsync.plan import Change, Plan, make_plan
@@ -98,6 +99,9 @@ class SourceRunner:
             ok = await self._tick()
         finally:
             self.health.ticks += 1
+            metrics.SYNC_SECONDS.labels(self.spec.id).observe(time.monotonic() - started)
+            if not ok:
+                metrics.ERRORS.labels(self.spec.id).inc()
         log.debug("tick", source=self.spec.id, ok=ok, seconds=round(time.monotonic() - started, 3))
         return ok
 
@@ -177,6 +181,8 @@ class SourceRunner:
         finally:
             if staged.exists():
                 await asyncio.to_thread(self.publisher.store.discard, staged)
+        metrics.DOWNLOADED.labels(self.spec.id).inc(stats.downloaded_bytes)
+        metrics.PUBLISHED.labels(self.spec.id).inc()
         log.info(
             "published",
             kind=change.kind.value,
@@ -280,6 +286,7 @@ class SourceRunner:
         self.health.healthy = True
         self.health.error = ""
         self.health.last_success = time.time()
+        metrics.LAST_SUCCESS.labels(self.spec.id).set(self.health.last_success)
         if was is not True:
             await self._on_health(self.spec, True)
         if was is False:

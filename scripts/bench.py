@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import bench_lifecycle
+import bench_metrics
 import bench_report
 import bench_requests as req
 import grpc
@@ -54,7 +55,9 @@ from bench_stack import (
 )
 from bench_targets import LARGE_TARGETS, QUICK, TARGETS, Settings, Target
 
-SCENARIOS = ("small", "latency", "large", "bottleneck", "memory", "start", "workers", "reload")
+SCENARIOS = (
+    "small", "metrics", "latency", "large", "bottleneck", "memory", "start", "workers", "reload",
+)  # fmt: skip
 MAX_BYTES = 128 * 1024 * 1024
 
 
@@ -70,6 +73,11 @@ BATCHING = {"max_batch_size": 16}
 # at once (at most 400 calls per second, where the hop's CPU leaves the cores room)
 DEVICE_TIME = "10ms"
 DEVICE_SLOTS = 4
+
+
+# The same gateway with one feature on, each compared with facade-latest (CPU per call, paired
+# by round): what the feature costs a call.
+VERSUS = {"facade-latest-metrics": "facade-latest", "facade-latest-logged": "facade-latest"}
 
 
 def backend_of(process: str) -> str:
@@ -224,6 +232,10 @@ class Bench:
             self.procs["gateway-logged"] = self.stack.gateway(
                 "gateway-logged", self.config("gateway-logged", log_requests=True)
             )
+        if "gateway-metrics" in wanted:  # Prometheus metrics on, nobody scraping
+            self.procs["gateway-metrics"] = self.stack.gateway(
+                "gateway-metrics", self.config("gateway-metrics", metrics_listen="127.0.0.1:0")
+            )
         if "gateway-static" in wanted:
             static = self.stack.gateway("gateway-static", self.config("gateway-static"))
             self.procs["gateway-static"] = static
@@ -360,6 +372,7 @@ class Bench:
             spread = {k: [min(row[k] for row in rows), max(row[k] for row in rows)] for k in keys}
             summary[target.name] = {**figures, "min_max": spread, "rounds": rows}
         bench_report.add_ratios(summary, {t.name: (t.base, t.floor) for t in self.targets})
+        bench_report.add_versus(summary, VERSUS)
         handler = bench_report.handler_summary(summary, "invoke", "own-json")
         if handler:
             self.results["handler"] = handler
@@ -510,6 +523,13 @@ class Bench:
         self.check_targets()
         if "small" in self.scenarios:
             self.small()
+        if "metrics" in self.scenarios:  # in-process: the request path with metrics off and on
+            facade = self.results.get("small", {}).get("targets", {}).get("facade-latest", {})
+            self.results["metrics"] = bench_metrics.request_path(
+                rounds=self.settings.metrics_rounds,
+                calls=self.settings.metrics_calls,
+                hop_cpu_us=facade.get("hop_cpu_us", 0.0),
+            )
         if "latency" in self.scenarios:
             self.latency()
         if self.profile:

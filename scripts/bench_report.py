@@ -46,6 +46,21 @@ def add_ratios(summary: dict[str, dict[str, Any]], refs: Mapping[str, tuple[str,
             row["cpu_x_barehop_per_round"] = paired
 
 
+def add_versus(summary: dict[str, dict[str, Any]], versus: Mapping[str, str]) -> None:
+    """Adds ``cpu_x_<other>`` (saturation) and ``cpu_c1_x_<other>`` (c=1) to each target of
+    ``versus``, against the target it names, with the per-round ratios (rounds run back to back)."""
+    for name, other in versus.items():
+        row, theirs = summary.get(name), summary.get(other)
+        if row is None or theirs is None:
+            continue
+        for suffix, key in (("", "hop_cpu_us"), ("_c1", "hop_cpu_us_c1")):
+            row[f"cpu{suffix}_x_{other}"] = _div(row[key], theirs[key])
+            row[f"cpu{suffix}_x_{other}_per_round"] = [
+                _div(mine[key], base[key])
+                for mine, base in zip(row.get("rounds", []), theirs.get("rounds", []), strict=False)
+            ]
+
+
 def add_latency_ratios(
     summary: dict[str, dict[str, Any]], refs: Mapping[str, tuple[str, str]]
 ) -> None:
@@ -198,6 +213,9 @@ ISSUE_TARGETS = (
     ("facade-v2 added p50 vs bare hop's (c=1)", 1.15, (*_S, "facade-v2", "added_p50_x_barehop"), False),
     ("facade-latest added p50 vs bare hop's (c=1, interleaved)", 1.15, (*_I, "facade-latest", "added_p50_x_barehop"), False),
     ("facade-v2 added p50 vs bare hop's (c=1, interleaved)", 1.15, (*_I, "facade-v2", "added_p50_x_barehop"), False),
+    ("facade-latest CPU/call, metrics on vs off (saturation)", 1.05, (*_S, "facade-latest-metrics", "cpu_x_facade-latest"), False),
+    ("facade-latest CPU/call, metrics on vs off (c=1)", 1.05, (*_S, "facade-latest-metrics", "cpu_c1_x_facade-latest"), False),
+    ("facade-latest CPU/call + what metrics add to the request path in-process", 1.05, ("metrics", "x_facade"), False),
     ("own-typed CPU/call vs bare hop (saturation)", 1.5, (*_S, "own-typed", "cpu_x_barehop"), False),
     ("40 MB facade-v2 time vs direct", 1.25, (*_L, "facade-v2", "x_direct"), False),
     ("40 MB facade-latest time vs direct", 1.25, (*_L, "facade-latest", "x_direct"), False),
@@ -424,6 +442,13 @@ def table(results: Mapping[str, Any]) -> str:
         if lines:
             parts.append("")
             parts.extend(lines)
+    if "metrics" in results:
+        m = results["metrics"]
+        parts.append(
+            f"\nmetrics, the request path in-process ({m['rounds']} rounds of {m['calls']} calls):"
+            f" {m['off_us']:.2f} us per call off, {m['on_us']:.2f} us on, {m['added_us']:.2f} us"
+            " added"
+        )
     if "latency" in results:
         parts.append(
             f"\nlatency at c=1, every target interleaved call by call (a sync Python client,"

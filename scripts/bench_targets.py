@@ -23,6 +23,8 @@ class Settings:
     asset_mb: int = 64  # extra file in the version modelsync mirrors while "loaded"
     start_rounds: int = 3
     reload_timeout: float = 30.0
+    metrics_rounds: int = 15  # the metrics scenario: rounds of calls through the request path
+    metrics_calls: int = 5000
     processes: int = 2  # Python load processes / h2load connections at saturation
     load: str = "auto"
     quick: bool = False
@@ -40,6 +42,8 @@ QUICK = Settings(
     asset_mb=4,
     start_rounds=1,
     reload_timeout=5.0,
+    metrics_rounds=3,
+    metrics_calls=1000,
     quick=True,
 )
 
@@ -72,6 +76,9 @@ TARGETS = (
         "facade-traced-out", "gateway-traced-out", "tf", None, "direct-latest", "barehop-latest"
     ),
     Target("facade-traced", "gateway-traced", "tf", None, "direct-latest", "barehop-latest"),
+    Target(
+        "facade-latest-metrics", "gateway-metrics", "tf", None, "direct-latest", "barehop-latest"
+    ),
     Target("own-typed", "gateway", "typed", None, "direct-latest", "barehop-latest"),
     Target("own-json", "gateway", "json", None, "direct-latest", "barehop-latest"),
     Target("facade-batched", "gateway-batched", "tf", None, "direct-latest", "barehop-latest"),

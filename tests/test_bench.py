@@ -23,7 +23,7 @@ def test_quick_run_writes_results(example_models: Path, tmp_path: Path) -> None:
             "--quick",
             "--load",
             "python",
-            *("--scenarios", "small,latency,large,bottleneck,memory,start,reload"),
+            *("--scenarios", "small,metrics,latency,large,bottleneck,memory,start,reload"),
             *("--targets", TARGETS),
             *("--models", str(example_models), "--out", str(out)),
         ],
@@ -44,6 +44,7 @@ def test_quick_run_writes_results(example_models: Path, tmp_path: Path) -> None:
         "small",
         "latency",
         "large",
+        "metrics",
         "memory",
         "start",
         "reload",
@@ -95,3 +96,6 @@ def test_quick_run_writes_results(example_models: Path, tmp_path: Path) -> None:
     assert not s3 or s3["summary"].startswith("S3")
     assert not s3.get("measurable") or s3["first_answer_s"] > 0
     assert "facade-latest" in done.stdout and "issue targets" in done.stdout
+    metrics = results["metrics"]  # the request path in-process, metrics off and on
+    assert 0 < metrics["off_us"] < metrics["on_us"] and metrics["x_facade"] > 1
+    assert "metrics, the request path in-process" in done.stdout

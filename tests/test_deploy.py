@@ -1,12 +1,13 @@
 """deploy/ without a cluster: every overlay renders and passes the Kubernetes schemas (a broken
 manifest does not), the modelmux configs in its ConfigMaps load with the project's own loader,
-grace periods cover gateway.shutdown_grace, and hadolint passes the Dockerfiles (and fails a bad
-one)."""
+grace periods cover gateway.shutdown_grace, hadolint passes the Dockerfiles (and fails a bad
+one), and the Grafana dashboard queries only metrics modelmux exports (and a wrong name fails)."""
 
 from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -188,3 +189,22 @@ def test_images_are_non_root_and_probe_grpc_health() -> None:
     gateway = (ROOT / "deploy" / "docker" / "gateway.Dockerfile").read_text()
     assert "pip install --no-cache-dir ." in gateway and "backend" not in gateway.split("FROM")[2]
     assert yaml.safe_load((ROOT / "deploy" / "k8s" / "base" / "kustomization.yaml").read_text())
+
+
+def test_the_dashboard_queries_only_exported_metrics(tmp_path: Path) -> None:
+    assert check.dashboards() == []
+    names = check.exported()
+    assert {"modelmux_requests_total", "modelmux_embedded_model_versions"} <= names
+    board = json.loads((check.GRAFANA / "modelmux.json").read_text())
+    queried = {
+        n for p in check.panels(board) for t in p["targets"] for n in check._NAME.findall(t["expr"])
+    }
+    assert len(queried) >= 25  # the panels cover the metrics, not a few of them
+    broken = copy.deepcopy(board)
+    broken["panels"][1]["targets"][0]["expr"] = "rate(modelmux_request_total[5m])"
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(broken))
+    [problem] = check.problems(path, names)
+    assert "modelmux_request_total is not a metric modelmux exports" in problem
+    path.write_text("{")
+    assert check.problems(path, names)[0].startswith("broken.json: not JSON")

@@ -48,9 +48,13 @@ def quickstart_config(root: Path, models: Path, backend: str) -> Path:
         metrics_listen="127.0.0.1:0",
     )
     doc["modelsync"].update(
-        listen="127.0.0.1:0", target=str(root / "volume"), settle="0s", debounce="200ms"
+        listen="127.0.0.1:0",
+        target=str(root / "volume"),
+        settle="0s",
+        debounce="200ms",
+        metrics_listen="127.0.0.1:0",
     )
-    doc["backends"] = [{**doc["backends"][0], "address": backend}]
+    doc["backends"] = [{**doc["backends"][0], "address": backend, "metrics_listen": "127.0.0.1:0"}]
     for api in doc["apis"]:
         handler = api["handler"]
         for key in ("path", "protobuf_path"):

@@ -44,6 +44,7 @@ from gateway.errors import (
 from gateway.handlers import userproto
 from gateway.handlers.worker import CONTENT_TYPE_KEY
 from gateway.handlers.worker import HANDLE_ASYNC as HANDLE_ASYNC_METHOD
+from gateway.metrics import HANDLER_RESTARTS, HANDLER_SECONDS
 from modelmux.v1 import inference_pb2
 from modelmux_common import tracing
 from modelmux_common.config import ApiConfig, Config, ConfigError
@@ -202,6 +203,7 @@ class HandlerPool:
             log.error(
                 "handler_worker_exited", api=self.api.name, index=worker.index, exit=_exit(code)
             )
+            HANDLER_RESTARTS.labels(self.api.name).inc()
             # calls still on the old channel fail by themselves (the socket is gone); it is closed
             # once they had time to, since closing cancels them without a status
             if worker.channel is not None:
@@ -336,6 +338,7 @@ class HandlerPool:
         span = None if call.span is None else self._span(method, call, worker)
         code = grpc.StatusCode.OK
         worker.inflight += 1
+        started = time.perf_counter()
         try:
             assert worker.channel is not None
             send: Any = (
@@ -358,6 +361,7 @@ class HandlerPool:
             worker.inflight -= 1
             if span is not None:
                 span.end(code)
+            HANDLER_SECONDS.labels(self.api.name, code.name).observe(time.perf_counter() - started)
 
     @property
     def live(self) -> bool:

@@ -237,6 +237,15 @@ def _address(value: Any, key: str, ctx: Context) -> str:
     return value
 
 
+def _http_address(value: Any, key: str, ctx: Context) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected host:port (empty: off)")
+    _, sep, port = value.rpartition(":")
+    if value and (not sep or not port.isdigit() or int(port) > 65535):
+        raise ValueError(f"{value!r} is not host:port or [v6]:port")
+    return value
+
+
 def _mapping(value: Any, key: str, ctx: Context) -> dict[str, Any]:
     if value is None:
         return {}
@@ -330,6 +339,7 @@ FOLDER = Kind("folder", _folder)
 NAME = Kind("name", _name, expect="a name (letters, digits, '_', '.', '-')")
 URI = Kind("s3:// URI or folder", _uri, expect="an s3:// URI or a folder path")
 ADDRESS = Kind("address", _address, expect="host:port, dns:///name:port or unix:path")
+HTTP_ADDRESS = Kind("address", _http_address, expect="host:port or [v6]:port; empty: off")
 MAPPING = Kind("mapping", _mapping, lambda v: "{}")
 SCALAR = Kind("number or string", _scalar)
 FILE = Kind("file", _existing_file)

@@ -18,6 +18,7 @@ from modelmux_common.config.fields import (
     DURATION,
     FILE,
     FOLDER,
+    HTTP_ADDRESS,
     INTEGER,
     LABELS,
     MAPPING,
@@ -229,7 +230,10 @@ class GatewayConfig:
         ".modelmux/state",
     )
     metrics_listen: str = setting(
-        STRING, "host:port of the Prometheus `/metrics` HTTP endpoint; empty = off", ""
+        HTTP_ADDRESS,
+        "host:port of the gateway's Prometheus `/metrics` HTTP endpoint (with `workers` > 1, "
+        "one endpoint for all workers); empty = off",
+        "",
     )
     tls: ServerTls | None = section(
         ServerTls, "TLS on `listen`; without it the gateway is plaintext"
@@ -302,6 +306,11 @@ class ModelsyncConfig:
         INTEGER, "events kept in memory for WatchEvents resumption", 10000, range=POSITIVE
     )
     tls: ServerTls | None = section(ServerTls, "TLS on `listen`; without it modelsync is plaintext")
+    metrics_listen: str = setting(
+        HTTP_ADDRESS,
+        "host:port of modelsync's Prometheus `/metrics` HTTP endpoint; empty = off",
+        "",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +334,12 @@ class BackendConfig:
     tls: ClientTls | None = section(
         ClientTls,
         "TLS to the backend (TF Serving behind a TLS proxy, or `modelmux backend --tls-*`)",
+    )
+    metrics_listen: str = setting(
+        HTTP_ADDRESS,
+        "host:port of the embedded backend's Prometheus `/metrics` HTTP endpoint (`modelmux "
+        "backend --name` and `modelmux up`; a TF Serving backend has its own); empty = off",
+        "",
     )
 
 

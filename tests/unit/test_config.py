@@ -323,7 +323,7 @@ ERRORS: list[tuple[str, str]] = [
     ("backends: [{address: 'a:1', name: ''}]", f"backends[0].name: '' {NAME_RULE}"),
     (
         "backends: [{address: 'a:1', port: 1}]",
-        "backends[0].port: unknown key (known: accelerator, address, name, tls)",
+        "backends[0].port: unknown key (known: accelerator, address, metrics_listen, name, tls)",
     ),
     (
         "backends: [{address: 'a:1'}, {address: 'b:1', name: backend-0}]",
