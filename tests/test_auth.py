@@ -193,13 +193,15 @@ async def test_no_token_is_ever_logged_or_echoed(gateway: Gateway) -> None:
 
 
 async def test_long_user_input_is_cut_in_statuses_and_log_lines(gateway: Gateway) -> None:
-    name, request_id = "m" * 10_000, "r" * 10_000
+    # a request id under gRPC's 8 KiB metadata soft limit (past it grpc refuses some calls at random)
+    name, request_id = "m" * 10_000, "r" * 6_000
     metadata = (*bearer(PREDICT_TOKENS[1]), ("x-request-id", request_id))
     with structlog.testing.capture_logs() as logs:
         code, details = await call(
             gateway, "/modelmux.v1.Inference/Predict", modelmux_predict(name), metadata
         )
-    assert code == Code.NOT_FOUND and "(10000 characters)" in details and len(details) < 1000
+    assert code == Code.NOT_FOUND, details
+    assert "(10000 characters)" in details and len(details) < 1000
     line = next(e for e in logs if e["event"] == "request")
     assert len(str(line["model"])) < 200 and "(10000 characters)" in str(line["model"])
     assert len(str(line["request_id"])) <= 128

@@ -122,7 +122,7 @@ class Requests:
                 f"payload of {len(body)} bytes is over API {self.api!r}'s "
                 f"async.max_payload_bytes ({self.config.max_payload_bytes})"
             )
-        queued = await self.stats.queued()
+        queued = await self.stats.queued(self.config.max_queued)
         if queued >= self.config.max_queued:
             raise ResourceExhausted(
                 f"API {self.api!r} has {queued} requests queued or running, its "
@@ -364,8 +364,10 @@ class QueueCount:
         self._at = -STATS_TTL
         self._count = 0
 
-    async def queued(self) -> int:
-        if time.monotonic() - self._at >= STATS_TTL:
+    async def queued(self, limit: int) -> int:
+        """The count, read afresh when it is stale or would refuse a request (so a refusal
+        never rests on counts of requests that have since ended)."""
+        if time.monotonic() - self._at >= STATS_TTL or self._count >= limit:
             stats = await self.queue.stats()
             self._count, self._at = stats.queued, time.monotonic()
         return self._count
