@@ -1,4 +1,5 @@
-"""The ``modelmux`` command: ``backend``, ``gateway``, ``sync`` and ``up``.
+"""The ``modelmux`` command: ``backend``, ``gateway``, ``sync`` and ``up``, and ``job`` (a client
+of a gateway's batch jobs: modelmux_common/jobargs.py and jobcli.py).
 
 Each subcommand imports its daemon lazily, so ``modelmux gateway`` never loads the TensorFlow
 runtime that ``modelmux backend`` needs.
@@ -16,7 +17,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 
-from modelmux_common import supervision
+from modelmux_common import jobargs, supervision
 from modelmux_common.config import ACCELERATORS, ConfigError, load
 from modelmux_common.listen import ListenError
 
@@ -88,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stop when a model cannot be served (gateway --strict), instead of serving the others",
     )
+    jobargs.add_parser(sub)
     return parser
 
 
@@ -114,6 +116,7 @@ _COMMANDS = {
     "gateway": "gateway.server",
     "sync": "modelsync.daemon",
     "up": "modelmux_common.up",
+    "job": "modelmux_common.jobcli",
 }
 
 
