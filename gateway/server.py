@@ -21,6 +21,8 @@ from gateway.api.inference import Inference
 from gateway.api.models import Models
 from gateway.asyncapi.service import SERVICE as ASYNC_SERVICE
 from gateway.asyncapi.service import AsyncApis
+from gateway.batchapi.service import SERVICE as JOBS_SERVICE
+from gateway.batchapi.service import BatchApis
 from gateway.batching import Batching, Policy
 from gateway.catalog import expected_models, gpu_apis, static_catalog
 from gateway.edge import Call, Handler, Lifecycle, edge, stream_edge
@@ -56,7 +58,14 @@ MODELS_SERVICE = models_pb2.DESCRIPTOR.services_by_name["Models"].full_name
 MODEL_HEALTH_PREFIX = "modelmux.v1.Model/"
 MODELSYNC_HEALTH = "modelmux.modelsync.v1.ModelSync"
 BUILTIN_SERVICES = frozenset(
-    {INFERENCE_SERVICE, MODELS_SERVICE, PREDICTION_SERVICE, MODEL_SERVICE, ASYNC_SERVICE}
+    {
+        INFERENCE_SERVICE,
+        MODELS_SERVICE,
+        PREDICTION_SERVICE,
+        MODEL_SERVICE,
+        ASYNC_SERVICE,
+        JOBS_SERVICE,
+    }
 )
 # Of gateway.shutdown_grace, what stop() keeps for closing connections once calls have drained
 QUIESCE_SECONDS = 0.5
@@ -103,6 +112,10 @@ class Gateway:
         self.handlers_ready = not self.handlers.pools
         # async APIs (gateway/asyncapi/): their queues and runners start with the handlers
         self.asyncapi = AsyncApis(config, self.handlers)
+        # batch APIs (gateway/batchapi/): their jobs' workers reach this gateway as handlers do
+        self.batchapi = BatchApis(
+            config, runtime_dir=self.runtime_dir, gateway=self.handlers.gateway, env=metrics_env
+        )
         self.server = grpc.aio.server(
             options=[
                 *message_size_options(gw.max_message_bytes),
@@ -181,6 +194,20 @@ class Gateway:
                 },
                 "Watch": grpc.unary_stream_rpc_method_handler(
                     stream_edge(asyncapi.watch, lifecycle=self.lifecycle)
+                ),
+            },
+        )
+
+        batchapi = self.batchapi
+        self.server.add_registered_method_handlers(
+            JOBS_SERVICE,
+            {
+                **{
+                    name: wrap(JOBS_SERVICE, name, getattr(batchapi, name.lower()))
+                    for name in ("SubmitJob", "GetJob", "ListJobs", "StopJob", "ListFailedBatches")
+                },
+                "WatchJob": grpc.unary_stream_rpc_method_handler(
+                    stream_edge(batchapi.watchjob, lifecycle=self.lifecycle)
                 ),
             },
         )
@@ -268,7 +295,7 @@ class Gateway:
             shared = self.config.gateway.workers > 1
             self.address = bind(self.server, self.config.gateway.listen, shared_port=shared)
             self.bound = [self.address]
-            if self.handlers.pools:  # tensorflow_client reaches the gateway here
+            if self.handlers.pools or self.batchapi.names:  # tensorflow_client reaches it here
                 self.bound.append(bind(self.server, self.handlers.gateway))
         except ListenError:
             self._remove_runtime_dir()
@@ -282,6 +309,7 @@ class Gateway:
             self._remove_runtime_dir()
             raise
         await self.asyncapi.start()
+        await self.batchapi.start()
         if self.config.gateway.metrics_listen:
             self.metrics = Endpoint(self.config.gateway.metrics_listen, self.metrics_dir)
             log.info("metrics", address=self.config.gateway.metrics_listen, port=self.metrics.port)
@@ -311,6 +339,7 @@ class Gateway:
         if self.follower is not None:
             await self.follower.close()
         await self.asyncapi.close()
+        await self.batchapi.close()
         if self.metrics is not None:
             self.metrics.close()
         await self.handlers.close()

@@ -1,5 +1,5 @@
-"""The ``modelmux`` command: ``backend``, ``gateway``, ``sync`` and ``up``, and ``job`` (a client
-of a gateway's batch jobs: modelmux_common/jobargs.py and jobcli.py).
+"""The ``modelmux`` command: ``backend``, ``gateway``, ``sync``, ``up`` and ``worker``, and
+``job`` (a client of a gateway's batch jobs: modelmux_common/jobargs.py and jobcli.py).
 
 Each subcommand imports its daemon lazily, so ``modelmux gateway`` never loads the TensorFlow
 runtime that ``modelmux backend`` needs.
@@ -82,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     sync.add_argument("--target", help="override modelsync.target")
     sync.add_argument("--once", action="store_true", help="mirror once and exit")
 
+    worker = sub.add_parser(
+        "worker", help="a batch worker: runs a BatchAPI's jobs from the shared job store"
+    )
+    batch_worker_options(worker)
+
     up = sub.add_parser("up", help="start embedded backends, modelsync and the gateway together")
     up.add_argument("--config", required=True, help="modelmux YAML")
     up.add_argument(
@@ -91,6 +96,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     jobargs.add_parser(sub)
     return parser
+
+
+def batch_worker_options(parser: argparse.ArgumentParser) -> None:
+    """``modelmux worker``'s options (also those of the workers a gateway starts itself)."""
+    parser.add_argument("--config", default="", help="modelmux YAML (required)")
+    # the gateway's workers: the config as the gateway loaded it, pickled
+    parser.add_argument("--snapshot", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--api", required=True, help="the BatchAPI whose jobs to run")
+    parser.add_argument("--job", default="", help="run only this job, then exit")
+    parser.add_argument(
+        "--gateway",
+        default="",
+        help="the gateway tensorflow_client calls (default: the config's gateway.listen)",
+    )
+    parser.add_argument(
+        "--metrics-listen", default="", help="host:port of this worker's Prometheus /metrics"
+    )
 
 
 class _Version(argparse.Action):
@@ -116,6 +138,7 @@ _COMMANDS = {
     "gateway": "gateway.server",
     "sync": "modelsync.daemon",
     "up": "modelmux_common.up",
+    "worker": "gateway.batchapi.worker",
     "job": "modelmux_common.jobcli",
 }
 

@@ -301,7 +301,7 @@ class Job(_message.Message):
     item_count: _builtins.int
     """Items in the job; known once it is enqueued (0 while ENQUEUING)."""
     total_batch_count: _builtins.int
-    """Batches in the job; known once it is enqueued (0 while ENQUEUING)."""
+    """Batches in the job once it is enqueued; while ENQUEUING, the batches enqueued so far."""
     batches_succeeded: _builtins.int
     """Batches whose handle_batch returned."""
     batches_failed: _builtins.int
@@ -374,7 +374,9 @@ Global___Job: _TypeAlias = Job  # noqa: Y015
 
 @_typing.final
 class SubmitJobRequest(_message.Message):
-    """Request of Jobs.SubmitJob."""
+    """Request of Jobs.SubmitJob. Local paths are absolute paths on the gateway's machine (and the
+    workers' machines: a file_path_lister's items are handed to handle_batch as they are).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -569,7 +571,7 @@ class ListJobsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     api: _builtins.str
-    """The BatchAPI whose jobs to list; every BatchAPI's when empty."""
+    """The BatchAPI whose jobs to list; every BatchAPI's (API by API) when empty."""
     page_size: _builtins.int
     """Jobs per page, 1 to 1000; 100 when 0. A page may hold fewer (filtered by status)."""
     page_token: _builtins.str

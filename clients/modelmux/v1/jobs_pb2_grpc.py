@@ -104,8 +104,8 @@ class JobsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListJobs(self, request, context):
-        """A BatchAPI's jobs (or every BatchAPI's), newest first, optionally only some statuses, a page
-        at a time.
+        """A BatchAPI's jobs, newest first, optionally only some statuses, a page at a time. With api
+        empty, every BatchAPI's jobs, API by API in the config's order (each newest first).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -53,8 +53,8 @@ class JobsStub:
     GetJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.GetJobResponse]
     """A job's status, batch counts, times and errors. NOT_FOUND for a job id never submitted."""
     ListJobs: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]
-    """A BatchAPI's jobs (or every BatchAPI's), newest first, optionally only some statuses, a page
-    at a time.
+    """A BatchAPI's jobs, newest first, optionally only some statuses, a page at a time. With api
+    empty, every BatchAPI's jobs, API by API in the config's order (each newest first).
     """
     WatchJob: _grpc.UnaryStreamMultiCallable[_jobs_pb2.WatchJobRequest, _jobs_pb2.WatchJobResponse]
     """Streams the job as it is now, then its progress (status or count changes, at most a few
@@ -93,8 +93,8 @@ class JobsAsyncStub(JobsStub):
     GetJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.GetJobResponse]  # type: ignore[assignment]
     """A job's status, batch counts, times and errors. NOT_FOUND for a job id never submitted."""
     ListJobs: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]  # type: ignore[assignment]
-    """A BatchAPI's jobs (or every BatchAPI's), newest first, optionally only some statuses, a page
-    at a time.
+    """A BatchAPI's jobs, newest first, optionally only some statuses, a page at a time. With api
+    empty, every BatchAPI's jobs, API by API in the config's order (each newest first).
     """
     WatchJob: _aio.UnaryStreamMultiCallable[_jobs_pb2.WatchJobRequest, _jobs_pb2.WatchJobResponse]  # type: ignore[assignment]
     """Streams the job as it is now, then its progress (status or count changes, at most a few
@@ -148,8 +148,8 @@ class JobsServicer(metaclass=_abc_1.ABCMeta):
         request: _jobs_pb2.ListJobsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.ListJobsResponse, _abc.Awaitable[_jobs_pb2.ListJobsResponse]]:
-        """A BatchAPI's jobs (or every BatchAPI's), newest first, optionally only some statuses, a page
-        at a time.
+        """A BatchAPI's jobs, newest first, optionally only some statuses, a page at a time. With api
+        empty, every BatchAPI's jobs, API by API in the config's order (each newest first).
         """
 
     @_abc_1.abstractmethod

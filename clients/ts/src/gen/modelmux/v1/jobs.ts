@@ -280,7 +280,7 @@ export interface Job {
   batchSize: number;
   /** Items in the job; known once it is enqueued (0 while ENQUEUING). */
   itemCount: number;
-  /** Batches in the job; known once it is enqueued (0 while ENQUEUING). */
+  /** Batches in the job once it is enqueued; while ENQUEUING, the batches enqueued so far. */
   totalBatchCount: number;
   /** Batches whose handle_batch returned. */
   batchesSucceeded: number;
@@ -304,7 +304,10 @@ export interface Job {
   hookError: string;
 }
 
-/** Request of Jobs.SubmitJob. */
+/**
+ * Request of Jobs.SubmitJob. Local paths are absolute paths on the gateway's machine (and the
+ * workers' machines: a file_path_lister's items are handed to handle_batch as they are).
+ */
 export interface SubmitJobRequest {
   /** The BatchAPI's name (apis[].name). */
   api: string;
@@ -377,7 +380,7 @@ export interface GetJobResponse {
 
 /** Request of Jobs.ListJobs. */
 export interface ListJobsRequest {
-  /** The BatchAPI whose jobs to list; every BatchAPI's when empty. */
+  /** The BatchAPI whose jobs to list; every BatchAPI's (API by API) when empty. */
   api: string;
   /** Only jobs in these statuses; every status when empty. */
   statuses: JobStatus[];
@@ -2914,8 +2917,8 @@ export const JobsService = {
     responseDeserialize: (value: Buffer): GetJobResponse => GetJobResponse.decode(value),
   },
   /**
-   * A BatchAPI's jobs (or every BatchAPI's), newest first, optionally only some statuses, a page
-   * at a time.
+   * A BatchAPI's jobs, newest first, optionally only some statuses, a page at a time. With api
+   * empty, every BatchAPI's jobs, API by API in the config's order (each newest first).
    */
   listJobs: {
     path: "/modelmux.v1.Jobs/ListJobs" as const,
@@ -2983,8 +2986,8 @@ export interface JobsServer extends UntypedServiceImplementation {
   /** A job's status, batch counts, times and errors. NOT_FOUND for a job id never submitted. */
   getJob: handleUnaryCall<GetJobRequest, GetJobResponse>;
   /**
-   * A BatchAPI's jobs (or every BatchAPI's), newest first, optionally only some statuses, a page
-   * at a time.
+   * A BatchAPI's jobs, newest first, optionally only some statuses, a page at a time. With api
+   * empty, every BatchAPI's jobs, API by API in the config's order (each newest first).
    */
   listJobs: handleUnaryCall<ListJobsRequest, ListJobsResponse>;
   /**
@@ -3046,8 +3049,8 @@ export interface JobsClient extends Client {
     callback: (error: ServiceError | null, response: GetJobResponse) => void,
   ): ClientUnaryCall;
   /**
-   * A BatchAPI's jobs (or every BatchAPI's), newest first, optionally only some statuses, a page
-   * at a time.
+   * A BatchAPI's jobs, newest first, optionally only some statuses, a page at a time. With api
+   * empty, every BatchAPI's jobs, API by API in the config's order (each newest first).
    */
   listJobs(
     request: ListJobsRequest,
