@@ -31,7 +31,7 @@ def add_parser(sub: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--address",
-        default=os.environ.get("MODELMUX_ADDRESS", DEFAULT_ADDRESS),
+        default=os.environ.get("MODELMUX_ADDRESS") or DEFAULT_ADDRESS,
         help="the gateway, host:port or unix:path, plaintext (default $MODELMUX_ADDRESS, "
         f"else {DEFAULT_ADDRESS})",
     )

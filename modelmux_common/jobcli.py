@@ -265,11 +265,11 @@ def _job_lines(job: Job) -> Iterator[str]:
 
 
 def _table(jobs: list[Job]) -> Iterator[str]:
-    yield f"{'JOB':26} {'API':20} {'STATUS':24} {'BATCHES':>11} {'FAILED':>7}  STARTED"
+    yield f"{'JOB':32} {'API':20} {'STATUS':23} {'BATCHES':>11} {'FAILED':>7}  STARTED"
     for job in jobs:
         done = f"{job.batches_done}/{job.total_batch_count}"
         yield (
-            f"{job.job_id:26} {job.api:20} {job.status:24} {done:>11} {job.batches_failed:>7}  "
+            f"{job.job_id:32} {job.api:20} {job.status:23} {done:>11} {job.batches_failed:>7}  "
             f"{_when(job.start_time)}"
         )
 

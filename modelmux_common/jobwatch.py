@@ -1,7 +1,7 @@
 """``modelmux job ... --watch``: a job's progress as WatchJob reports it, until it ends.
 
-On a terminal, a live bar (rich): batches done / total, batches per second, time left, failures,
-batches running. Elsewhere (a pipe, a file, CI) one plain line per change, at most one a second
+On a terminal, a live bar (rich): batches done / total, batches per second, time left and
+failures, in 80 columns. Elsewhere (a pipe, a file, CI) one plain line per change, at most one a second
 besides status changes, so a log stays readable. Both end with one summary line.
 """
 
@@ -38,11 +38,14 @@ class Rate:
         elapsed = now - first_time
         return (self.samples[-1][1] - first_done) / elapsed if elapsed > 0 else None
 
-    def eta(self, remaining: int, now: float) -> float | None:
-        rate = self.per_second(now)
-        if remaining <= 0:
+    def eta(self, job: Job, now: float) -> float | None:
+        """Seconds until every batch has ended at the current rate (None: not known yet)."""
+        if job.done:
             return 0.0
-        return remaining / rate if rate else None
+        rate = self.per_second(now)
+        if not job.total_batch_count or not rate:
+            return None
+        return max(0, job.total_batch_count - job.batches_done) / rate
 
 
 def seconds_text(seconds: float | None) -> str:
@@ -63,11 +66,10 @@ def rate_text(rate: float | None) -> str:
 
 def progress_line(job: Job, rate: Rate, now: float) -> str:
     total = str(job.total_batch_count) if job.total_batch_count else "?"
-    remaining = job.total_batch_count - job.batches_done
     return (
         f"job {job.job_id} {job.status}: {job.batches_done}/{total} batches, "
         f"{job.batches_failed} failed, {job.batches_in_flight} running, "
-        f"{rate_text(rate.per_second(now))}, ETA {seconds_text(rate.eta(remaining, now))}"
+        f"{rate_text(rate.per_second(now))}, ETA {seconds_text(rate.eta(job, now))}"
     )
 
 
@@ -111,35 +113,33 @@ def _follow_plain(updates: Iterable[Job], out: TextIO) -> Job | None:
 def _follow_bar(updates: Iterable[Job], out: TextIO) -> Job | None:
     # rich is imported here: no other command needs it, and it takes ~0.1 s to import
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     columns = (
         TextColumn("{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=16),
         MofNCompleteColumn(),
         TextColumn(
-            "batches · {task.fields[rate]} · ETA {task.fields[eta]} · "
-            "{task.fields[failed]} failed · {task.fields[running]} running"
+            "batches · {task.fields[rate]} · ETA {task.fields[eta]} · {task.fields[failed]}"
         ),
-        TimeElapsedColumn(),
     )
     rate, last = Rate(), None
     console = Console(file=out)
     with Progress(*columns, console=console, refresh_per_second=4) as bar:
-        task = bar.add_task("", total=None, rate="-", eta="-", failed=0, running=0)
+        task = bar.add_task("watching", total=None, rate="-", eta="-", failed="0 failed")
         for job in updates:
             now = time.monotonic()
             rate.add(job.batches_done, now)
+            if last is None:
+                bar.console.print(f"job {job.job_id} on {job.api} (Ctrl-C: stop watching)")
             last = job
-            remaining = job.total_batch_count - job.batches_done
             bar.update(
                 task,
-                description=f"{job.job_id[-8:]} {job.status}",
+                description=job.status,
                 total=job.total_batch_count or None,
                 completed=job.batches_done,
                 rate=rate_text(rate.per_second(now)),
-                eta=seconds_text(rate.eta(remaining, now)),
-                failed=job.batches_failed,
-                running=job.batches_in_flight,
+                eta=seconds_text(rate.eta(job, now)),
+                failed=f"{job.batches_failed} failed",
             )
     return last
