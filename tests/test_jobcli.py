@@ -20,9 +20,8 @@ API = "rec"
 ENV = {k: v for k, v in os.environ.items() if k != "MODELMUX_ADDRESS"} | {"COLUMNS": "160"}
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    root = tmp_path_factory.mktemp("jobcli")
+def start_recorder_gateway(root: Path) -> Proc:
+    """A gateway serving one BatchAPI, ``rec``: the batch recorder handler, embedded store."""
     api = {
         "name": API,
         "kind": "BatchAPI",
@@ -33,7 +32,12 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
         },
         "batch": {"visibility_timeout": "5s"},
     }
-    proc = start_gateway(write_config(root / "modelmux.yaml", [api]))
+    return start_gateway(write_config(root / "modelmux.yaml", [api]))
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    proc = start_recorder_gateway(tmp_path_factory.mktemp("jobcli"))
     yield proc
     proc.stop()
 
