@@ -100,7 +100,16 @@ def test_quick_run_writes_results(example_models: Path, tmp_path: Path) -> None:
 def test_batch_scenario_quick_run(tmp_path: Path) -> None:
     """scripts/bench_batch.py on a small job: every figure measured, the JSON written."""
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_batch.py"), "--items", "30", "--workers", "1,2", "--out", str(tmp_path)],
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench_batch.py"),
+            "--items",
+            "30",
+            "--workers",
+            "1,2",
+            "--out",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=240,

@@ -33,7 +33,10 @@ class Handler:
         columns = {name: [float(flower[name]) for flower in payload] for name in MEASUREMENTS}
         prediction = self.client.predict(columns)
         labels = [self.labels[int(i)] for i in prediction["class_ids"]]
-        lines = [json.dumps({"flower": f, "label": label}) for f, label in zip(payload, labels)]
+        lines = [
+            json.dumps({"flower": f, "label": label})
+            for f, label in zip(payload, labels, strict=True)
+        ]
         # A batch runs at least once: a second run (its worker died after writing) rewrites the
         # same file, whole (written aside, then renamed), so the hook never reads half a file.
         path = os.path.join(self.folder, f"{batch_id}.ndjson")
