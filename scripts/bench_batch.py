@@ -10,7 +10,12 @@
   per-batch overhead  in the 1-worker job, the gap between one batch's end and the next one's
                 start in that worker (receive, outcome record, delete, counting): p50 / p99, ms
 
+With ``--handler-ms`` each handle_batch also sleeps that long (work done elsewhere, e.g. a model
+behind a network), which shows how far workers scale when the handler, not the machinery, is
+what takes time.
+
     .venv/bin/python scripts/bench_batch.py [--items 2000] [--batch-size 1] [--workers 1,2]
+        [--handler-ms 0]
 """
 
 from __future__ import annotations
@@ -37,13 +42,13 @@ API = "trivial-batch"
 TARGET_OVERHEAD_MS = 5.0
 
 
-def loop(items: list[int], batch_size: int, log: Path) -> float:
+def loop(items: list[int], batch_size: int, config: dict[str, Any]) -> float:
     """Items per second of handle_batch called in a plain loop."""
     spec = importlib.util.spec_from_file_location("bench_batch_handler", HANDLER)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    handler = module.Handler(config={"log": str(log)}, job_spec={})
+    handler = module.Handler(config=config, job_spec={})
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     start = time.perf_counter()
     for n, batch in enumerate(batches):
@@ -61,11 +66,15 @@ def runs(log: Path) -> dict[int, list[tuple[float, float]]]:
 
 
 def job(
-    client: Client, items: list[int], *, workers: int, batch_size: int, log: Path
+    client: Client, items: list[int], *, workers: int, batch_size: int, log: Path, sleep: float
 ) -> dict[str, Any]:
     sent, sent_at = time.perf_counter(), time.time()
     submitted = client.submit_job(
-        API, workers=workers, items=items, batch_size=batch_size, config={"log": str(log)}
+        API,
+        workers=workers,
+        items=items,
+        batch_size=batch_size,
+        config={"log": str(log), "sleep": sleep},
     )
     final = list(client.watch_job(submitted.job_id, timeout=600))[-1]
     wall, ended_at = time.perf_counter() - sent, time.time()
@@ -101,18 +110,21 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
     config.write_text(yaml.safe_dump({"gateway": gateway_config, "apis": [spec]}))
     items = list(range(args.items))
+    sleep = args.handler_ms / 1000
     results: dict[str, Any] = {
-        "loop items/s": round(loop(items, args.batch_size, workdir / "loop.log"), 1)
+        "loop items/s": round(
+            loop(items, args.batch_size, {"log": str(workdir / "loop.log"), "sleep": sleep}), 1
+        )
     }
     gateway = Child("gateway", [*MODELMUX, "gateway", "--config", str(config)], logdir=workdir)
     try:
         health_serving(gateway.wait_serving(60), timeout=60)
         with Client(gateway.address, timeout=60) as client:
-            job(client, items[:20], workers=1, batch_size=1, log=workdir / "warmup.log")
+            job(client, items[:20], workers=1, batch_size=1, log=workdir / "warmup.log", sleep=0)
             for workers in args.workers:
                 log = workdir / f"job-{workers}.log"
                 results[f"job, {workers} workers"] = job(
-                    client, items, workers=workers, batch_size=args.batch_size, log=log
+                    client, items, workers=workers, batch_size=args.batch_size, log=log, sleep=sleep
                 )
     finally:
         gateway.stop()
@@ -126,11 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=lambda s: [int(n) for n in s.split(",")], default=[1, 2], help="e.g. 1,2"
     )
+    parser.add_argument(
+        "--handler-ms", type=float, default=0.0, help="handle_batch also sleeps this long"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
         results = run(args, Path(tmp))
-    print(f"batch scenario, {args.items} items in batches of {args.batch_size}, embedded store:")
+    print(
+        f"batch scenario, {args.items} items in batches of {args.batch_size}, handler "
+        f"{args.handler_ms:g} ms per batch, embedded store:"
+    )
     print(f"  plain loop in one process   {results['loop items/s']:>12} items/s")
     for name, figures in results.items():
         if name.startswith("job"):
