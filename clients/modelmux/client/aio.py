@@ -33,6 +33,7 @@ from modelmux.v1 import (
 )
 
 Reply = TypeVar("Reply")
+Update = TypeVar("Update")
 _DEFAULT_RETRY = RetryPolicy()
 
 
@@ -107,6 +108,15 @@ class AsyncClient:
             )
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from exc
+
+    def _open(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
+        """A server stream: no deadline unless ``timeout`` is given."""
+        return method(
+            request,
+            timeout=timeout,
+            metadata=self.settings.metadata or None,
+            wait_for_ready=self.settings.wait_for_ready,
+        )
 
     async def predict(
         self,
@@ -212,23 +222,15 @@ class AsyncClient:
         reply = await self._call(next(self._next).asyncs.Get, request, timeout)
         return calls.async_request(reply.request)
 
-    async def watch(
+    def watch(
         self, request_id: str, *, api: str = "", timeout: float | None = None
     ) -> AsyncGenerator[calls.AsyncRequest, None]:
         """The request now, then at each change; ends after its terminal state."""
-        stream = next(self._next).asyncs.Watch(
-            async_pb2.WatchRequest(api=api, id=request_id),
-            timeout=timeout,
-            metadata=self.settings.metadata or None,
-            wait_for_ready=self.settings.wait_for_ready,
+        request = async_pb2.WatchRequest(api=api, id=request_id)
+        return _updates(
+            lambda: self._open(next(self._next).asyncs.Watch, request, timeout),
+            lambda update: calls.async_request(update.request),
         )
-        try:
-            async for update in stream:
-                yield calls.async_request(update.request)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from exc
-        finally:
-            stream.cancel()
 
     async def cancel(
         self, request_id: str, *, api: str = "", timeout: float | None = None
@@ -352,23 +354,15 @@ class AsyncClient:
         )
         return jobs.jobs_page(await self._call(next(self._next).jobs.ListJobs, request, timeout))
 
-    async def watch_job(
+    def watch_job(
         self, job_id: str, *, api: str = "", timeout: float | None = None
     ) -> AsyncGenerator[jobs.Job, None]:
         """The job now, then at each change of status or counts; ends after its final status."""
-        stream = next(self._next).jobs.WatchJob(
-            jobs_pb2.WatchJobRequest(api=api, job_id=job_id),
-            timeout=timeout,
-            metadata=self.settings.metadata or None,
-            wait_for_ready=self.settings.wait_for_ready,
+        request = jobs_pb2.WatchJobRequest(api=api, job_id=job_id)
+        return _updates(
+            lambda: self._open(next(self._next).jobs.WatchJob, request, timeout),
+            lambda update: jobs.job(update.job),
         )
-        try:
-            async for update in stream:
-                yield jobs.job(update.job)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from exc
-        finally:
-            stream.cancel()
 
     async def stop_job(
         self, job_id: str, *, api: str = "", timeout: float | None = None
@@ -409,3 +403,18 @@ class AsyncClient:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+async def _updates(
+    open_stream: Callable[[], Any], read: Callable[[Any], Update]
+) -> AsyncGenerator[Update, None]:
+    """A stream's messages, each read into what the client returns; its errors as ours. The
+    stream opens when the first message is asked for."""
+    stream = open_stream()
+    try:
+        async for update in stream:
+            yield read(update)
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc_error(exc) from exc
+    finally:
+        stream.cancel()

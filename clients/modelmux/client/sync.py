@@ -34,6 +34,7 @@ from modelmux.v1 import (
 )
 
 Reply = TypeVar("Reply")
+Update = TypeVar("Update")
 _DEFAULT_RETRY = RetryPolicy()
 
 
@@ -119,6 +120,15 @@ class Client:
             )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
+
+    def _open(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
+        """A server stream: no deadline unless ``timeout`` is given."""
+        return method(
+            request,
+            timeout=timeout,
+            metadata=self.settings.metadata or None,
+            wait_for_ready=self.settings.wait_for_ready,
+        )
 
     def predict(
         self,
@@ -215,19 +225,11 @@ class Client:
         self, request_id: str, *, api: str = "", timeout: float | None = None
     ) -> Generator[calls.AsyncRequest, None, None]:
         """The request now, then at each change; ends after its terminal state."""
-        stream = self._stubs().asyncs.Watch(
-            async_pb2.WatchRequest(api=api, id=request_id),
-            timeout=timeout,
-            metadata=self.settings.metadata or None,
-            wait_for_ready=self.settings.wait_for_ready,
+        request = async_pb2.WatchRequest(api=api, id=request_id)
+        return _updates(
+            lambda: self._open(self._stubs().asyncs.Watch, request, timeout),
+            lambda update: calls.async_request(update.request),
         )
-        try:
-            for update in stream:
-                yield calls.async_request(update.request)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
-        finally:
-            stream.cancel()
 
     def cancel(
         self, request_id: str, *, api: str = "", timeout: float | None = None
@@ -353,19 +355,11 @@ class Client:
         self, job_id: str, *, api: str = "", timeout: float | None = None
     ) -> Generator[jobs.Job, None, None]:
         """The job now, then at each change of status or counts; ends after its final status."""
-        stream = self._stubs().jobs.WatchJob(
-            jobs_pb2.WatchJobRequest(api=api, job_id=job_id),
-            timeout=timeout,
-            metadata=self.settings.metadata or None,
-            wait_for_ready=self.settings.wait_for_ready,
+        request = jobs_pb2.WatchJobRequest(api=api, job_id=job_id)
+        return _updates(
+            lambda: self._open(self._stubs().jobs.WatchJob, request, timeout),
+            lambda update: jobs.job(update.job),
         )
-        try:
-            for update in stream:
-                yield jobs.job(update.job)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
-        finally:
-            stream.cancel()
 
     def stop_job(self, job_id: str, *, api: str = "", timeout: float | None = None) -> jobs.Job:
         """Stops a job (STOPPED; FailedPreconditionError once it has ended)."""
@@ -402,6 +396,21 @@ class Client:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _updates(
+    open_stream: Callable[[], Any], read: Callable[[Any], Update]
+) -> Generator[Update, None, None]:
+    """A stream's messages, each read into what the client returns; its errors as ours. The
+    stream opens when the first message is asked for."""
+    stream = open_stream()
+    try:
+        for update in stream:
+            yield read(update)
+    except grpc.RpcError as exc:
+        raise from_rpc_error(exc) from exc
+    finally:
+        stream.cancel()
 
 
 def _watch(stream: Any) -> Generator[models_pb2.WatchModelsResponse, None, None]:
