@@ -119,6 +119,7 @@ check: lint import-check proto-check proto-lint ts-check deploy-check config-doc
 bench: $(STAMP) models ## the benchmarks (docs/benchmarks.md)
 	$(BIN)/python scripts/bench.py
 	$(BIN)/python scripts/bench_async.py
+	$(BIN)/python scripts/bench_batch.py
 
 clean: ## remove models, volumes, bench results and caches (keeps .venv)
 	rm -rf .modelmux bench-results .pytest_cache .mypy_cache .ruff_cache

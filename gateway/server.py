@@ -23,6 +23,8 @@ from gateway.api.models import Models
 from gateway.asyncapi.service import SERVICE as ASYNC_SERVICE
 from gateway.asyncapi.service import AsyncApis
 from gateway.auth import HANDLER_SECRET_ENV, Authorizer
+from gateway.batchapi.service import SERVICE as JOBS_SERVICE
+from gateway.batchapi.service import BatchApis
 from gateway.batching import Batching, Policy
 from gateway.catalog import expected_models, gpu_apis, static_catalog
 from gateway.edge import Call, Handler, Lifecycle, edge, stream_edge
@@ -60,7 +62,14 @@ MODELS_SERVICE = models_pb2.DESCRIPTOR.services_by_name["Models"].full_name
 MODEL_HEALTH_PREFIX = "modelmux.v1.Model/"
 MODELSYNC_HEALTH = "modelmux.modelsync.v1.ModelSync"
 BUILTIN_SERVICES = frozenset(
-    {INFERENCE_SERVICE, MODELS_SERVICE, PREDICTION_SERVICE, MODEL_SERVICE, ASYNC_SERVICE}
+    {
+        INFERENCE_SERVICE,
+        MODELS_SERVICE,
+        PREDICTION_SERVICE,
+        MODEL_SERVICE,
+        ASYNC_SERVICE,
+        JOBS_SERVICE,
+    }
 )
 # Of gateway.shutdown_grace, what stop() keeps for closing connections once calls have drained
 QUIESCE_SECONDS = 0.5
@@ -120,6 +129,10 @@ class Gateway:
         self.handlers_ready = not self.handlers.pools
         # async APIs (gateway/asyncapi/): their queues and runners start with the handlers
         self.asyncapi = AsyncApis(config, self.handlers)
+        # batch APIs (gateway/batchapi/): their jobs' workers reach this gateway as handlers do
+        self.batchapi = BatchApis(
+            config, runtime_dir=self.runtime_dir, gateway=self.handlers.gateway, env=metrics_env
+        )
         self.server = grpc.aio.server(
             options=[
                 *message_size_options(gw.max_message_bytes),
@@ -208,6 +221,20 @@ class Gateway:
                 },
                 "Watch": grpc.unary_stream_rpc_method_handler(
                     stream_edge(asyncapi.watch, lifecycle=self.lifecycle, guard=guard("async"))
+                ),
+            },
+        )
+
+        batchapi = self.batchapi
+        self.server.add_registered_method_handlers(
+            JOBS_SERVICE,
+            {
+                **{
+                    name: wrap(JOBS_SERVICE, name, getattr(batchapi, name.lower()), "jobs")
+                    for name in ("SubmitJob", "GetJob", "ListJobs", "StopJob", "ListFailedBatches")
+                },
+                "WatchJob": grpc.unary_stream_rpc_method_handler(
+                    stream_edge(batchapi.watchjob, lifecycle=self.lifecycle, guard=guard("jobs"))
                 ),
             },
         )
@@ -314,7 +341,7 @@ class Gateway:
                 self.server, self.config.gateway.listen, shared_port=shared, credentials=tls
             )
             self.bound = [self.address]
-            if self.handlers.pools:  # tensorflow_client reaches the gateway here
+            if self.handlers.pools or self.batchapi.names:  # tensorflow_client reaches it here
                 self.bound.append(bind(self.server, self.handlers.gateway))
         except ListenError:
             self._remove_runtime_dir()
@@ -328,6 +355,7 @@ class Gateway:
             self._remove_runtime_dir()
             raise
         await self.asyncapi.start()
+        await self.batchapi.start()
         self.handlers_ready = True
         self._on_table(self.fleet.table)  # nothing else may change: handler-only gateways
         self.fleet.start()
@@ -356,6 +384,7 @@ class Gateway:
         if self.follower is not None:
             await self.follower.close()
         await self.asyncapi.close()
+        await self.batchapi.close()
         if self.metrics is not None:
             self.metrics.close()
         await self.handlers.close()

@@ -1,4 +1,5 @@
-"""The ``modelmux`` command: ``backend``, ``gateway``, ``sync`` and ``up``.
+"""The ``modelmux`` command: ``backend``, ``gateway``, ``sync``, ``up`` and ``worker``, and
+``job`` (a client of a gateway's batch jobs: modelmux_common/jobargs.py and jobcli.py).
 
 Each subcommand imports its daemon lazily, so ``modelmux gateway`` never loads the TensorFlow
 runtime that ``modelmux backend`` needs.
@@ -16,7 +17,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 
-from modelmux_common import supervision
+from modelmux_common import jobargs, supervision
 from modelmux_common.config import ACCELERATORS, ConfigError, load
 from modelmux_common.listen import ListenError
 
@@ -86,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     sync.add_argument("--target", help="override modelsync.target")
     sync.add_argument("--once", action="store_true", help="mirror once and exit")
 
+    worker = sub.add_parser(
+        "worker", help="a batch worker: runs a BatchAPI's jobs from the shared job store"
+    )
+    batch_worker_options(worker)
+
     up = sub.add_parser("up", help="start embedded backends, modelsync and the gateway together")
     up.add_argument("--config", required=True, help="modelmux YAML")
     up.add_argument(
@@ -93,7 +99,25 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stop when a model cannot be served (gateway --strict), instead of serving the others",
     )
+    jobargs.add_parser(sub)
     return parser
+
+
+def batch_worker_options(parser: argparse.ArgumentParser) -> None:
+    """``modelmux worker``'s options (also those of the workers a gateway starts itself)."""
+    parser.add_argument("--config", default="", help="modelmux YAML (required)")
+    # the gateway's workers: the config as the gateway loaded it, pickled
+    parser.add_argument("--snapshot", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--api", required=True, help="the BatchAPI whose jobs to run")
+    parser.add_argument("--job", default="", help="run only this job, then exit")
+    parser.add_argument(
+        "--gateway",
+        default="",
+        help="the gateway tensorflow_client calls (default: the config's gateway.listen)",
+    )
+    parser.add_argument(
+        "--metrics-listen", default="", help="host:port of this worker's Prometheus /metrics"
+    )
 
 
 class _Version(argparse.Action):
@@ -119,6 +143,8 @@ _COMMANDS = {
     "gateway": "gateway.server",
     "sync": "modelsync.daemon",
     "up": "modelmux_common.up",
+    "worker": "gateway.batchapi.worker",
+    "job": "modelmux_common.jobcli",
 }
 
 

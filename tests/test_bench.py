@@ -99,3 +99,33 @@ def test_quick_run_writes_results(example_models: Path, tmp_path: Path) -> None:
     metrics = results["metrics"]  # the request path in-process, metrics off and on
     assert 0 < metrics["off_us"] < metrics["on_us"] and metrics["x_facade"] > 1
     assert "metrics, the request path in-process" in done.stdout
+
+
+def test_batch_scenario_quick_run(tmp_path: Path) -> None:
+    """scripts/bench_batch.py on a small job: every figure measured, the JSON written."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench_batch.py"),
+            "--items",
+            "30",
+            "--workers",
+            "1,2",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (path,) = tmp_path.glob("bench-batch-*.json")
+    results = json.loads(path.read_text())["results"]
+    assert results["loop items/s"] > 0
+    for workers in (1, 2):
+        figures = results[f"job, {workers} workers"]
+        assert figures["batches"] == 30 and figures["items/s end to end"] > 0
+        assert figures["per-batch overhead ms"]["p50"] >= 0
+    assert "per-batch overhead p50" in done.stdout

@@ -23,7 +23,7 @@ def test_version() -> None:
 def test_help_is_plain_text() -> None:
     text = run("--help").stdout
     assert "``" not in text and ":func:" not in text, text
-    for command in ("backend", "gateway", "sync", "up"):
+    for command in ("backend", "gateway", "sync", "up", "job"):
         assert f"    {command} " in text
 
 

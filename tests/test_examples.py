@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from conftest import ROOT, Proc, start_daemon
+from conftest import MODELMUX, ROOT, Proc, start_daemon
 from gateway_helpers import wait_serving
 from google.protobuf import json_format
 from test_gateway import GRPCURL, IRIS, IRIS_INPUTS
@@ -228,3 +228,39 @@ def test_async_example_answers_through_watch_and_get(quickstart: Proc) -> None:
         result = client.get(rid).result
     assert isinstance(result, dict)
     assert (result["request_id"], result["label"]) == (rid, "setosa")
+
+
+def test_batch_example_writes_predictions_and_the_hook_sums_them(
+    quickstart: Proc, tmp_path: Path
+) -> None:
+    """The command of examples/batch/handler.py, with a job config that moves the results."""
+    config = tmp_path / "job.json"
+    config.write_text(json.dumps({"results": str(tmp_path / "results")}))
+    flowers = ROOT / "examples" / "batch" / "flowers.ndjson"
+    command = ["job", "submit", "--api", "iris-batch", "--workers", "2", "--ndjson", str(flowers)]
+    options = ["--batch-size", "4", "--config", str(config), "--watch"]
+    done = subprocess.run(
+        [*MODELMUX, *command, *options, "--address", quickstart.address],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    job_id = done.stdout.split()[1]
+    folder = tmp_path / "results" / job_id
+    batches = sorted(folder.glob("*.ndjson"))
+    assert len(batches) == 3
+    lines = [json.loads(line) for path in batches for line in path.read_text().splitlines()]
+    expected = [json.loads(line) for line in flowers.read_text().splitlines()]
+    assert sorted(map(json.dumps, (x["flower"] for x in lines))) == sorted(
+        map(json.dumps, expected)
+    )
+    for line in lines:
+        values = [line["flower"][name] for name in IRIS_INPUTS]
+        assert IRIS[line["label"]] == values, line
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary == {
+        "job_id": job_id,
+        "flowers": 12,
+        "labels": {"setosa": 4, "versicolor": 4, "virginica": 4},
+    }

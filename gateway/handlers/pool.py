@@ -478,7 +478,7 @@ class Handlers:
         self.services: dict[str, tuple[HandlerPool, ServiceDescriptor]] = {}
         snapshot = ""
         for number, api in enumerate(config.apis):
-            if not api.handler_path:
+            if not api.handler_path or api.kind == "BatchAPI":  # batch workers run per job
                 continue
             key = f"apis[{number}]"
             if not snapshot:  # workers get the config as loaded, not the file as it is later
@@ -532,7 +532,12 @@ class Handlers:
                 f"API {api!r} is an {pool.api.kind}: submit to it with modelmux.v1.Async/Submit"
             )
         if pool is None:
-            if any(a.name == api for a in self.config.apis):
+            other = next((a for a in self.config.apis if a.name == api), None)
+            if other is not None and other.kind == "BatchAPI" and other.handler_path:
+                raise FailedPrecondition(
+                    f"API {api!r} is a BatchAPI: submit jobs to it with modelmux.v1.Jobs/SubmitJob"
+                )
+            if other is not None:
                 raise FailedPrecondition(
                     f"API {api!r} has no handler (handler.path): call Predict for its models"
                 )

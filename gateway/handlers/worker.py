@@ -109,8 +109,18 @@ class Runtime:
     """One API's handler instance and the gRPC methods that call it."""
 
     def __init__(
-        self, config: Config, api: ApiConfig, *, gateway: str, cache_dir: str, descriptors: bytes
+        self,
+        config: Config,
+        api: ApiConfig,
+        *,
+        gateway: str,
+        cache_dir: str,
+        descriptors: bytes,
+        handler_config: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
+        """``handler_config`` replaces the API's handler.config (a batch job's merged config);
+        ``extra`` adds constructor arguments (a batch job's ``job_spec``)."""
         self.api = api
         self.traced = tracing.active()
         # thread -> deadline of the call it runs (for the stuck-worker watchdog)
@@ -119,8 +129,9 @@ class Runtime:
         cls = _handler_class(api)
         self.handler: Any = None
         available: dict[str, Any] = {
-            "config": dict(api.handler_config),
+            "config": dict(api.handler_config if handler_config is None else handler_config),
             "metrics_client": MetricsClient(),
+            **(extra or {}),
         }
         if self.file is not None:  # the service's messages, as the generated module offers them
             available["module_proto_pb2"] = types.SimpleNamespace(
@@ -187,6 +198,8 @@ class Runtime:
         self.async_args = [n for n in names if n in ASYNC_ARGS]
         if api.kind == "AsyncAPI" and not callable(self.async_entry):
             raise StartError(f"{cls.__name__} has no handle_async method (the API is an AsyncAPI)")
+        if api.kind == "BatchAPI" and not callable(getattr(self.handler, "handle_batch", None)):
+            raise StartError(f"{cls.__name__} has no handle_batch method (the API is a BatchAPI)")
         if self.models is not None:
             self._follow(config.gateway.modelsync, self.models, config.gateway.modelsync_tls)
 

@@ -52,6 +52,25 @@ def _async_section(api: ApiSpec, key: str, ctx: Context) -> None:
         raise ctx.fail(f"{key}.async.bucket", "store: aws needs the S3 bucket")
 
 
+@rule(ApiSpec)
+def _batch_section(api: ApiSpec, key: str, ctx: Context) -> None:
+    """Only a `BatchAPI` has a `batch` section, and only with a handler (`handle_batch`);
+    `batch.store: aws` needs `batch.bucket`."""
+    section = api.batch
+    if api.kind != "BatchAPI":
+        if section is not None:
+            raise ctx.fail(
+                f"{key}.batch", f"only a kind: BatchAPI has a batch section (this is a {api.kind})"
+            )
+        return
+    if section is not None and not api.handler.path:
+        raise ctx.fail(f"{key}.handler.path", "a BatchAPI's batch section runs handle_batch")
+    if section is not None and section.store == "aws" and not section.bucket:
+        raise ctx.fail(f"{key}.batch.bucket", "store: aws needs the S3 bucket")
+    if api.handler.protobuf_path:
+        raise ctx.fail(f"{key}.handler.protobuf_path", "a BatchAPI serves no realtime traffic")
+
+
 @rule(ComputeSpec)
 def _gpu_or_inf(compute: ComputeSpec, key: str, ctx: Context) -> None:
     """`compute.gpu` and `compute.inf` are not both more than 0."""
@@ -234,14 +253,6 @@ def _modelsync_for_s3(config: Config, ctx: Context) -> None:
                     f"apis[{i}].handler.models",
                     f"{source.uri} is on S3: set gateway.modelsync to serve S3 sources",
                 )
-
-
-@gateway_rule
-def _no_batch_handlers(config: Config, ctx: Context) -> None:
-    """A `BatchAPI` may not have a handler (`handler.path`) yet."""
-    for i, api in enumerate(config.apis):
-        if api.handler_path and api.kind == "BatchAPI":
-            raise ctx.fail(f"apis[{i}].kind", f"{api.kind} handlers are not supported yet")
 
 
 @gateway_rule

@@ -226,7 +226,8 @@ class GatewayConfig:
     )
     state_dir: str = setting(
         FOLDER,
-        "durable state: the Async APIs' embedded store is `<state_dir>/async`",
+        "durable state: the Async APIs' embedded store is `<state_dir>/async`, the Batch APIs' "
+        "`<state_dir>/batch`",
         ".modelmux/state",
     )
     metrics_listen: str = setting(
@@ -497,11 +498,47 @@ class AsyncConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchConfig:
+    """A BatchAPI's `batch` section (docs/batch.md)."""
+
+    store: str = setting(
+        choice("embedded", "aws"),
+        "where jobs live: `embedded` (SQLite and files in `folder`) or `aws` (SQS + S3)",
+        "embedded",
+    )
+    folder: str = setting(
+        FOLDER, "embedded: the store's folder; empty = `<gateway.state_dir>/batch`", ""
+    )
+    bucket: str = setting(STRING, "aws: jobs live under `s3://<bucket>/<prefix>/<api>/`", "")
+    prefix: str = setting(STRING, "aws: the S3 key prefix", "batch")
+    queue_prefix: str = setting(
+        STRING, "aws: a job's SQS queue is `<queue_prefix>batch-<api>-<job id>`", "modelmux-"
+    )
+    region: str = setting(STRING, "aws: the region; empty = the default chain's", "")
+    endpoint_url: str = setting(
+        STRING, "aws: an S3 and SQS endpoint (MinIO, LocalStack, moto); empty = AWS", ""
+    )
+    visibility_timeout: Seconds = setting(
+        DURATION,
+        "how long a batch a worker took stays hidden from other workers; renewed while it runs",
+        30.0,
+        range=MORE_THAN_ZERO,
+    )
+    spawn_workers: bool = setting(
+        BOOLEAN,
+        "the gateway starts each job's `workers` processes itself (and replaces those that die); "
+        "false: `modelmux worker --api NAME` processes started elsewhere run the jobs",
+        True,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class ApiSpec:
     name: str = setting(NAME, "the API's name, used by `Invoke`")
     kind: str = setting(
         choice("RealtimeAPI", "AsyncAPI", "BatchAPI"),
-        "an `AsyncAPI` with a handler runs its `handle_async`; without a handler an `AsyncAPI` or "
+        "an `AsyncAPI` with a handler runs its `handle_async`, a `BatchAPI` with a handler runs "
+        "jobs of `handle_batch` (and serves no realtime traffic); without a handler an `AsyncAPI` or "
         "`BatchAPI` serves its models to Predict like a "
         "`RealtimeAPI`",
         "RealtimeAPI",
@@ -513,6 +550,7 @@ class ApiSpec:
     async_: AsyncConfig | None = section(
         AsyncConfig, "AsyncAPI: the request store, queue, attempts and limits", key="async"
     )
+    batch: BatchConfig | None = section(BatchConfig, "BatchAPI: the job store, queues and workers")
 
 
 @dataclass(frozen=True, slots=True)
@@ -558,6 +596,8 @@ class ApiConfig:
     batch_interval: float = 0.0
     # kind: AsyncAPI with a handler: its `async` section
     async_config: AsyncConfig | None = None
+    # kind: BatchAPI with a handler: its `batch` section
+    batch_config: BatchConfig | None = None
 
     @property
     def inferentia(self) -> bool:
@@ -608,6 +648,9 @@ class ApiConfig:
             batch_interval=batching.batch_interval if batching else 0.0,
             async_config=(
                 (spec.async_ or AsyncConfig()) if spec.kind == "AsyncAPI" and handler.path else None
+            ),
+            batch_config=(
+                (spec.batch or BatchConfig()) if spec.kind == "BatchAPI" and handler.path else None
             ),
         )
 

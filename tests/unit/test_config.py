@@ -358,7 +358,7 @@ ERRORS: list[tuple[str, str]] = [
     ),
     (
         f"apis: [{{name: a, extra: 1, {TF}}}]",
-        "apis[0].extra: unknown key (known: async, compute, handler, kind, name)",
+        "apis[0].extra: unknown key (known: async, batch, compute, handler, kind, name)",
     ),
     (
         f"apis: [{{name: a, {TF}}}, {{name: a, handler: {{models: {{path: n}}}}}}]",
@@ -556,6 +556,23 @@ ERRORS: list[tuple[str, str]] = [
         "apis[0].handler.server_side_batching: batching joins calls to the backends; a python "
         "handler's models never go to them",
     ),
+    # a BatchAPI's batch section
+    (
+        f"apis: [{{name: a, {TF}, batch: {{}}}}]",
+        "apis[0].batch: only a kind: BatchAPI has a batch section (this is a RealtimeAPI)",
+    ),
+    (
+        f"apis: [{{name: a, kind: BatchAPI, {TF}, batch: {{}}}}]",
+        "apis[0].handler.path: a BatchAPI's batch section runs handle_batch",
+    ),
+    (
+        f"apis: [{{name: a, kind: BatchAPI, handler: {{{PY}}}, batch: {{store: aws}}}}]",
+        "apis[0].batch.bucket: store: aws needs the S3 bucket",
+    ),
+    (
+        f"apis: [{{name: a, kind: BatchAPI, handler: {{{PY}}}, batch: {{visibility_timeout: 0}}}}]",
+        "apis[0].batch.visibility_timeout: must be more than zero",
+    ),
 ]
 
 
@@ -580,14 +597,6 @@ GATEWAY: list[tuple[str, str]] = [
     (
         "apis: [{name: a, handler: {models: {path: 's3://b/m'}}}]",
         "apis[0].handler.models: s3://b/m/ is on S3: set gateway.modelsync to serve S3 sources",
-    ),
-    (
-        "apis: [{name: a, kind: BatchAPI, handler: {path: h.py, models: {path: m}}}]",
-        "apis[0].kind: BatchAPI handlers are not supported yet",
-    ),
-    (
-        f"apis: [{TF.join(['{name: a, ', '}'])}, {{name: b, kind: BatchAPI, handler: {{{PY}}}}}]",
-        "apis[1].kind: BatchAPI handlers are not supported yet",
     ),
     (
         "gateway: {workers: 2, modelsync: 'x:1'}\n"

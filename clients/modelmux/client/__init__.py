@@ -15,7 +15,10 @@ policy, TLS, several channels for several gateway workers): see ``Client``. Fail
 
 Async requests (``modelmux.v1.Async``): ``submit`` returns an id at once; ``get``, ``watch``,
 ``cancel`` and ``list_requests`` report an ``AsyncRequest`` (state, attempts, times, result or
-error). Batch jobs (``modelmux.v1.Jobs``) will join them.
+error). Batch jobs (``modelmux.v1.Jobs``): ``submit_job`` returns the job at once (or, with
+``dry_run``, what it would process); ``get_job``, ``watch_job``, ``list_jobs`` and ``stop_job``
+report a ``Job`` (status, batch counts, times, errors); ``failed_batches`` lists each failed
+batch with its error and items.
 """
 
 from modelmux.client.aio import AsyncClient
@@ -40,6 +43,7 @@ from modelmux.client.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from modelmux.client.jobs import DryRun, FailedBatch, Job, JobStatus
 from modelmux.client.options import RetryPolicy, Tls
 from modelmux.client.sync import Client
 from modelmux.v1.models_pb2 import Model, WatchModelsResponse
@@ -51,10 +55,14 @@ __all__ = [
     "AsyncState",
     "Client",
     "DeadlineExceededError",
+    "DryRun",
+    "FailedBatch",
     "FailedPreconditionError",
     "HealthStatus",
     "InternalError",
     "InvalidArgumentError",
+    "Job",
+    "JobStatus",
     "JsonValue",
     "Model",
     "ModelmuxError",

@@ -6,13 +6,13 @@ import itertools
 import threading
 from collections.abc import Callable, Generator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import grpc
 import numpy.typing as npt
 from grpc_health.v1 import health_pb2
 
-from modelmux.client import calls
+from modelmux.client import calls, jobs
 from modelmux.client.errors import from_rpc_error
 from modelmux.client.options import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -27,11 +27,14 @@ from modelmux.v1 import (
     async_pb2,
     async_pb2_grpc,
     inference_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
     models_pb2,
     models_pb2_grpc,
 )
 
 Reply = TypeVar("Reply")
+Update = TypeVar("Update")
 _DEFAULT_RETRY = RetryPolicy()
 
 
@@ -43,6 +46,7 @@ class _Stubs:
         self.inference = inference_pb2_grpc.InferenceStub(channel)
         self.models = models_pb2_grpc.ModelsStub(channel)
         self.asyncs = async_pb2_grpc.AsyncStub(channel)
+        self.jobs = jobs_pb2_grpc.JobsStub(channel)
         # grpc_health's stub has no type stubs for its methods: the same call, declared here.
         self.health_check = channel.unary_unary(
             calls.HEALTH_CHECK,
@@ -117,6 +121,15 @@ class Client:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
 
+    def _open(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
+        """A server stream: no deadline unless ``timeout`` is given."""
+        return method(
+            request,
+            timeout=timeout,
+            metadata=self.settings.metadata or None,
+            wait_for_ready=self.settings.wait_for_ready,
+        )
+
     def predict(
         self,
         model: str,
@@ -183,7 +196,7 @@ class Client:
         request = health_pb2.HealthCheckRequest(service=service)
         return calls.health_status(self._call(self._stubs().health_check, request, timeout))
 
-    # -- async requests (modelmux.v1.Async); batch jobs (modelmux.v1.Jobs) will join them ------
+    # -- async requests (modelmux.v1.Async) ----------------------------------------------------
 
     def submit(
         self,
@@ -212,19 +225,11 @@ class Client:
         self, request_id: str, *, api: str = "", timeout: float | None = None
     ) -> Generator[calls.AsyncRequest, None, None]:
         """The request now, then at each change; ends after its terminal state."""
-        stream = self._stubs().asyncs.Watch(
-            async_pb2.WatchRequest(api=api, id=request_id),
-            timeout=timeout,
-            metadata=self.settings.metadata or None,
-            wait_for_ready=self.settings.wait_for_ready,
+        request = async_pb2.WatchRequest(api=api, id=request_id)
+        return _updates(
+            lambda: self._open(self._stubs().asyncs.Watch, request, timeout),
+            lambda update: calls.async_request(update.request),
         )
-        try:
-            for update in stream:
-                yield calls.async_request(update.request)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
-        finally:
-            stream.cancel()
 
     def cancel(
         self, request_id: str, *, api: str = "", timeout: float | None = None
@@ -247,6 +252,136 @@ class Client:
         request = calls.list_request(api, states=states, page_size=page_size, page_token=page_token)
         return calls.async_page(self._call(self._stubs().asyncs.List, request, timeout))
 
+    # -- batch jobs (modelmux.v1.Jobs) -----------------------------------------------------------
+
+    @overload
+    def submit_job(
+        self,
+        api: str,
+        *,
+        workers: int,
+        items: Sequence[calls.JsonValue] | None = None,
+        files: Sequence[str] = (),
+        ndjson: Sequence[str] = (),
+        batch_size: int = 1,
+        includes: Sequence[str] = (),
+        excludes: Sequence[str] = (),
+        config: Mapping[str, calls.JsonValue] | None = None,
+        job_timeout: float | None = None,
+        max_receive_count: int | None = None,
+        dry_run: Literal[False] = False,
+        timeout: float | None = None,
+    ) -> jobs.Job: ...
+
+    @overload
+    def submit_job(
+        self,
+        api: str,
+        *,
+        workers: int,
+        items: Sequence[calls.JsonValue] | None = None,
+        files: Sequence[str] = (),
+        ndjson: Sequence[str] = (),
+        batch_size: int = 1,
+        includes: Sequence[str] = (),
+        excludes: Sequence[str] = (),
+        config: Mapping[str, calls.JsonValue] | None = None,
+        job_timeout: float | None = None,
+        max_receive_count: int | None = None,
+        dry_run: Literal[True],
+        timeout: float | None = None,
+    ) -> jobs.DryRun: ...
+
+    def submit_job(
+        self,
+        api: str,
+        *,
+        workers: int,
+        items: Sequence[calls.JsonValue] | None = None,
+        files: Sequence[str] = (),
+        ndjson: Sequence[str] = (),
+        batch_size: int = 1,
+        includes: Sequence[str] = (),
+        excludes: Sequence[str] = (),
+        config: Mapping[str, calls.JsonValue] | None = None,
+        job_timeout: float | None = None,
+        max_receive_count: int | None = None,
+        dry_run: bool = False,
+        timeout: float | None = None,
+    ) -> jobs.Job | jobs.DryRun:
+        """Submits a job to a BatchAPI over exactly one source: ``items`` (JSON values),
+        ``files`` (each item a file path) or ``ndjson`` (each line an item), the last two s3://
+        prefixes or absolute local folders. Returns the job (ENQUEUING) at once; with
+        ``dry_run`` what it would process instead. ``job_timeout`` (seconds) ends it TIMED_OUT;
+        ``max_receive_count`` retries a failing batch that many runs before dead-lettering it."""
+        request = jobs.submit_job_request(
+            api,
+            workers=workers,
+            items=items,
+            files=files,
+            ndjson=ndjson,
+            batch_size=batch_size,
+            includes=includes,
+            excludes=excludes,
+            config=config,
+            job_timeout=job_timeout,
+            max_receive_count=max_receive_count,
+            dry_run=dry_run,
+        )
+        return jobs.submitted(self._call(self._stubs().jobs.SubmitJob, request, timeout))
+
+    def get_job(self, job_id: str, *, api: str = "", timeout: float | None = None) -> jobs.Job:
+        """The job's status, batch counts, times and errors."""
+        request = jobs_pb2.GetJobRequest(api=api, job_id=job_id)
+        return jobs.job(self._call(self._stubs().jobs.GetJob, request, timeout).job)
+
+    def list_jobs(
+        self,
+        api: str = "",
+        *,
+        statuses: Sequence[str] = (),
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> tuple[list[jobs.Job], str]:
+        """One page of jobs (an API's, or every BatchAPI's), newest first, and the next page's
+        token ("" at the end)."""
+        request = jobs.list_jobs_request(
+            api, statuses=statuses, page_size=page_size, page_token=page_token
+        )
+        return jobs.jobs_page(self._call(self._stubs().jobs.ListJobs, request, timeout))
+
+    def watch_job(
+        self, job_id: str, *, api: str = "", timeout: float | None = None
+    ) -> Generator[jobs.Job, None, None]:
+        """The job now, then at each change of status or counts; ends after its final status."""
+        request = jobs_pb2.WatchJobRequest(api=api, job_id=job_id)
+        return _updates(
+            lambda: self._open(self._stubs().jobs.WatchJob, request, timeout),
+            lambda update: jobs.job(update.job),
+        )
+
+    def stop_job(self, job_id: str, *, api: str = "", timeout: float | None = None) -> jobs.Job:
+        """Stops a job (STOPPED; FailedPreconditionError once it has ended)."""
+        request = jobs_pb2.StopJobRequest(api=api, job_id=job_id)
+        return jobs.job(self._call(self._stubs().jobs.StopJob, request, timeout).job)
+
+    def failed_batches(
+        self,
+        job_id: str,
+        *,
+        api: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> tuple[list[jobs.FailedBatch], str]:
+        """One page of a job's failed batches (id, attempts, error, items), in batch order, and
+        the next page's token ("" at the end)."""
+        request = jobs_pb2.ListFailedBatchesRequest(
+            api=api, job_id=job_id, page_size=page_size, page_token=page_token
+        )
+        return jobs.failed_page(self._call(self._stubs().jobs.ListFailedBatches, request, timeout))
+
     def close(self) -> None:
         for stubs in self._pool:
             stubs.channel.close()
@@ -261,6 +396,21 @@ class Client:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _updates(
+    open_stream: Callable[[], Any], read: Callable[[Any], Update]
+) -> Generator[Update, None, None]:
+    """A stream's messages, each read into what the client returns; its errors as ours. The
+    stream opens when the first message is asked for."""
+    stream = open_stream()
+    try:
+        for update in stream:
+            yield read(update)
+    except grpc.RpcError as exc:
+        raise from_rpc_error(exc) from exc
+    finally:
+        stream.cancel()
 
 
 def _watch(stream: Any) -> Generator[models_pb2.WatchModelsResponse, None, None]:

@@ -1,0 +1,1 @@
+"""Batch APIs: jobs of handle_batch over item lists, files and NDJSON (docs/batch.md)."""

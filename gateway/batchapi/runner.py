@@ -1,0 +1,255 @@
+"""A BatchAPI's jobs in one gateway: split and enqueued in the background, then supervised.
+
+For each job this gateway accepted (or found running when it started), a task lists the input,
+enqueues its batches (records the NDJSON batches that cannot run as failed at once), sets the job
+RUNNING with its totals, and, with ``batch.spawn_workers``, starts the job's ``workers`` worker
+processes (gateway/batchapi/worker.py) and replaces those that die. It ends the job TIMED_OUT
+when its timeout passes and stops the workers once the job has ended, however it ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from dataclasses import replace
+from typing import Any
+
+import structlog
+
+from gateway.batchapi.inputs import Batch, InputFailed, Inputs, Source
+from gateway.batchapi.jobs import (
+    ENQUEUING,
+    FAILED_WHILE_ENQUEUING,
+    RUNNING,
+    TIMED_OUT,
+    WORKER_ERROR,
+    Job,
+    Jobs,
+    Outcome,
+    drop_job,
+    job_queue,
+)
+from gateway.work import Queue, Work, WorkError
+from modelmux_common.config import ApiConfig, BatchConfig
+from modelmux_common.supervision import AsyncChild
+
+log = structlog.get_logger("modelmux.batch")
+
+# Batches enqueued per step (one transaction embedded, ten SQS calls of ten).
+CHUNK = 100
+# Items of a batch up to this size travel in its queue message; larger ones go to the store.
+INLINE_BYTES = 200 * 1024
+# How often the supervisor looks at a job (timeout, ended elsewhere, stale hook).
+TICK = 0.5
+# A job still ENQUEUING whose record has not changed for this long lost its enqueuer.
+ENQUEUE_STALE = 60.0
+# Restarts of a job's local workers (beyond one per worker) before the job is WORKER_ERROR.
+MAX_RESTARTS = 5
+STOP_GRACE = 1.0
+
+
+class BatchApi:
+    """One BatchAPI in this gateway: its jobs, and the tasks that enqueue and supervise them."""
+
+    def __init__(
+        self,
+        api: ApiConfig,
+        *,
+        work: Work,
+        jobs: Jobs,
+        inputs: Inputs,
+        worker_command: list[str],
+        env: dict[str, str],
+    ) -> None:
+        assert api.batch_config is not None
+        self.api = api
+        self.cfg: BatchConfig = api.batch_config
+        self.work = work
+        self.jobs = jobs
+        self.inputs = inputs
+        self.worker_command = worker_command
+        self.env = env
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.wakeups: dict[str, asyncio.Event] = {}
+
+    async def resume(self) -> None:
+        """Supervises the running jobs found in the store; ends those whose enqueuer is gone."""
+        for job_id in await self.jobs.active():
+            job = await self.jobs.get(job_id)
+            if job is None:
+                continue
+            if job.status == ENQUEUING and time.time() - job.updated_at > ENQUEUE_STALE:
+                await self.jobs.end(
+                    job_id,
+                    FAILED_WHILE_ENQUEUING,
+                    error="the gateway that was enqueuing it stopped before it finished",
+                )
+            elif job.status == RUNNING:
+                self._start(job_id, self._supervise(job))
+
+    def start(self, job: Job, source: Source) -> None:
+        self._start(job.job_id, self._run(job, source))
+
+    def _start(self, job_id: str, work: Any) -> None:
+        self.wakeups[job_id] = asyncio.Event()
+        task = asyncio.create_task(work, name=f"batch-{job_id}")
+        self.tasks[job_id] = task
+
+        def done(_: object) -> None:
+            self.tasks.pop(job_id, None)
+            self.wakeups.pop(job_id, None)
+
+        task.add_done_callback(done)
+
+    def wake(self, job_id: str) -> None:
+        """The job changed here (StopJob): its supervisor looks at once."""
+        event = self.wakeups.get(job_id)
+        if event is not None:
+            event.set()
+
+    async def close(self) -> None:
+        for task in list(self.tasks.values()):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks.values()))
+
+    # -- enqueuing ---------------------------------------------------------------------------
+
+    async def _run(self, job: Job, source: Source) -> None:
+        try:
+            enqueued = await self._enqueue(job, source)
+        except (InputFailed, WorkError, OSError) as exc:
+            log.warning("batch_enqueue_failed", job_id=job.job_id, error=str(exc))
+            await self.jobs.end(job.job_id, FAILED_WHILE_ENQUEUING, error=str(exc))
+            await drop_job(self.work, self.jobs, job.job_id)
+            return
+        if enqueued is not None and enqueued.status == RUNNING:
+            await self._supervise(enqueued)
+
+    async def _enqueue(self, job: Job, source: Source) -> Job | None:
+        queue = await self.work.queue(
+            job_queue(self.api.name, job.job_id), max_receive_count=job.max_runs
+        )
+        loop = asyncio.get_running_loop()
+        totals = [0, 0]  # items, batches
+
+        def produce() -> None:
+            chunk: list[Batch] = []
+            for batch in self.inputs.batches(source):
+                chunk.append(batch)
+                totals[0] += len(batch.items)
+                totals[1] += 1
+                if len(chunk) == CHUNK:
+                    asyncio.run_coroutine_threadsafe(self._put(job, queue, chunk), loop).result()
+                    chunk = []
+            if chunk:
+                asyncio.run_coroutine_threadsafe(self._put(job, queue, chunk), loop).result()
+
+        await asyncio.to_thread(produce)
+        items, batches = totals
+        log.info("batch_enqueued", job_id=job.job_id, items=items, batches=batches)
+
+        def running(old: Job) -> Job | None:
+            if old.status != ENQUEUING:
+                return None
+            return replace(old, status=RUNNING, item_count=items, total_batch_count=batches)
+
+        return await self.jobs.update(job.job_id, running)
+
+    async def _put(self, job: Job, queue: Queue, batches: list[Batch]) -> None:
+        current = await self.jobs.get(job.job_id)
+        if current is None or current.ended:  # stopped while enqueuing
+            raise InputFailed(
+                f"the job ended while it was enqueued ({getattr(current, 'status', '')})"
+            )
+        bodies = []
+        for batch in batches:
+            if batch.error:
+                outcome = Outcome(
+                    batch.index,
+                    batch.batch_id,
+                    ok=False,
+                    attempts=0,
+                    at=time.time(),
+                    error=batch.error,
+                    items=batch.items,
+                )
+                await self.jobs.record(job.job_id, outcome)
+                continue
+            body = json.dumps({"i": batch.index, "b": batch.batch_id, "items": batch.items})
+            if len(body) > INLINE_BYTES:
+                key = self.jobs.key(job.job_id, "batches", self.jobs.part(batch.index))
+                data = json.dumps(batch.items).encode()
+                await self.jobs.store.put(key, data, content_type="application/json")
+                body = json.dumps({"i": batch.index, "b": batch.batch_id, "key": key})
+            bodies.append(body)
+        if bodies:
+            await queue.enqueue_many(bodies)
+        # progress: GetJob shows it, and a record that keeps changing has a live enqueuer
+        await self.jobs.update(
+            job.job_id, lambda old: replace(old, total_batch_count=batches[-1].index + 1)
+        )
+
+    # -- supervision -------------------------------------------------------------------------
+
+    async def _supervise(self, job: Job) -> None:
+        """Runs the job's local workers (spawn_workers) until the job ends."""
+        wakeup = self.wakeups.get(job.job_id) or asyncio.Event()
+        workers: list[AsyncChild] = []
+        restarts = 0
+        try:
+            while True:
+                current = await self.jobs.get(job.job_id)
+                if current is None or current.ended:
+                    return
+                if current.due(time.time()):
+                    await self.jobs.end(job.job_id, TIMED_OUT, error="the job's timeout passed")
+                    return
+                if self.cfg.spawn_workers:
+                    restarts += self._replace(current, workers)
+                    if restarts > MAX_RESTARTS + current.workers:
+                        await self.jobs.end(
+                            job.job_id,
+                            WORKER_ERROR,
+                            error=f"its workers died {restarts} times (the log has their exits)",
+                        )
+                        return
+                wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wakeup.wait(), TICK)
+        finally:
+            await asyncio.shield(self._stop_workers(workers))
+            ended = await self.jobs.get(job.job_id)
+            if ended is not None and ended.ended:
+                await drop_job(self.work, self.jobs, job.job_id)
+
+    def _replace(self, job: Job, workers: list[AsyncChild]) -> int:
+        """Starts workers up to the job's count in place of those that died; returns how many
+        were replaced (a worker that exited 0 found the job ended and is not replaced)."""
+        restarted = 0
+        for i, child in enumerate(workers):
+            code = child.returncode
+            if code is None or code == 0:
+                continue
+            log.warning("batch_worker_exited", job_id=job.job_id, pid=child.pid, exit=code)
+            workers[i] = self._spawn(job)
+            restarted += 1
+        while len(workers) < job.workers:
+            workers.append(self._spawn(job))
+        return restarted
+
+    def _spawn(self, job: Job) -> AsyncChild:
+        command = [*self.worker_command, "--api", self.api.name, "--job", job.job_id]
+        child = AsyncChild([sys.executable, *command], env=self.env)
+        log.info("batch_worker_started", job_id=job.job_id, pid=child.pid)
+        return child
+
+    @staticmethod
+    async def _stop_workers(workers: list[AsyncChild]) -> None:
+        await asyncio.gather(
+            *(w.stop(grace=STOP_GRACE) for w in workers if w.returncode is None),
+            return_exceptions=True,
+        )
