@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from async_helpers import recorder_api
 from conftest import Proc, start_daemon
 from gateway_helpers import wait_serving, write_config
 
@@ -55,13 +56,20 @@ def start_client_gateway(
     gateway: dict[str, Any] | None = None,
     args: tuple[str, ...] = (),
 ) -> Proc:
-    """A gateway process serving ``client_apis``, returned once its health says SERVING."""
+    """A gateway process serving ``client_apis`` and the AsyncAPI ``recorder``, returned once its health says SERVING."""
     config = write_config(
         folder / "modelmux.yaml",
         models=models,
         backends=[{"name": "cpu-0", "address": backend.address}],
         gateway={"status_interval": "200ms", "shutdown_grace": "2s", **(gateway or {})},
-        apis=client_apis(models),
+        apis=[
+            *client_apis(models),
+            recorder_api(
+                "recorder",
+                folder / "async.log",
+                store={"folder": str(folder / "async"), "max_attempts": 2},
+            ),
+        ],
     )
     proc = start_daemon(["gateway", "--config", str(config), *args], timeout=90)
     try:

@@ -243,7 +243,11 @@ def test_cancel_queued_never_runs_and_in_progress_is_discarded(
     assert cancelled.state == "CANCELLED" and cancelled.error == "cancelled by a caller"
     assert client.cancel(running).state == "CANCELLED"
     wait_until(lambda: counts(stack[1], "done")[running], timeout=20, what="the handler to end")
-    time.sleep(0.5)  # the runner records (and discards) the result
+    wait_until(
+        lambda: 'modelmux_async_in_progress{api="tight"} 0.0' in scrape(stack[0]),
+        timeout=20,
+        what="the runner to record (and discard) the result",
+    )
     for rid in (running, queued):
         got = client.get(rid)
         assert (got.state, got.result) == ("CANCELLED", None)
@@ -305,12 +309,16 @@ def test_grpcurl_submit_get_watch(stack: tuple[Proc, Path]) -> None:
     assert got["request"]["attempts"] == 1
 
 
+def scrape(proc: Proc) -> str:
+    [line] = [entry for entry in proc.lines if entry.get("event") == "metrics"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{line['port']}/metrics", timeout=10) as reply:
+        return str(reply.read().decode())
+
+
 def test_metrics_endpoint(client: Client, stack: tuple[Proc, Path]) -> None:
     rid = client.submit("iris-async", FLOWER)
     watched(client, rid)
-    [line] = [entry for entry in stack[0].lines if entry.get("event") == "metrics"]
-    text = urllib.request.urlopen(f"http://127.0.0.1:{line['port']}/metrics", timeout=10).read()
-    body = text.decode()
+    body = scrape(stack[0])
     assert 'modelmux_async_requests_total{api="iris-async",outcome="COMPLETED"}' in body
     assert 'modelmux_async_requests_total{api="recorder",outcome="FAILED"}' in body
     assert "modelmux_async_queued{" in body and "modelmux_async_in_progress{" in body

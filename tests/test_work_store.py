@@ -15,7 +15,15 @@ import pytest
 from modelsync_helpers import MotoServer
 from work_helpers import KINDS, Backend, backend_for, moto_fixture
 
-from gateway.work import AlreadyExists, AwsConfig, Conflict, Unavailable, open_aws, open_embedded
+from gateway.work import (
+    AlreadyExists,
+    AwsConfig,
+    Conflict,
+    Put,
+    Unavailable,
+    open_aws,
+    open_embedded,
+)
 from gateway.work.base import Store
 
 
@@ -196,3 +204,45 @@ async def test_open_aws_names_a_bucket_it_cannot_use(moto: MotoServer) -> None:
     config = AwsConfig(bucket="no-such-bucket-here", endpoint_url=moto.endpoint, region="us-east-1")
     with pytest.raises(Unavailable, match="s3://no-such-bucket-here"):
         await open_aws(config)
+
+
+async def test_enqueue_with_stores_first_message_then(backend: Backend) -> None:
+    q = await backend.work.queue("submits")
+    first = [Put("r/1/payload", b"body", "text/plain")]
+    then = [Put("r/1/status", b"{}", "application/json")]
+    await backend.work.enqueue_with(q, "1", first=first, then=then)
+    [message] = await q.receive(visibility_timeout=30)
+    assert message.body == "1"
+    payload, status = (
+        await backend.work.store.get("r/1/payload"),
+        await backend.work.store.get("r/1/status"),
+    )
+    assert payload is not None and (payload.body, payload.content_type) == (b"body", "text/plain")
+    assert status is not None and status.body == b"{}"
+
+
+async def test_enqueue_with_stops_at_a_taken_key_keeping_what_came_before(
+    backend: Backend,
+) -> None:
+    q = await backend.work.queue("submits")
+    await backend.work.store.put("r/2/payload", b"old")
+    with pytest.raises(AlreadyExists) as taken:
+        await backend.work.enqueue_with(
+            q, "2", first=[Put("r/2/payload", b"new")], then=[Put("r/2/status", b"{}")]
+        )
+    assert taken.value.key == "r/2/payload"
+    assert await q.receive(visibility_timeout=30) == []
+    assert await backend.work.store.get("r/2/status") is None
+    await backend.work.store.put("r/3/status", b"taken")
+    big = b"x" * 300_000  # a body file on the embedded store
+    with pytest.raises(AlreadyExists) as taken:
+        await backend.work.enqueue_with(
+            q, "3", first=[Put("r/3/payload", big)], then=[Put("r/3/status", b"{}")]
+        )
+    assert taken.value.key == "r/3/status"
+    [message] = await q.receive(visibility_timeout=30)
+    assert message.body == "3"
+    stored = await backend.work.store.get("r/3/payload")
+    assert stored is not None and stored.body == big
+    status = await backend.work.store.get("r/3/status")
+    assert status is not None and status.body == b"taken"

@@ -19,13 +19,12 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Any
 
 import grpc
 import structlog
 
 from gateway.errors import FailedPrecondition, GatewayError, NotFound, ResourceExhausted, shown
-from gateway.work import AlreadyExists, Blob, Conflict, Queue, Store
+from gateway.work import AlreadyExists, Blob, Conflict, Put, Queue, Work
 from gateway.work.base import content_version
 from modelmux_common.config import AsyncConfig
 
@@ -41,6 +40,8 @@ STATUS_TYPE = "application/json"
 PAYLOAD_BACKSTOP = 15 * 24 * 3600.0
 # How long the status of an expired request stays, so that Get says "expired" (docs/async.md).
 TOMBSTONE_KEEP = 30 * 24 * 3600.0
+# How long a queue's counts are reused for async.max_queued (SQS's are approximate anyway).
+STATS_TTL = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,18 +83,18 @@ class Requests:
         self,
         api: str,
         *,
-        store: Store,
+        work: Work,
         queue: Queue,
         config: AsyncConfig,
         notify: Callable[[Status], None],
-        stats: Callable[[], Any],
     ) -> None:
         self.api = api
-        self.store = store
+        self.work = work
+        self.store = work.store
         self.queue = queue
         self.config = config
         self.notify = notify
-        self.stats = stats  # awaitable QueueStats, cached on SQS
+        self.stats = QueueCount(queue)
 
     def key(self, request_id: str, part: str) -> str:
         return f"{self.api}/{request_id}/{part}"
@@ -103,60 +104,61 @@ class Requests:
     async def submit(self, request_id: str, body: bytes, content_type: str) -> bool:
         """Stores, queues and records the request; True when it is new, False when the same id
         and payload were submitted before. Order: payload, queue message, status, so that a
-        status always has its message (docs/async.md, "Crash points")."""
+        status always has its message (docs/async.md, "Crash points"); the embedded store writes
+        the three in one commit."""
         if len(body) > self.config.max_payload_bytes:
             raise ResourceExhausted(
                 f"payload of {len(body)} bytes is over API {self.api!r}'s "
                 f"async.max_payload_bytes ({self.config.max_payload_bytes})"
             )
-        stats = await self.stats()
-        if stats.queued >= self.config.max_queued:
+        queued = await self.stats.queued()
+        if queued >= self.config.max_queued:
             raise ResourceExhausted(
-                f"API {self.api!r} has {stats.queued} requests queued or running, its "
+                f"API {self.api!r} has {queued} requests queued or running, its "
                 f"async.max_queued ({self.config.max_queued}); retry later"
             )
         md5 = content_version(body)
         now = time.time()
-        try:
-            await self.store.put(
-                self.key(request_id, "payload"),
-                body,
-                content_type=content_type,
-                if_absent=True,
-                expires_at=now + PAYLOAD_BACKSTOP,
-            )
-        except AlreadyExists:
-            if not await self._same_request(request_id, md5, content_type):
-                raise _Exists(
-                    f"request {shown(request_id)} of API {self.api!r} exists with another payload"
-                ) from None
-            if await self._status_blob(request_id) is not None:
-                return False  # acknowledged before (a status always has its message)
-        await self.queue.enqueue(request_id)
         status = Status(request_id, self.api, IN_QUEUE, md5, content_type, now)
+        payload_key = self.key(request_id, "payload")
+        payload = Put(payload_key, body, content_type, expires_at=now + PAYLOAD_BACKSTOP)
+        record = Put(self.key(request_id, "status"), status.encode(), STATUS_TYPE)
+        first = [payload]
         try:
-            await self.store.put(
-                self.key(request_id, "status"),
-                status.encode(),
-                content_type=STATUS_TYPE,
-                if_absent=True,
-            )
+            try:
+                await self.work.enqueue_with(self.queue, request_id, first=first, then=[record])
+            except AlreadyExists as exc:
+                if exc.key != payload_key:
+                    raise
+                if not await self._same_request(request_id, md5, content_type):
+                    raise _Exists(
+                        f"request {shown(request_id)} of API {self.api!r} exists with another "
+                        "payload"
+                    ) from None
+                if await self._status_blob(request_id) is not None:
+                    return False  # acknowledged before (a status always has its message)
+                # stored by a submitter that died before queueing it: queue it now
+                await self.work.enqueue_with(self.queue, request_id, first=[], then=[record])
         except AlreadyExists:
-            # A runner met the message first and wrote it (the request is new, not ended), or
-            # the id belongs to a request that ended (its payload was deleted, so the payload
-            # write above went through): then the message just sent finds its outcome and is
-            # dropped, and the payloads are compared as for a request still running.
-            existing = await self.status(request_id)
-            if existing is None or existing.state not in TERMINAL:
-                return True
-            if existing.payload_md5 != md5 or existing.content_type != content_type:
-                raise _Exists(
-                    f"request {shown(request_id)} of API {self.api!r} exists with another payload"
-                ) from None
-            return False
+            return await self._status_taken(request_id, md5, content_type)
+        self.stats.added()
         self.notify(status)
         log.info("async_state", request_id=request_id, api=self.api, state=IN_QUEUE, attempt=0)
         return True
+
+    async def _status_taken(self, request_id: str, md5: str, content_type: str) -> bool:
+        """The status write found one: a runner met the message first and wrote it (the request
+        is new, not ended), or the id belongs to a request that ended (its payload was deleted,
+        so the payload write went through): then the message just sent finds its outcome and is
+        dropped, and the payloads are compared as for a request still running."""
+        existing = await self.status(request_id)
+        if existing is None or existing.state not in TERMINAL:
+            return True
+        if existing.payload_md5 != md5 or existing.content_type != content_type:
+            raise _Exists(
+                f"request {shown(request_id)} of API {self.api!r} exists with another payload"
+            ) from None
+        return False
 
     async def _same_request(self, request_id: str, md5: str, content_type: str) -> bool:
         blob = await self._status_blob(request_id)
@@ -335,6 +337,27 @@ class Requests:
         found = await asyncio.gather(*(self.status(i) for i in ids))
         out = [s for s in found if s is not None and (not states or s.state in states)]
         return out, listing.next_token
+
+
+class QueueCount:
+    """How many requests the queue holds, for async.max_queued: its stats read at most every
+    STATS_TTL, plus the requests this process queued since (exact enough for a limit that
+    protects the queue; reading the stats on every Submit would cost a query that grows with
+    the queue)."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+        self._at = -STATS_TTL
+        self._count = 0
+
+    async def queued(self) -> int:
+        if time.monotonic() - self._at >= STATS_TTL:
+            stats = await self.queue.stats()
+            self._count, self._at = stats.queued, time.monotonic()
+        return self._count
+
+    def added(self) -> None:
+        self._count += 1
 
 
 class _Exists(GatewayError):

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import os
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,7 +23,7 @@ from gateway.asyncapi.runner import OUTCOMES, Runner, Sweeper
 from gateway.errors import FailedPrecondition, InvalidArgument, NotFound, parse, shown
 from gateway.handlers.pool import Handlers
 from gateway.tensors import from_value
-from gateway.work import QueueStats, Work, open_configured, queue_name
+from gateway.work import Work, open_configured, queue_name
 from modelmux.v1 import async_pb2
 from modelmux_common.config import ApiConfig, AsyncConfig, Config
 
@@ -34,8 +33,6 @@ SERVICE = async_pb2.DESCRIPTOR.services_by_name["Async"].full_name
 # How often a Watch reads the store for changes made by other gateways (changes made by this one
 # wake it at once).
 WATCH_POLL = 1.0
-# How long an SQS queue's counts are reused for max_queued (they are approximate anyway).
-SQS_STATS_TTL = 1.0
 STATES = {
     async_pb2.ASYNC_STATE_IN_QUEUE: "IN_QUEUE",
     async_pb2.ASYNC_STATE_IN_PROGRESS: "IN_PROGRESS",
@@ -50,20 +47,6 @@ def _store_key(config: Config, cfg: AsyncConfig) -> tuple[str, ...]:
     if cfg.store == "aws":
         return ("aws", cfg.bucket, cfg.prefix, cfg.queue_prefix, cfg.region, cfg.endpoint_url)
     return ("embedded", cfg.folder or os.path.join(config.gateway.state_dir, "async"))
-
-
-class _Stats:
-    """A queue's stats for max_queued: read each time embedded (exact and cheap), reused for a
-    second on SQS (approximate there, and a call of its own)."""
-
-    def __init__(self, queue: Any, ttl: float) -> None:
-        self.queue, self.ttl = queue, ttl
-        self._at, self._value = 0.0, QueueStats(0, 0, 0, 0, None)
-
-    async def __call__(self) -> QueueStats:
-        if not self.ttl or time.monotonic() - self._at > self.ttl:
-            self._value, self._at = await self.queue.stats(), time.monotonic()
-        return self._value
 
 
 class AsyncApis:
@@ -100,11 +83,10 @@ class AsyncApis:
                 )
                 requests = Requests(
                     api.name,
-                    store=work.store,
+                    work=work,
                     queue=queue,
                     config=acfg,
                     notify=self._notify,
-                    stats=_Stats(queue, SQS_STATS_TTL if key[0] == "aws" else 0.0),
                 )
                 self.requests[api.name] = requests
                 members.append(requests)

@@ -55,7 +55,11 @@ class Conflict(WorkError):
 
 
 class AlreadyExists(Conflict):
-    """A create-if-absent found the key taken."""
+    """A create-if-absent found the key ``key`` taken."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"{key} exists")
+        self.key = key
 
 
 class LeaseLost(WorkError):
@@ -217,6 +221,16 @@ class Store(abc.ABC):
         """Deletes up to ``limit`` objects whose ``expires_at`` has passed; returns the count."""
 
 
+@dataclass(frozen=True, slots=True)
+class Put:
+    """One create-if-absent write of :meth:`Work.enqueue_with`."""
+
+    key: str
+    body: bytes
+    content_type: str = "application/octet-stream"
+    expires_at: float | None = None
+
+
 class Work(abc.ABC):
     """One backend: its store and its queues."""
 
@@ -233,6 +247,29 @@ class Work(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None: ...
+
+    async def enqueue_with(
+        self, queue: Queue, body: str, *, first: Sequence[Put], then: Sequence[Put] = ()
+    ) -> str:
+        """Creates the objects ``first``, enqueues ``body`` on ``queue``, creates ``then``, in
+        that order (each put create-if-absent); returns the message id. A put that finds its key
+        taken raises :class:`AlreadyExists` and stops there: what came before it stays, nothing
+        after it is done. A crash leaves a prefix of the steps. Here each step is durable before
+        the next starts; the embedded backend does all of them in one commit."""
+        await self._put_all(first)
+        message = await queue.enqueue(body)
+        await self._put_all(then)
+        return message
+
+    async def _put_all(self, puts: Sequence[Put]) -> None:
+        for put in puts:
+            await self.store.put(
+                put.key,
+                put.body,
+                content_type=put.content_type,
+                if_absent=True,
+                expires_at=put.expires_at,
+            )
 
     async def __aenter__(self) -> Work:
         return self

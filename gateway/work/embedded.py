@@ -30,13 +30,16 @@ from gateway.work.base import (
     MAX_ENQUEUE_DELAY,
     MAX_RECEIVE,
     MAX_VISIBILITY,
+    AlreadyExists,
     LeaseLost,
     Message,
+    Put,
     Queue,
     QueueGone,
     QueueStats,
     Work,
     check_duration,
+    check_key,
     check_max_receive_count,
     check_message,
     check_queue_name,
@@ -116,6 +119,10 @@ class EmbeddedQueue(Queue):
     def dead(self) -> Queue | None:
         return self._dead
 
+    @property
+    def database(self) -> Database:
+        return self._db
+
     async def enqueue(
         self, body: str, *, delay: Seconds = 0.0, attributes: Mapping[str, str] | None = None
     ) -> str:
@@ -135,21 +142,31 @@ class EmbeddedQueue(Queue):
     def _insert(
         self, conn: sqlite3.Connection, bodies: list[str], attrs: dict[str, str], delay: Seconds
     ) -> list[str]:
+        with self._db.write(conn):
+            ids = self.insert_rows(conn, bodies, attrs, delay)
+        self._shared.ring(self.name)
+        return ids
+
+    def insert_rows(
+        self, conn: sqlite3.Connection, bodies: list[str], attrs: dict[str, str], delay: Seconds
+    ) -> list[str]:
+        """Inside a write transaction: the messages' rows (ring the queue after the commit)."""
         now = time.time()
         ids = [uuid.uuid4().hex for _ in bodies]
         encoded = json.dumps(attrs)
-        with self._db.write(conn):
-            self._require(conn)
-            conn.executemany(
-                "INSERT INTO messages (queue, id, body, attributes, enqueued_at, visible_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (self.name, i, b, encoded, now, now + delay)
-                    for i, b in zip(ids, bodies, strict=True)
-                ],
-            )
-        self._shared.ring(self.name)
+        self._require(conn)
+        conn.executemany(
+            "INSERT INTO messages (queue, id, body, attributes, enqueued_at, visible_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (self.name, i, b, encoded, now, now + delay)
+                for i, b in zip(ids, bodies, strict=True)
+            ],
+        )
         return ids
+
+    def ring(self) -> None:
+        self._shared.ring(self.name)
 
     def _require(self, conn: sqlite3.Connection) -> int | None:
         """The queue's max_receive_count as every process sees it; QueueGone once dropped."""
@@ -354,6 +371,64 @@ class EmbeddedWork(Work):
                 conn.execute("DELETE FROM queues WHERE name IN (?, ?)", names)
 
         await self._db.run(drop)
+
+    async def enqueue_with(
+        self, queue: Queue, body: str, *, first: Sequence[Put], then: Sequence[Put] = ()
+    ) -> str:
+        """As :meth:`Work.enqueue_with`, in one transaction: one commit, one fsync."""
+        if not isinstance(queue, EmbeddedQueue) or queue.database is not self._db:
+            return await super().enqueue_with(queue, body, first=first, then=then)
+        attrs = check_message(body, None)
+        for put in (*first, *then):
+            check_key(put.key)
+        return await self._db.run(
+            lambda conn: self._enqueue_with(conn, queue, body, attrs, first, then)
+        )
+
+    def _enqueue_with(
+        self,
+        conn: sqlite3.Connection,
+        queue: EmbeddedQueue,
+        body: str,
+        attrs: dict[str, str],
+        first: Sequence[Put],
+        then: Sequence[Put],
+    ) -> str:
+        store = self.store
+        files = [store.body_file(put.body) for put in (*first, *then)]
+        done, message, taken = 0, "", None
+        try:
+            with self._db.write(conn):
+                try:
+                    for put, file in zip(first, files, strict=False):
+                        self._create(conn, put, file)
+                        done += 1
+                    [message] = queue.insert_rows(conn, [body], attrs, 0.0)
+                    for put, file in zip(then, files[len(first) :], strict=True):
+                        self._create(conn, put, file)
+                        done += 1
+                except AlreadyExists as exc:  # what came before it is committed
+                    taken = exc
+        except BaseException:
+            store.unlink(files)
+            raise
+        store.unlink(files[done:])
+        if message:
+            queue.ring()
+        if taken is not None:
+            raise taken
+        return message
+
+    def _create(self, conn: sqlite3.Connection, put: Put, file: str | None) -> None:
+        self.store.write_row(
+            conn,
+            put.key,
+            put.body,
+            file,
+            content_type=put.content_type,
+            condition=(True, None),
+            expires_at=put.expires_at,
+        )
 
     async def close(self) -> None:
         self._shared.doorbell.close()

@@ -131,34 +131,63 @@ class EmbeddedStore(Store):
         expires_at: float | None,
     ) -> str:
         version = content_version(body)
-        file = self._write_file(body) if len(body) > self._inline_limit else None
-        old: str | None = None
+        file = self.body_file(body)
         try:
             with self._db.write(conn):
-                row = conn.execute("SELECT version, file FROM objects WHERE key = ?", (key,))
-                current = row.fetchone()
-                _check(key, current[0] if current else None, *condition)
-                old = current[1] if current else None
-                conn.execute(
-                    "INSERT OR REPLACE INTO objects"
-                    " (key, version, content_type, size, body, file, modified, expires_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        key,
-                        version,
-                        content_type,
-                        len(body),
-                        None if file else body,
-                        file,
-                        time.time(),
-                        expires_at,
-                    ),
+                old = self.write_row(
+                    conn,
+                    key,
+                    body,
+                    file,
+                    content_type=content_type,
+                    condition=condition,
+                    expires_at=expires_at,
                 )
         except BaseException:
             self._unlink([file])
             raise
         self._unlink([old])
         return version
+
+    def body_file(self, body: bytes) -> str | None:
+        """The file that will hold ``body`` (written and fsynced), None to keep it in its row."""
+        return self._write_file(body) if len(body) > self._inline_limit else None
+
+    def write_row(
+        self,
+        conn: sqlite3.Connection,
+        key: str,
+        body: bytes,
+        file: str | None,
+        *,
+        content_type: str,
+        condition: tuple[bool, str | None],
+        expires_at: float | None,
+    ) -> str | None:
+        """Inside a write transaction: the object's row, its body in ``file`` when given (from
+        :meth:`body_file`); returns the file the row named before, to unlink after the commit."""
+        row = conn.execute("SELECT version, file FROM objects WHERE key = ?", (key,))
+        current = row.fetchone()
+        _check(key, current[0] if current else None, *condition)
+        conn.execute(
+            "INSERT OR REPLACE INTO objects"
+            " (key, version, content_type, size, body, file, modified, expires_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                key,
+                content_version(body),
+                content_type,
+                len(body),
+                None if file else body,
+                file,
+                time.time(),
+                expires_at,
+            ),
+        )
+        return current[1] if current else None
+
+    def unlink(self, files: Iterable[str | None]) -> None:
+        self._unlink(files)
 
     async def get(self, key: str) -> Blob | None:
         check_key(key)
@@ -271,6 +300,6 @@ class EmbeddedStore(Store):
 
 def _check(key: str, current: str | None, if_absent: bool, if_version: str | None) -> None:
     if if_absent and current is not None:
-        raise AlreadyExists(f"{key} exists")
+        raise AlreadyExists(key)
     if if_version is not None and current != if_version:
         raise Conflict(f"{key} is at version {current}, not {if_version}")

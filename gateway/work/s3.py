@@ -121,7 +121,7 @@ class S3Store(Store):
                 if landed is not None and landed.get("Metadata", {}).get(_WRITER) == writer:
                     return _etag(landed)  # our own earlier attempt created it
                 if "IfNoneMatch" in params:
-                    raise AlreadyExists(f"{key} exists") from None
+                    raise AlreadyExists(key) from None
                 raise Conflict(f"{key} is not at version {params['IfMatch']}") from None
         raise Unavailable(f"{key}: conditional writes kept conflicting")
 

@@ -1,8 +1,13 @@
 // A small typed wrapper over the generated @grpc/grpc-js clients of modelmux.v1: Predict with
-// typed arrays, Invoke with JSON or bytes, ListModels; a deadline on every call and gRPC's own
-// retry of UNAVAILABLE (service config) by default, as in the Python client.
+// typed arrays, Invoke with JSON or bytes, ListModels, async requests (Submit, Get, Watch, Cancel,
+// List); a deadline on every call and gRPC's own retry of UNAVAILABLE (service config) by default,
+// as in the Python client (a Submit carries its id, so a retried one is the same request).
+import { randomBytes } from "node:crypto";
+
 import { credentials, type ChannelCredentials, type ChannelOptions, Metadata, type ServiceError, status } from "@grpc/grpc-js";
 
+import { AsyncClient, type AsyncRequest as WireAsyncRequest, AsyncState } from "./gen/modelmux/v1/async";
+import type { Timestamp } from "./gen/google/protobuf/timestamp";
 import { InferenceClient, type InvokeResponse, type PredictResponse } from "./gen/modelmux/v1/inference";
 import { type Model, ModelsClient } from "./gen/modelmux/v1/models";
 import { type AnyTensor, fromWire, toWire } from "./tensors";
@@ -10,6 +15,7 @@ import { type AnyTensor, fromWire, toWire } from "./tensors";
 export * from "./tensors";
 export * as inference from "./gen/modelmux/v1/inference";
 export * as models from "./gen/modelmux/v1/models";
+export * as asyncs from "./gen/modelmux/v1/async";
 
 /** gRPC's retry policy (gRFC A6); gRPC caps maxAttempts at 5. */
 export interface RetryPolicy {
@@ -60,6 +66,68 @@ export interface InvokeOptions extends CallOptions {
   headers?: Record<string, string>;
 }
 
+export interface SubmitOptions extends CallOptions {
+  /** Content type of a Uint8Array payload (application/octet-stream). */
+  contentType?: string;
+  /** The request id, the handler's idempotency key; the client makes one when none is given. */
+  requestId?: string;
+}
+
+export interface RequestOptions extends CallOptions {
+  /** The AsyncAPI holding the request; empty lets the gateway find it. */
+  api?: string;
+}
+
+export type AsyncStateName = "IN_QUEUE" | "IN_PROGRESS" | "COMPLETED" | "FAILED" | "CANCELLED";
+
+/** An async request as Get, Watch, Cancel and List report it. */
+export interface AsyncResult {
+  id: string;
+  api: string;
+  state: AsyncStateName;
+  attempts: number;
+  submittedAt?: Date;
+  startedAt?: Date;
+  finishedAt?: Date;
+  expiresAt?: Date;
+  /** What handle_async returned once COMPLETED: a JSON value, or a Uint8Array for bytes. */
+  result?: unknown;
+  error: string;
+}
+
+export interface ListRequestsOptions extends CallOptions {
+  states?: AsyncStateName[];
+  pageSize?: number;
+  pageToken?: string;
+}
+
+/** A fresh request id in the gateway's own form: milliseconds since the epoch, 80 random bits. */
+export function newRequestId(): string {
+  return Date.now().toString(16).padStart(12, "0") + randomBytes(10).toString("hex");
+}
+
+function date(t: Timestamp | undefined): Date | undefined {
+  return t === undefined ? undefined : new Date(t.seconds * 1000 + Math.floor(t.nanos / 1e6));
+}
+
+function asyncResult(wire: WireAsyncRequest | undefined): AsyncResult {
+  if (wire === undefined) {
+    throw new Error("the gateway sent no request");
+  }
+  return {
+    id: wire.id,
+    api: wire.api,
+    state: AsyncState[wire.state].replace(/^ASYNC_STATE_/, "") as AsyncStateName,
+    attempts: wire.attempts,
+    submittedAt: date(wire.submittedAt),
+    startedAt: date(wire.startedAt),
+    finishedAt: date(wire.finishedAt),
+    expiresAt: date(wire.expiresAt),
+    result: wire.raw !== undefined ? new Uint8Array(wire.raw) : wire.json,
+    error: wire.error,
+  };
+}
+
 export interface Prediction {
   model: string;
   version: number;
@@ -81,7 +149,7 @@ export class ModelmuxError extends Error {
 }
 
 function serviceConfig(retry: RetryPolicy): string {
-  const services = ["modelmux.v1.Inference", "modelmux.v1.Models"].map((service) => ({ service }));
+  const services = ["modelmux.v1.Inference", "modelmux.v1.Models", "modelmux.v1.Async"].map((service) => ({ service }));
   return JSON.stringify({
     methodConfig: [
       {
@@ -99,12 +167,17 @@ function serviceConfig(retry: RetryPolicy): string {
   });
 }
 
+function isServiceError(error: unknown): error is ServiceError {
+  return typeof error === "object" && error !== null && "code" in error && "details" in error;
+}
+
 type Callback<T> = (error: ServiceError | null, response: T) => void;
 
 export class ModelmuxClient {
   /** The generated clients, for calls the wrapper does not cover. */
   readonly inference: InferenceClient;
   readonly models: ModelsClient;
+  readonly asyncs: AsyncClient;
   private readonly deadlineMs: number;
   private readonly metadata: Metadata;
 
@@ -122,6 +195,7 @@ export class ModelmuxClient {
       : credentials.createInsecure();
     this.inference = new InferenceClient(target, creds, channelOptions);
     this.models = new ModelsClient(target, creds, channelOptions);
+    this.asyncs = new AsyncClient(target, creds, channelOptions);
     this.deadlineMs = options.deadlineMs ?? 30_000;
     this.metadata = new Metadata();
     for (const [key, value] of Object.entries(options.metadata ?? {})) {
@@ -183,11 +257,65 @@ export class ModelmuxClient {
     return reply.models;
   }
 
-  // Async requests and batch jobs (modelmux.v1.Async, modelmux.v1.Jobs) join here once the
-  // gateway serves them.
+  // -- async requests (modelmux.v1.Async) --
+
+  /** Queues a request for an AsyncAPI's handle_async; resolves to its id once it is stored. A
+   * Uint8Array goes as raw bytes (with contentType), anything else as JSON. */
+  async submit(api: string, payload?: unknown, options: SubmitOptions = {}): Promise<string> {
+    const raw = payload instanceof Uint8Array ? Buffer.from(payload) : undefined;
+    const request = {
+      api,
+      json: raw === undefined ? (payload ?? null) : undefined,
+      raw,
+      contentType: raw === undefined ? "" : (options.contentType ?? "application/octet-stream"),
+      id: options.requestId ?? newRequestId(),
+    };
+    const reply = await this.call(this.asyncs.submit.bind(this.asyncs), request, options);
+    return reply.id;
+  }
+
+  /** The request's state, and its result or error once it ended. */
+  async getRequest(id: string, options: RequestOptions = {}): Promise<AsyncResult> {
+    const reply = await this.call(this.asyncs.get.bind(this.asyncs), { api: options.api ?? "", id }, options);
+    return asyncResult(reply.request);
+  }
+
+  /** The request now, then at each change; ends after its terminal state. Without deadlineMs
+   * the watch has none. */
+  async *watch(id: string, options: RequestOptions = {}): AsyncGenerator<AsyncResult> {
+    const deadline = options.deadlineMs === undefined ? undefined : new Date(Date.now() + options.deadlineMs);
+    const stream = this.asyncs.watch({ api: options.api ?? "", id }, this.metadata, { deadline });
+    try {
+      for await (const update of stream) {
+        yield asyncResult(update.request);
+      }
+    } catch (error) {
+      throw isServiceError(error) ? new ModelmuxError(error) : error;
+    } finally {
+      stream.cancel();
+    }
+  }
+
+  /** Cancels a request that has not ended (FAILED_PRECONDITION once it has). */
+  async cancel(id: string, options: RequestOptions = {}): Promise<AsyncResult> {
+    const reply = await this.call(this.asyncs.cancel.bind(this.asyncs), { api: options.api ?? "", id }, options);
+    return asyncResult(reply.request);
+  }
+
+  /** One page of an API's requests (without results) and the token of the next ("" at the end). */
+  async listRequests(
+    api: string,
+    options: ListRequestsOptions = {},
+  ): Promise<{ requests: AsyncResult[]; nextPageToken: string }> {
+    const states = (options.states ?? []).map((s) => AsyncState[`ASYNC_STATE_${s}` as keyof typeof AsyncState]);
+    const request = { api, states, pageSize: options.pageSize ?? 0, pageToken: options.pageToken ?? "" };
+    const reply = await this.call(this.asyncs.list.bind(this.asyncs), request, options);
+    return { requests: reply.requests.map(asyncResult), nextPageToken: reply.nextPageToken };
+  }
 
   close(): void {
     this.inference.close();
     this.models.close();
+    this.asyncs.close();
   }
 }

@@ -10,7 +10,7 @@ import { credentials, status } from "@grpc/grpc-js";
 import { InferenceClient, type PredictResponse } from "../src/gen/modelmux/v1/inference";
 import { ModelState } from "../src/gen/modelmux/v1/models";
 import { DataType } from "../src/gen/modelmux/v1/tensor";
-import { type AnyTensor, ModelmuxClient, ModelmuxError, strings, tensor } from "../src/index";
+import { type AnyTensor, type AsyncResult, ModelmuxClient, ModelmuxError, strings, tensor } from "../src/index";
 
 const address = process.env.MODELMUX_ADDRESS;
 if (!address) {
@@ -141,5 +141,64 @@ describe("ListModels", () => {
     assert.deepEqual(hpt.labels, { stable: 1, canary: 2 });
     assert.deepEqual(hpt.versions.map((v) => v.version), [1, 2]);
     assert.ok(models.has("dtypes"));
+  });
+});
+
+describe("Async", () => {
+  async function ended(id: string): Promise<AsyncResult[]> {
+    const seen: AsyncResult[] = [];
+    for await (const update of client.watch(id, { deadlineMs: 30_000 })) {
+      seen.push(update);
+    }
+    return seen;
+  }
+
+  test("submit JSON, watch it to COMPLETED, get the result", async () => {
+    const id = await client.submit("recorder", { text: "hi" });
+    assert.match(id, /^[0-9a-f]{32}$/);
+    const seen = await ended(id);
+    const last = seen[seen.length - 1];
+    assert.equal(last.state, "COMPLETED");
+    assert.deepEqual(last.result, { id, payload: { text: "hi" }, type: "dict" });
+    const got = await client.getRequest(id);
+    assert.equal(got.api, "recorder");
+    assert.equal(got.attempts, 1);
+    assert.ok(got.submittedAt instanceof Date && got.finishedAt instanceof Date);
+    assert.ok(got.finishedAt >= got.submittedAt);
+  });
+
+  test("raw bytes come back as a Uint8Array; a chosen id is idempotent", async () => {
+    const id = await client.submit("recorder", Uint8Array.of(1, 2, 3), { requestId: "ts-raw-1" });
+    assert.equal(id, "ts-raw-1");
+    assert.equal(await client.submit("recorder", Uint8Array.of(1, 2, 3), { requestId: "ts-raw-1" }), id);
+    await assert.rejects(client.submit("recorder", Uint8Array.of(9), { requestId: "ts-raw-1" }), {
+      code: status.ALREADY_EXISTS,
+    });
+    const last = (await ended(id)).pop();
+    assert.ok(last?.result instanceof Uint8Array);
+    assert.deepEqual(Array.from(last.result), [3, 2, 1]);
+  });
+
+  test("cancel a queued request; list by state", async () => {
+    const slow = await client.submit("recorder", { delay: 1 });
+    const queued = await client.submit("recorder", {});
+    const cancelled = await client.cancel(queued, { api: "recorder" });
+    assert.equal(cancelled.state, "CANCELLED");
+    await assert.rejects(client.cancel(queued), { code: status.FAILED_PRECONDITION });
+    const page = await client.listRequests("recorder", { states: ["CANCELLED"], pageSize: 100 });
+    assert.ok(page.requests.some((r) => r.id === queued));
+    assert.ok(page.requests.every((r) => r.state === "CANCELLED"));
+    assert.equal((await ended(slow)).pop()?.state, "COMPLETED");
+  });
+
+  test("errors: unknown id, unknown API, a failing handler", async () => {
+    await assert.rejects(client.getRequest("no-such-id", { api: "recorder" }), { code: status.NOT_FOUND });
+    await assert.rejects(client.submit("no-such-api", {}), { code: status.NOT_FOUND });
+    await assert.rejects(client.submit("echo", {}), { code: status.FAILED_PRECONDITION });
+    const id = await client.submit("recorder", { fail: "on purpose" });
+    const last = (await ended(id)).pop();
+    assert.equal(last?.state, "FAILED");
+    assert.match(last?.error ?? "", /asked to fail: on purpose/);
+    assert.equal(last?.attempts, 2);
   });
 });
