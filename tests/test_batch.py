@@ -29,6 +29,7 @@ from conftest import Proc
 from google.protobuf import json_format
 from modelsync_helpers import MotoServer, moto_for_module, new_bucket
 
+from modelmux.client import Client
 from modelmux.v1 import jobs_pb2
 
 BATCH = {"visibility_timeout": "2s"}
@@ -81,6 +82,8 @@ def stack(
     )
     config.write_text(text)
     proc = start_gateway(config)
+    with Client(proc.address) as client:  # the seed API's model is loaded on the backend
+        wait_until(lambda: client.health() == "SERVING", timeout=60, what="SERVING")
     yield proc, root
     proc.stop()
 
