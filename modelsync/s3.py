@@ -65,6 +65,18 @@ def make_client(
     )
 
 
+def settings_client(settings: Any, *, pool: int) -> Any:
+    """The S3 client of modelsync's settings (``modelsync.s3_*``, ``stall_timeout``): modelsync's
+    own, and the Batch API's for listing job inputs."""
+    return make_client(
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+        max_attempts=settings.s3_max_attempts,
+        stall_timeout=settings.stall_timeout,
+        pool=pool,
+    )
+
+
 def split_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/prefix/`` -> (bucket, "prefix/"); the prefix is empty for a whole bucket."""
     bucket, _, prefix = uri[len("s3://") :].partition("/")

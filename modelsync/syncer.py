@@ -14,7 +14,7 @@ from modelsync import state as state_file
 from modelsync.events import EventLog
 from modelsync.publisher import Publisher, SourceSpec
 from modelsync.runner import HealthHook, SourceRunner, wait_any
-from modelsync.s3 import S3Source, make_client
+from modelsync.s3 import S3Source, settings_client
 from modelsync.sources import LocalSource, Source
 from modelsync.state import State
 from modelsync.store import Store
@@ -136,14 +136,7 @@ class Syncer:
 
     def _s3_client(self) -> Any:
         if self._s3 is None:
-            s = self.settings
-            self._s3 = make_client(
-                endpoint_url=s.s3_endpoint_url,
-                region=s.s3_region,
-                max_attempts=s.s3_max_attempts,
-                stall_timeout=s.stall_timeout,
-                pool=s.download_concurrency + 4,
-            )
+            self._s3 = settings_client(self.settings, pool=self.settings.download_concurrency + 4)
         return self._s3
 
     async def start(self) -> None:

@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -24,7 +23,7 @@ from gateway.asyncapi.runner import OUTCOMES, Runner, Sweeper
 from gateway.errors import FailedPrecondition, InvalidArgument, NotFound, parse, shown
 from gateway.handlers.pool import Handlers
 from gateway.tensors import from_value
-from gateway.work import AwsConfig, Work, open_aws, open_embedded, queue_name
+from gateway.work import Work, open_configured, queue_name
 from modelmux.v1 import async_pb2
 from modelmux_common import tracing
 from modelmux_common.config import ApiConfig, AsyncConfig, Config
@@ -74,19 +73,7 @@ class AsyncApis:
         for key, apis in groups.items():
             cfg = apis[0].async_config
             assert cfg is not None
-            work: Work
-            if key[0] == "aws":
-                work = await open_aws(
-                    AwsConfig(
-                        bucket=cfg.bucket,
-                        prefix=cfg.prefix,
-                        queue_prefix=cfg.queue_prefix,
-                        endpoint_url=cfg.endpoint_url,
-                        region=cfg.region,
-                    )
-                )
-            else:
-                work = await open_embedded(Path(key[1]))
+            work = await open_configured(cfg, key[1] if key[0] == "embedded" else "")
             self.works.append(work)
             members = []
             for api in apis:

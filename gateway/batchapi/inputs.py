@@ -19,7 +19,7 @@ from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[impor
 
 from gateway.errors import InvalidArgument, NotFound, shown
 from modelmux_common.config import Config
-from modelsync.s3 import describe, make_client, split_uri
+from modelsync.s3 import describe, settings_client, split_uri
 
 ITEM_LIST, FILE_PATH_LISTER, DELIMITED_FILES = "item_list", "file_path_lister", "delimited_files"
 SOURCES = (ITEM_LIST, FILE_PATH_LISTER, DELIMITED_FILES)
@@ -72,14 +72,7 @@ class Inputs:
 
     def _client(self) -> Any:
         if self._s3 is None:
-            s = self.settings
-            self._s3 = make_client(
-                endpoint_url=s.s3_endpoint_url,
-                region=s.s3_region,
-                max_attempts=s.s3_max_attempts,
-                stall_timeout=s.stall_timeout,
-                pool=8,
-            )
+            self._s3 = settings_client(self.settings, pool=8)
         return self._s3
 
     # -- checks at submission ----------------------------------------------------------------

@@ -23,20 +23,17 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import structlog
 
 from gateway.work import (
     AlreadyExists,
-    AwsConfig,
     Conflict,
     Store,
     Work,
     WorkError,
-    open_aws,
-    open_embedded,
+    open_configured,
     queue_name,
 )
 from modelmux_common.config import BatchConfig, Config
@@ -379,17 +376,7 @@ def store_folder(config: Config, cfg: BatchConfig) -> str:
 
 async def open_work(config: Config, cfg: BatchConfig) -> Work:
     """The job store and queues of a BatchAPI's ``batch`` section."""
-    if cfg.store == "aws":
-        return await open_aws(
-            AwsConfig(
-                bucket=cfg.bucket,
-                prefix=cfg.prefix,
-                queue_prefix=cfg.queue_prefix,
-                endpoint_url=cfg.endpoint_url,
-                region=cfg.region,
-            )
-        )
-    return await open_embedded(Path(store_folder(config, cfg)))
+    return await open_configured(cfg, store_folder(config, cfg))
 
 
 async def drop_job(work: Work, jobs: Jobs, job_id: str) -> None:

@@ -240,8 +240,9 @@ class BatchWorker:
     async def _batch(self, job: Job, queue: Queue, handler: Handler, message: Message) -> None:
         body = json.loads(message.body)
         index, batch_id, attempt = int(body["i"]), str(body["b"]), message.receive_count
-        found = await self.jobs.outcome(job.job_id, index)
-        if found is not None:  # a redelivery of a batch that ended (before its delete)
+        # a redelivery may be of a batch that ended (its worker died before the delete)
+        found = await self.jobs.outcome(job.job_id, index) if attempt > 1 else None
+        if found is not None:
             await self.jobs.record(job.job_id, found)
             await queue.delete(message)
             return

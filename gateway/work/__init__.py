@@ -26,6 +26,7 @@ from gateway.work.base import (
     holding,
     queue_name,
 )
+from gateway.work.configured import StoreSettings, open_configured
 from gateway.work.embedded import EmbeddedWork, open_embedded
 
 __all__ = [
@@ -45,11 +46,13 @@ __all__ = [
     "QueueGone",
     "QueueStats",
     "Store",
+    "StoreSettings",
     "Unavailable",
     "Work",
     "WorkError",
     "holding",
     "open_aws",
+    "open_configured",
     "open_embedded",
     "queue_name",
 ]
