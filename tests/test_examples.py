@@ -202,10 +202,16 @@ def test_documented_commands_succeed(
 ) -> None:
     commands = doc_commands(page, heading)
     assert len(commands) >= at_least
+    last_id = ""  # `<id>` in a command: the request or job id the latest reply named
     for command in commands:
         args = [quickstart.address if a == "127.0.0.1:8500" else a for a in command[1:]]
-        done = grpcurl(*[a for a in args if a != "-plaintext"])
+        args = [a.replace("<id>", last_id) for a in args if a != "-plaintext"]
+        done = grpcurl(*args)
         assert done.returncode == 0 and done.stdout.strip(), (command, done.stderr)
+        named = re.search(r'"job_?[iI]d": "([^"]+)"', done.stdout) or re.search(
+            r'"id": "([^"]+)"', done.stdout
+        )
+        last_id = named.group(1) if named else last_id
 
 
 def test_user_proto_passes_nan_and_infinity_both_ways(quickstart: Proc) -> None:
