@@ -79,10 +79,13 @@ def test_kill_worker_then_gateway_loses_nothing(store: dict[str, Any], tmp_path:
 
             # then the whole gateway, with requests in progress and queued
             wait_until(busy, timeout=90, what="5 done and one in progress")
+            # what the store holds as COMPLETED now must never run again
+            recorded = {rid for rid in ids if client.get(rid).state == "COMPLETED"}
             done_before = counts(log, "done")
             kill(gateway)
             # nothing starts once the gateway is gone; what started and had not ended was running
-            in_progress = set(counts(log, "start")) - set(done_before)
+            started = set(counts(log, "start"))
+            in_progress = started - set(done_before)
             assert in_progress and len(done_before) < len(ids)
         gateway = start_gateway(config)
         with Client(gateway.address, timeout=30) as client:
@@ -96,7 +99,9 @@ def test_kill_worker_then_gateway_loses_nothing(store: dict[str, Any], tmp_path:
         assert set(done) == set(ids)
         assert counts(log, "start")[victim] >= 2  # the killed run ran again
         twice = {rid for rid, n in counts(log, "start").items() if n > 1}
-        assert twice <= in_progress | {victim}  # only requests whose run was killed ran again
+        # only requests whose run was killed ran again: running, or ended in the handler but not
+        # yet recorded when the gateway died (at least once: docs/async.md)
+        assert twice <= (started - recorded) | {victim}
     finally:
         gateway.stop()
 
