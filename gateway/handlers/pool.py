@@ -115,6 +115,7 @@ class HandlerPool:
         # the gateway's own tokens stay with the gateway: handler code never sees them
         protected = self.config.gateway.auth.invoke is not None
         self._skipped = _SKIPPED_KEYS | ({"authorization"} if protected else set())
+        self._skipped_traced = self._skipped | _TRACE_KEYS
 
     async def start(self) -> None:
         """Starts every worker; raises :class:`HandlerStartError` when one cannot start."""
@@ -277,7 +278,7 @@ class HandlerPool:
     ) -> tuple[tuple[str, str | bytes], ...]:
         """The caller's metadata and the request id; with tracing on, the handler call's trace
         context in place of the caller's."""
-        skipped = self._skipped if span is None else self._skipped | _TRACE_KEYS
+        skipped = self._skipped if span is None else self._skipped_traced
         passed = tuple(
             (k, v)
             for k, v in context.invocation_metadata() or ()
