@@ -70,9 +70,11 @@ async def test_event_loop_keeps_going_while_64_mib_of_tiny_fields_pass(
     tmp_path: Path, example_models: Path, backend: Proc
 ) -> None:
     """A 64 MiB request of 33 million fields held the loop for ~12 s when every field was walked
-    in Python; the loop now stalls about as long as grpc itself takes to hand a server 64 MiB,
-    plus one copy of the bytes. Read against a bare grpc.aio server that refuses the same request
-    at once, in the same run: on this shared machine grpc's own share moves from 50 to 700 ms."""
+    in Python; the loop now stalls about as long as grpc itself takes to hand a server 64 MiB and
+    to send them on to the backend, plus one copy of the bytes. Read against a bare grpc.aio server
+    that refuses the same request at once, in the same run: on this shared machine grpc's own share
+    moves from 50 to 700 ms, and the gateway's from 1.2 to 5 x of it in one run. The bound (1 s, or
+    4 x the bare server) still catches the walk of every field by a factor of ten."""
     bare = grpc.aio.server(options=[("grpc.max_receive_message_length", 80 * MIB)])
 
     async def refuse(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
@@ -111,6 +113,6 @@ async def test_event_loop_keeps_going_while_64_mib_of_tiny_fields_pass(
     )
     # the spec is found among the first fields; the backend refuses the request: no inputs
     assert out.startswith(b"INVALID_ARGUMENT"), out
-    assert worst < max(0.25, 2.5 * floor), (
+    assert worst < max(1.0, 4 * floor), (
         f"the event loop stalled {worst * 1000:.0f} ms (a bare server: {floor * 1000:.0f} ms)"
     )
