@@ -52,6 +52,12 @@ class Jobs:
     def close(self) -> None:
         self.channel.close()
 
+    def __enter__(self) -> Jobs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def submit(self, **request: Any) -> dict[str, Any]:
         message = json_format.ParseDict(request, jobs_pb2.SubmitJobRequest())
         reply = self.stub.SubmitJob(message, timeout=60)

@@ -4,6 +4,8 @@ Keys under ``<api>/`` (docs/batch.md, "Layout"):
 
 ``jobs/<job>/job``           the job record (JSON), changed only by compare-and-swap and never
                              away from a terminal status
+``jobs/<job>/items``         an item_list job's items until they are enqueued (stored before
+                             SubmitJob replies, so a gateway that adopts the job can enqueue them)
 ``jobs/<job>/batches/<n>``   a batch's items when they do not fit in its queue message
 ``jobs/<job>/outcomes/<n>``  each batch's outcome, created once (create-if-absent): the first
                              outcome of a batch stands, a redelivered batch's second run is
@@ -97,6 +99,9 @@ class Job:
     hook: str = HOOK_PENDING
     hook_error: str = ""
     updated_at: float = 0.0
+    # the gateway that enqueues and supervises the job, and when it last renewed that lease
+    owner: str = ""
+    owned_at: float = 0.0
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -199,6 +204,18 @@ class Jobs:
             f"{self.api}/index/{_hex_inverted(job.job_id)}", job.job_id.encode(), content_type=JSON
         )
         self.notify(job)
+
+    async def put_items(self, job_id: str, items: list[Any]) -> None:
+        await self.store.put(
+            self.key(job_id, "items"), json.dumps(items).encode(), content_type=JSON
+        )
+
+    async def items(self, job_id: str) -> list[Any]:
+        blob = await self.store.get(self.key(job_id, "items"))
+        if blob is None:
+            raise WorkError(f"job {job_id}: its item list is not in the store")
+        items: list[Any] = json.loads(blob.body)
+        return items
 
     async def get(self, job_id: str) -> Job | None:
         blob = await self.store.get(self.key(job_id, "job"))
@@ -362,7 +379,8 @@ class Jobs:
         return await self.end(job_id, WORKER_ERROR, hook=HOOK_FAILED, hook_error=error, error=error)
 
     async def drop(self, job_id: str) -> None:
-        """Deletes what only a running job needs (batch payloads); outcomes stay."""
+        """Deletes what only a running job needs (its items, batch payloads); outcomes stay."""
+        await self.store.delete(self.key(job_id, "items"))
         await self.store.delete_prefix(self.key(job_id, "batches") + "/")
 
 

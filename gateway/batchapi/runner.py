@@ -1,10 +1,17 @@
 """A BatchAPI's jobs in one gateway: split and enqueued in the background, then supervised.
 
-For each job this gateway accepted (or found running when it started), a task lists the input,
-enqueues its batches (records the NDJSON batches that cannot run as failed at once), sets the job
-RUNNING with its totals, and, with ``batch.spawn_workers``, starts the job's ``workers`` worker
-processes (gateway/batchapi/worker.py) and replaces those that die. It ends the job TIMED_OUT
-when its timeout passes and stops the workers once the job has ended, however it ended.
+For each job this gateway holds, a task lists the input, enqueues its batches (records the NDJSON
+batches that cannot run as failed at once), sets the job RUNNING with its totals, and, with
+``batch.spawn_workers``, starts the job's ``workers`` worker processes (gateway/batchapi/worker.py)
+and replaces those that die. It ends the job TIMED_OUT when its timeout passes and stops the
+workers once the job has ended, however it ended.
+
+A gateway holds a job by a lease in the job record (``owner``, ``owned_at``), renewed every third
+of ``batch.visibility_timeout``. The gateway that accepted a job holds it first; when its lease
+lapses (the gateway was killed, its machine lost) any gateway of the API adopts the job by
+compare-and-swap: it goes on enqueuing from the batches already queued (the input is listed
+again; an item list was stored with the job) or supervises the running job. A gateway that stops
+cleanly gives its leases up, so its successor adopts at once.
 """
 
 from __future__ import annotations
@@ -14,12 +21,13 @@ import contextlib
 import json
 import sys
 import time
+import uuid
 from dataclasses import replace
 from typing import Any
 
 import structlog
 
-from gateway.batchapi.inputs import Batch, InputFailed, Inputs, Source
+from gateway.batchapi.inputs import ITEM_LIST, Batch, InputFailed, Inputs, Source
 from gateway.batchapi.jobs import (
     ENQUEUING,
     FAILED_WHILE_ENQUEUING,
@@ -44,11 +52,13 @@ CHUNK = 100
 INLINE_BYTES = 200 * 1024
 # How often the supervisor looks at a job (timeout, ended elsewhere, stale hook).
 TICK = 0.5
-# A job still ENQUEUING whose record has not changed for this long lost its enqueuer.
-ENQUEUE_STALE = 60.0
 # Restarts of a job's local workers (beyond one per worker) before the job is WORKER_ERROR.
 MAX_RESTARTS = 5
 STOP_GRACE = 1.0
+
+
+class Disowned(Exception):
+    """Another gateway adopted the job (this one's lease lapsed): this one lets it go."""
 
 
 class BatchApi:
@@ -74,24 +84,87 @@ class BatchApi:
         self.env = env
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.wakeups: dict[str, asyncio.Event] = {}
+        self.me = uuid.uuid4().hex  # this gateway's name in the leases it holds
+        self.lease = self.cfg.visibility_timeout
+        self.leases: asyncio.Task[None] | None = None
 
     async def resume(self) -> None:
-        """Supervises the running jobs found in the store; ends those whose enqueuer is gone."""
-        for job_id in await self.jobs.active():
-            job = await self.jobs.get(job_id)
-            if job is None:
-                continue
-            if job.status == ENQUEUING and time.time() - job.updated_at > ENQUEUE_STALE:
-                await self.jobs.end(
-                    job_id,
-                    FAILED_WHILE_ENQUEUING,
-                    error="the gateway that was enqueuing it stopped before it finished",
-                )
-            elif job.status == RUNNING:
-                self._start(job_id, self._supervise(job))
+        """Adopts the jobs whose lease has lapsed, then keeps renewing and adopting."""
+        await self._tend()
+        self.leases = asyncio.create_task(self._leases(), name=f"batch-leases-{self.api.name}")
+
+    def new_job(self, **fields: Any) -> Job:
+        """A job record as SubmitJob creates it: ENQUEUING, held by this gateway."""
+        now = time.time()
+        return Job(
+            api=self.api.name, status=ENQUEUING, owner=self.me, owned_at=now, updated_at=now,
+            start_time=now, **fields,
+        )  # fmt: skip
 
     def start(self, job: Job, source: Source) -> None:
         self._start(job.job_id, self._run(job, source))
+
+    # -- leases --------------------------------------------------------------------------------
+
+    async def _leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                await self._tend()
+            except WorkError as exc:  # the store is away: the next round tries again
+                log.warning("batch_lease_failed", api=self.api.name, error=str(exc))
+            except Exception:  # a bug must not end the renewals: other gateways would adopt
+                log.exception("batch_lease_failed", api=self.api.name)
+
+    async def _tend(self) -> None:
+        """Renews the leases of the jobs this gateway holds, lets go of those another gateway
+        adopted, and adopts the active jobs whose lease lapsed."""
+        for job_id in await self.jobs.active():
+            try:
+                await self._tend_one(job_id, time.time())
+            except WorkError as exc:  # this job's record is away: the next round tries again
+                log.warning("batch_lease_failed", job_id=job_id, error=str(exc))
+
+    async def _tend_one(self, job_id: str, now: float) -> None:
+        if job_id in self.tasks:
+            held = await self.jobs.update(job_id, self._renewed(now))
+            if held is not None and not held.ended and held.owner != self.me:
+                log.warning("batch_job_adopted_elsewhere", job_id=job_id, owner=held.owner)
+                self.tasks[job_id].cancel()
+            return
+        job = await self.jobs.get(job_id)
+        if job is None or job.ended or now - job.owned_at < self.lease:
+            return
+        adopted = await self.jobs.update(job_id, self._adopted(job, now))
+        if adopted is None or adopted.ended or adopted.owner != self.me:
+            return
+        log.info("batch_job_adopted", job_id=job_id, status=adopted.status, lost=job.owner)
+        if adopted.status == ENQUEUING:
+            self._start(job_id, self._run(adopted, None))
+        else:
+            self._start(job_id, self._supervise(adopted))
+
+    def _adopted(self, seen: Job, now: float) -> Any:
+        def adopt(old: Job) -> Job | None:
+            if (old.owner, old.owned_at) != (seen.owner, seen.owned_at):
+                return None  # renewed, or adopted by another gateway first
+            return replace(old, owner=self.me, owned_at=now)
+
+        return adopt
+
+    def _renewed(self, now: float) -> Any:
+        def renew(old: Job) -> Job | None:
+            return replace(old, owned_at=now) if old.owner == self.me else None
+
+        return renew
+
+    async def _source(self, job: Job) -> Source:
+        """What the job's SubmitJob asked for, from its record (and its stored item list)."""
+        items = await self.jobs.items(job.job_id) if job.source == ITEM_LIST else []
+        return Source(
+            job.source, job.batch_size, items=items, paths=job.paths, includes=job.includes,
+            excludes=job.excludes,
+        )  # fmt: skip
 
     def _start(self, job_id: str, work: Any) -> None:
         self.wakeups[job_id] = asyncio.Event()
@@ -111,16 +184,30 @@ class BatchApi:
             event.set()
 
     async def close(self) -> None:
+        """Stops this gateway's tasks and gives up its leases (a successor adopts at once)."""
+        if self.leases is not None:
+            self.leases.cancel()
+        held = list(self.tasks)
         for task in list(self.tasks.values()):
             task.cancel()
         if self.tasks:
             await asyncio.wait(list(self.tasks.values()))
+        for job_id in held:
+            with contextlib.suppress(WorkError):
+                await self.jobs.update(job_id, self._renewed(0.0))
 
     # -- enqueuing ---------------------------------------------------------------------------
 
-    async def _run(self, job: Job, source: Source) -> None:
+    async def _run(self, job: Job, source: Source | None) -> None:
+        """Enqueues the job (``source`` None: an adopted job's, read from its record), then
+        supervises it."""
         try:
+            if source is None:
+                source = await self._source(job)
             enqueued = await self._enqueue(job, source)
+        except Disowned:
+            log.warning("batch_job_adopted_elsewhere", job_id=job.job_id)
+            return
         except (InputFailed, WorkError, OSError) as exc:
             log.warning("batch_enqueue_failed", job_id=job.job_id, error=str(exc))
             await self.jobs.end(job.job_id, FAILED_WHILE_ENQUEUING, error=str(exc))
@@ -135,13 +222,16 @@ class BatchApi:
         )
         loop = asyncio.get_running_loop()
         totals = [0, 0]  # items, batches
+        queued = job.total_batch_count  # an adopted job: the batches its first owner queued
 
         def produce() -> None:
             chunk: list[Batch] = []
             for batch in self.inputs.batches(source):
-                chunk.append(batch)
                 totals[0] += len(batch.items)
                 totals[1] += 1
+                if batch.index < queued:
+                    continue
+                chunk.append(batch)
                 if len(chunk) == CHUNK:
                     asyncio.run_coroutine_threadsafe(self._put(job, queue, chunk), loop).result()
                     chunk = []
@@ -153,11 +243,17 @@ class BatchApi:
         log.info("batch_enqueued", job_id=job.job_id, items=items, batches=batches)
 
         def running(old: Job) -> Job | None:
-            if old.status != ENQUEUING:
+            if old.status != ENQUEUING or old.owner != self.me:
                 return None
             return replace(old, status=RUNNING, item_count=items, total_batch_count=batches)
 
-        return await self.jobs.update(job.job_id, running)
+        enqueued = await self.jobs.update(job.job_id, running)
+        if enqueued is not None and enqueued.owner != self.me:
+            raise Disowned(job.job_id)
+        if source.kind == ITEM_LIST:
+            with contextlib.suppress(WorkError):  # it is in the queue now; drop_job deletes it too
+                await self.jobs.store.delete(self.jobs.key(job.job_id, "items"))
+        return enqueued
 
     async def _put(self, job: Job, queue: Queue, batches: list[Batch]) -> None:
         current = await self.jobs.get(job.job_id)
@@ -165,6 +261,8 @@ class BatchApi:
             raise InputFailed(
                 f"the job ended while it was enqueued ({getattr(current, 'status', '')})"
             )
+        if current.owner != self.me:
+            raise Disowned(job.job_id)
         bodies = []
         for batch in batches:
             if batch.error:

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import pickle
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -195,22 +194,20 @@ class BatchApis:
                 total_batch_count=listing.batch_count,
             )
             return jobs_pb2.SubmitJobResponse(dry_run=dry).SerializeToString()
-        job = Job(
+        job = batch.new_job(
             job_id=new_id(),
-            api=request.api,
-            status=ENQUEUING,
             workers=request.workers,
             config=struct_values(request.config) if request.HasField("config") else {},
             source=source.kind,
             batch_size=source.batch_size,
-            start_time=time.time(),
             paths=source.paths,
             includes=source.includes,
             excludes=source.excludes,
             timeout=timeout,
             dead_letter=dead_letter,
-            updated_at=time.time(),
         )
+        if source.kind == ITEM_LIST:  # stored before the reply, as the job's record is
+            await batch.jobs.put_items(job.job_id, source.items)
         await batch.jobs.create(job)
         batch.start(job, source)
         log.info("batch_job_submitted", job_id=job.job_id, api=job.api, source=job.source)

@@ -520,7 +520,8 @@ class BatchConfig:
     )
     visibility_timeout: Seconds = setting(
         DURATION,
-        "how long a batch a worker took stays hidden from other workers; renewed while it runs",
+        "how long a batch a worker took stays hidden from other workers (renewed while it runs),"
+        " and how long a job outlives its gateway's last renewal before another adopts it",
         30.0,
         range=MORE_THAN_ZERO,
     )

@@ -1,7 +1,7 @@
 # A batch python handler in the second seed's form (the hook is on_job_complete) that records what
 # it is given and every run in config["log"] (JSON lines), so tests can tell which batch ran where
 # and how often. Items that are dicts may ask for a failure ({"fail": ...}) or a delay ({"delay":
-# s}); config["delay"] delays every batch.
+# s}); config["delay"] delays every batch, config["hook_delay"] the completion hook.
 import json
 import os
 import time
@@ -14,6 +14,7 @@ class Handler:
         if config.get("fail_init"):
             raise RuntimeError("asked to fail in __init__")
         self.fail_hook = config.get("fail_hook", False)
+        self.hook_delay = float(config.get("hook_delay", 0))
         self._note("init", config=config, job_spec=job_spec)
 
     def _note(self, what, **fields):
@@ -33,5 +34,6 @@ class Handler:
 
     def on_job_complete(self):
         self._note("hook")
+        time.sleep(self.hook_delay)
         if self.fail_hook:
             raise RuntimeError("the hook was asked to fail")
