@@ -5,14 +5,13 @@ the request path holds None where a span would be (the edge decides once, when i
 On with ``gateway.tracing: true`` or when ``OTEL_TRACES_EXPORTER`` names an exporter; the SDK's
 standard ``OTEL_*`` variables configure the rest (sampler, OTLP endpoint, headers, batching,
 resource). Each process sets it up once at start, before it builds its servers: the gateway (each
-``--workers`` process) and every handler worker, which exports its own spans.
+``--workers`` process), every handler worker and every batch worker, each exporting its own spans.
 
 Context crosses processes as W3C ``traceparent`` (and ``tracestate``) gRPC metadata: from the
 caller to the gateway, from the gateway to a backend and to a handler worker, from a handler's
-``tensorflow_client`` back to the gateway. Across a queue (async requests) the submit's
-traceparent is stored with the request, and the span that runs it links to it
-(:func:`Tracing.linked`; batch jobs can use the same pair: :func:`Tracing.traceparent` when the
-job is submitted, :func:`Tracing.linked` when an item runs).
+``tensorflow_client`` back to the gateway. Across a queue (async requests, batch jobs) the
+submit's traceparent is stored with the request or job (:func:`Tracing.traceparent`), and the
+span of each run links to it (:func:`Tracing.linked`).
 """
 
 from __future__ import annotations

@@ -118,6 +118,9 @@ def test_gateway_killed_mid_enqueue(stack: tuple[Path, Path]) -> None:
         twice = sorted(int(item) for item, n in done.items() if n > 1)
         queuing = range(left.total_batch_count, left.total_batch_count + CHUNK)
         assert len([i for i in twice if i not in queuing]) <= 2, (left.total_batch_count, twice)
+        # a batch queued twice keeps its batch_id (the handler's idempotency key)
+        ids = {(json.dumps(n["items"]), n["batch_id"]) for n in notes(log, "done")}
+        assert len(ids) == len({batch_id for _, batch_id in ids}) == len(items)
     finally:
         successor.stop()
 

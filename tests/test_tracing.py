@@ -27,7 +27,7 @@ from test_handlers import invoke_request
 from tracing_helpers import Collector, Seen, chain, collector, from_sdk
 
 from gateway.server import Gateway
-from modelmux.v1 import async_pb2, async_pb2_grpc, inference_pb2_grpc
+from modelmux.v1 import async_pb2, async_pb2_grpc, inference_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from modelmux_common import tracing
 from modelmux_common.tfserving import predict_pb2
 
@@ -38,6 +38,7 @@ CALLER_SPAN = "00f067aa0ba902b7"
 TRACEPARENT = (("traceparent", f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"),)
 PREDICT = "tensorflow.serving.PredictionService/Predict"
 WORKER = "modelmux-handler"  # the handler workers' service.name
+BATCH_WORKER = "modelmux-batch-worker"
 SERVER, CLIENT, INTERNAL, CONSUMER = (
     SpanKind.SERVER,
     SpanKind.CLIENT,
@@ -111,6 +112,19 @@ async def gateway(
                 **tf,
                 "path": str(HANDLERS / "async_seed.py"),
                 "config": {"labels": ["setosa", "versicolor", "virginica"]},
+                "models": {"path": str(example_models / "iris")},
+            },
+        },
+        {
+            "name": "iris-batch",
+            "kind": "BatchAPI",
+            "handler": {
+                **tf,
+                "path": str(HANDLERS / "batch_seed.py"),
+                "config": {
+                    "labels": ["setosa", "versicolor", "virginica"],
+                    "results": str(root / "results"),
+                },
                 "models": {"path": str(example_models / "iris")},
             },
         },
@@ -306,6 +320,58 @@ async def test_an_async_run_links_to_its_submit(
         ("gateway", SERVER, PREDICT),
         ("gateway", CLIENT, PREDICT),
     ]
+
+
+async def test_each_batch_of_a_job_is_a_trace_linked_to_its_submit(
+    channel: grpc.aio.Channel,
+    memory: InMemorySpanExporter,
+    otlp: Collector,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("OTEL_TRACES_EXPORTER", "OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"):
+        monkeypatch.delenv(name, raising=False)  # what the job's worker starts with
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.endpoint)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    memory.clear()
+    stub = jobs_pb2_grpc.JobsStub(channel)
+    request = json_format.ParseDict(
+        {
+            "api": "iris-batch",
+            "workers": 1,
+            "itemList": {"items": [FLOWER, FLOWER], "batchSize": 1},
+        },
+        jobs_pb2.SubmitJobRequest(),
+    )
+    job_id = (await stub.SubmitJob(request, metadata=TRACEPARENT, timeout=30)).job.job_id
+    updates = [u async for u in stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id), timeout=120)]
+    assert jobs_pb2.JobStatus.Name(updates[-1].job.status).endswith("SUCCEEDED"), updates[-1]
+    [submit] = [s for s in gateway_spans(memory) if s.name == "modelmux.v1.Jobs/SubmitJob"]
+    assert (submit.trace_id, submit.parent_id) == (CALLER_TRACE, CALLER_SPAN)
+
+    def ran() -> list[Seen]:
+        mine = [s for s in otlp.spans if s.attributes.get("modelmux.job_id") == job_id]
+        return mine if len(mine) == 3 else []
+
+    runs = sorted(await wait_for(ran, timeout=30, what="the job's spans"), key=lambda s: s.name)
+    assert [(s.where, s.kind, s.name) for s in runs] == [
+        (BATCH_WORKER, CONSUMER, "handle_batch"),
+        (BATCH_WORKER, CONSUMER, "handle_batch"),
+        (BATCH_WORKER, CONSUMER, "on_job_complete"),
+    ]
+    # each a trace of its own (no parent), linked to the SubmitJob call's span
+    assert len({s.trace_id for s in runs}) == 3 and CALLER_TRACE not in {s.trace_id for s in runs}
+    assert all(s.parent_id == "" and s.links == ((CALLER_TRACE, submit.span_id),) for s in runs)
+    assert all(s.attributes["rpc.grpc.status_code"] == 0 for s in runs)
+    assert len({s.attributes["modelmux.batch_id"] for s in runs[:2]}) == 2
+    for run in runs[:2]:  # the handler's predict, through the gateway to the backend
+        predict = await worker_spans(otlp, run.trace_id, "tensorflow_client.predict")
+        spans = gateway_spans(memory) + predict
+        assert shape(chain(spans, backend_predict(spans, run.trace_id))) == [
+            (BATCH_WORKER, CONSUMER, "handle_batch"),
+            (BATCH_WORKER, INTERNAL, "tensorflow_client.predict"),
+            ("gateway", SERVER, PREDICT),
+            ("gateway", CLIENT, PREDICT),
+        ]
 
 
 def _process_config(root: Path, example_models: Path, backend: Proc) -> Path:

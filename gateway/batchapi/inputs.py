@@ -10,7 +10,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +47,6 @@ class Batch:
     """One batch: its items, or (an NDJSON line that is not JSON) why it cannot run."""
 
     index: int
-    batch_id: str
     items: list[Any]
     error: str = ""
 
@@ -219,8 +217,8 @@ class Inputs:
 
 def _batch(index: int, items: list[Any], raw: list[str], error: str) -> Batch:
     if error:  # the batch fails without running; its items are its lines as they are
-        return Batch(index, str(uuid.uuid4()), list(raw), error)
-    return Batch(index, str(uuid.uuid4()), items)
+        return Batch(index, list(raw), error)
+    return Batch(index, items)
 
 
 def _prepend(first: str, rest: Iterator[str]) -> Iterator[str]:
@@ -233,10 +231,10 @@ def _chunks(items: Iterator[Any], size: int) -> Iterator[Batch]:
     for item in items:
         chunk.append(item)
         if len(chunk) == size:
-            yield Batch(index, str(uuid.uuid4()), chunk)
+            yield Batch(index, chunk)
             index, chunk = index + 1, []
     if chunk:
-        yield Batch(index, str(uuid.uuid4()), chunk)
+        yield Batch(index, chunk)
 
 
 def _local_files(path: str) -> Iterator[str]:

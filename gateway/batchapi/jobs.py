@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -67,6 +68,7 @@ JSON = "application/json"
 # runs again: at most this many times in all, then it is recorded as failed (a batch that kills
 # its worker every time must not loop forever).
 LOST_RUNS = 3
+BATCH_IDS = uuid.UUID("6d6f6465-6c6d-7578-8000-626174636865")  # the namespace of batch ids
 
 
 def _hex_inverted(text: str) -> str:
@@ -102,6 +104,8 @@ class Job:
     # the gateway that enqueues and supervises the job, and when it last renewed that lease
     owner: str = ""
     owned_at: float = 0.0
+    # the SubmitJob call's W3C traceparent, with tracing on: each batch's span links to it
+    traceparent: str = ""
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -122,6 +126,11 @@ class Job:
     def due(self, now: float) -> bool:
         """True when the job's timeout has passed."""
         return self.timeout is not None and now >= self.start_time + self.timeout
+
+    def batch_id(self, index: int) -> str:
+        """Batch ``index``'s id, a UUID: the same each time the batch is queued (an adopted job
+        may queue a batch twice), so the handler can use it as its idempotency key."""
+        return str(uuid.uuid5(BATCH_IDS, f"{self.job_id}/{index}"))
 
     def spec(self) -> dict[str, Any]:
         """The handler's job_spec (the seeds' fields)."""

@@ -265,10 +265,11 @@ class BatchApi:
             raise Disowned(job.job_id)
         bodies = []
         for batch in batches:
+            batch_id = job.batch_id(batch.index)
             if batch.error:
                 outcome = Outcome(
                     batch.index,
-                    batch.batch_id,
+                    batch_id,
                     ok=False,
                     attempts=0,
                     at=time.time(),
@@ -277,12 +278,12 @@ class BatchApi:
                 )
                 await self.jobs.record(job.job_id, outcome)
                 continue
-            body = json.dumps({"i": batch.index, "b": batch.batch_id, "items": batch.items})
+            body = json.dumps({"i": batch.index, "b": batch_id, "items": batch.items})
             if len(body) > INLINE_BYTES:
                 key = self.jobs.key(job.job_id, "batches", self.jobs.part(batch.index))
                 data = json.dumps(batch.items).encode()
                 await self.jobs.store.put(key, data, content_type="application/json")
-                body = json.dumps({"i": batch.index, "b": batch.batch_id, "key": key})
+                body = json.dumps({"i": batch.index, "b": batch_id, "key": key})
             bodies.append(body)
         if bodies:
             await queue.enqueue_many(bodies)

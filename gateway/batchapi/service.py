@@ -33,6 +33,7 @@ from gateway.errors import FailedPrecondition, InvalidArgument, NotFound, parse,
 from gateway.tensors import from_value, struct_values
 from gateway.work import Work, WorkError
 from modelmux.v1 import jobs_pb2
+from modelmux_common import tracing
 from modelmux_common.config import Config
 
 log = structlog.get_logger("modelmux.batch")
@@ -194,6 +195,7 @@ class BatchApis:
                 total_batch_count=listing.batch_count,
             )
             return jobs_pb2.SubmitJobResponse(dry_run=dry).SerializeToString()
+        traced = tracing.active()
         job = batch.new_job(
             job_id=new_id(),
             workers=request.workers,
@@ -205,6 +207,7 @@ class BatchApis:
             excludes=source.excludes,
             timeout=timeout,
             dead_letter=dead_letter,
+            traceparent="" if traced is None else traced.traceparent(call.span),
         )
         if source.kind == ITEM_LIST:  # stored before the reply, as the job's record is
             await batch.jobs.put_items(job.job_id, source.items)

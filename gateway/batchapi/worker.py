@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
+import grpc
 import structlog
 from prometheus_client import Counter, Histogram
 
@@ -54,7 +55,7 @@ from gateway.batchapi.jobs import (
     open_work,
 )
 from gateway.work import Message, Queue, QueueGone, Work, WorkError, holding
-from modelmux_common import logs, supervision
+from modelmux_common import logs, supervision, tracing
 from modelmux_common.config import ApiConfig, Config, load
 from modelmux_common.metrics import MULTIPROC_ENV, REGISTRY, Endpoint
 
@@ -122,13 +123,42 @@ class Handler:
         positional = [items] if self.positional else []
         self.instance.handle_batch(*positional, **{n: args[n] for n in self.args})
 
-    async def handle_batch(self, items: list[Any], batch_id: str) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self._call, items, batch_id)
+    async def _run(
+        self, span: tracing.Client | None, entry: Callable[..., Any], *args: Any
+    ) -> None:
+        """``entry(*args)`` on the handler's thread, ``span`` current there while it runs (so
+        the handler's ``tensorflow_client.predict`` is its child), ended with how it ended."""
 
-    async def on_job_complete(self) -> None:
+        loop = asyncio.get_running_loop()
+        if span is None:
+            await loop.run_in_executor(self.executor, entry, *args)
+            return
+
+        def run() -> None:
+            token = span.tracing.current(span.span)
+            try:
+                entry(*args)
+            finally:
+                span.tracing.restore(token)
+
+        code = grpc.StatusCode.CANCELLED
+        try:
+            await loop.run_in_executor(self.executor, run)
+            code = grpc.StatusCode.OK
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            raise
+        finally:
+            span.end(code)
+
+    async def handle_batch(
+        self, items: list[Any], batch_id: str, span: tracing.Client | None = None
+    ) -> None:
+        await self._run(span, self._call, items, batch_id)
+
+    async def on_job_complete(self, span: tracing.Client | None = None) -> None:
         assert self.hook is not None
-        await asyncio.get_running_loop().run_in_executor(self.executor, self.hook)
+        await self._run(span, self.hook)
 
 
 class BatchWorker:
@@ -251,7 +281,8 @@ class BatchWorker:
         error = ""
         try:
             async with holding(queue, message, visibility_timeout=self.cfg.visibility_timeout):
-                await handler.handle_batch(items, batch_id)
+                span = _span(job, "handle_batch", batch_id=batch_id, attempt=attempt)
+                await handler.handle_batch(items, batch_id, span)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await asyncio.shield(queue.release(message))
@@ -365,7 +396,7 @@ class BatchWorker:
         keeper = asyncio.create_task(renew())
         error = ""
         try:
-            await handler.on_job_complete()
+            await handler.on_job_complete(_span(job, "on_job_complete"))
         except Exception as exc:  # the handler's own error: the job's WORKER_ERROR
             error = _error(exc)
             log.error("batch_hook_failed", error=error, trace=traceback.format_exc()[-4000:])
@@ -378,6 +409,18 @@ class BatchWorker:
 
     async def _cleanup(self, job_id: str) -> None:
         await drop_job(self.work, self.jobs, job_id)
+
+
+def _span(job: Job, name: str, **attributes: Any) -> tracing.Client | None:
+    """With tracing on, the span of one handler call of the job: a trace of its own, linked to
+    the SubmitJob call's span."""
+    traced = tracing.active()
+    if traced is None:
+        return None
+    named = {f"modelmux.{key}": value for key, value in attributes.items()}
+    return traced.linked(
+        name, job.traceparent, {"modelmux.api": job.api, "modelmux.job_id": job.job_id, **named}
+    )
 
 
 # -- the process -------------------------------------------------------------------------------
@@ -430,10 +473,16 @@ def main(args: argparse.Namespace) -> int:
         else None
     )
     try:
+        tracing.setup(configured=config.gateway.tracing, service="modelmux-batch-worker")
+    except tracing.TracingError as exc:
+        print(f"modelmux worker: {exc}", file=sys.stderr)
+        return 2
+    try:
         asyncio.run(_run(config, api, args))
     finally:
         if metrics is not None:
             metrics.close()
+        tracing.shutdown()  # exports the spans still buffered
     log.info("batch_worker_stopped", pid=os.getpid())
     sys.stderr.flush()
     os._exit(0)  # a handler thread still running a batch must not keep the process alive
