@@ -129,9 +129,10 @@ class Gateway:
         self.handlers_ready = not self.handlers.pools
         # async APIs (gateway/asyncapi/): their queues and runners start with the handlers
         self.asyncapi = AsyncApis(config, self.handlers)
-        # batch APIs (gateway/batchapi/): their jobs' workers reach this gateway as handlers do
+        # batch APIs (gateway/batchapi/): their jobs' workers reach this gateway as handlers do,
+        # with the handlers' secret (their Predict calls need no token)
         self.batchapi = BatchApis(
-            config, runtime_dir=self.runtime_dir, gateway=self.handlers.gateway, env=metrics_env
+            config, runtime_dir=self.runtime_dir, gateway=self.handlers.gateway, env=workers_env
         )
         self.server = grpc.aio.server(
             options=[

@@ -19,13 +19,14 @@ from google.protobuf import json_format
 from test_gateway import IRIS, IRIS_INPUTS, X
 
 from gateway.server import Gateway
-from modelmux.v1 import async_pb2, inference_pb2, models_pb2
+from modelmux.v1 import async_pb2, inference_pb2, jobs_pb2, jobs_pb2_grpc, models_pb2
 from modelmux_common.tfserving import get_model_status_pb2, predict_pb2
 
 HANDLERS = Path(__file__).parent / "handlers"
 PREDICT_TOKENS = ("predict-old-Zq1", "predict-new-Xw2~")
 INVOKE_TOKEN = "invoke-9f8e7d6c5b4a"
 ASYNC_TOKEN = "async-0a1b2c3d"
+JOBS_TOKEN = "jobs-7e6d5c"
 ENV = "MODELMUX_TEST_INVOKE_TOKEN"
 Code = grpc.StatusCode
 
@@ -37,6 +38,7 @@ async def gateway(
     folder = tmp_path_factory.mktemp("auth")
     (folder / "predict.tokens").write_text("\n".join(PREDICT_TOKENS) + "\n")
     (folder / "async.tokens").write_text(ASYNC_TOKEN)
+    (folder / "jobs.tokens").write_text(JOBS_TOKEN)
     os.environ[ENV] = INVOKE_TOKEN
     half = {"paths": [{"name": "half_plus_two", "path": str(example_models / "half_plus_two")}]}
     cfg = write_config(
@@ -48,7 +50,9 @@ async def gateway(
                 "predict": {"file": "predict.tokens"},
                 "invoke": {"env": ENV},
                 "async": {"file": "async.tokens"},
-            }
+                "jobs": {"file": "jobs.tokens"},
+            },
+            "state_dir": str(folder / "state"),
         },
         apis=[
             {"name": "half-plus-two", "handler": {"type": "tensorflow", "models": half}},
@@ -57,6 +61,19 @@ async def gateway(
                 "handler": {
                     "type": "tensorflow",
                     "path": str(HANDLERS / "iris_predictor.py"),
+                    "models": {"path": str(example_models / "iris")},
+                },
+            },
+            {
+                "name": "iris-batch",
+                "kind": "BatchAPI",
+                "handler": {
+                    "type": "tensorflow",
+                    "path": str(HANDLERS / "batch_seed.py"),
+                    "config": {
+                        "labels": ["setosa", "versicolor", "virginica"],
+                        "results": str(folder / "results"),
+                    },
                     "models": {"path": str(example_models / "iris")},
                 },
             },
@@ -175,6 +192,31 @@ async def test_async_needs_its_token_and_models_stays_open(gateway: Gateway) -> 
     assert (await call(gateway, method, request, bearer(ASYNC_TOKEN)))[0] == Code.NOT_FOUND
     listed = await call(gateway, "/modelmux.v1.Models/ListModels", models_pb2.ListModelsRequest())
     assert listed == (Code.OK, "")
+
+
+async def test_jobs_need_their_token_and_a_batch_handler_predicts_without_one(
+    gateway: Gateway,
+) -> None:
+    """The batch seed's handler calls Predict through the gateway from the job's worker
+    process, which the gateway started with its handler secret."""
+    method = "/modelmux.v1.Jobs/SubmitJob"
+    flower = dict(zip(IRIS_INPUTS, IRIS["setosa"], strict=True))
+    request = json_format.ParseDict(
+        {"api": "iris-batch", "workers": 1, "itemList": {"items": [flower], "batchSize": 1}},
+        jobs_pb2.SubmitJobRequest(),
+    )
+    assert (await call(gateway, method, request))[0] == Code.UNAUTHENTICATED
+    assert (await call(gateway, method, request, bearer(ASYNC_TOKEN)))[0] == (
+        Code.PERMISSION_DENIED
+    )
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        stub = jobs_pb2_grpc.JobsStub(channel)
+        job = (await stub.SubmitJob(request, metadata=bearer(JOBS_TOKEN), timeout=30)).job
+        watch = jobs_pb2.WatchJobRequest(job_id=job.job_id)
+        updates = [u async for u in stub.WatchJob(watch, metadata=bearer(JOBS_TOKEN), timeout=120)]
+    ended = updates[-1].job
+    assert jobs_pb2.JobStatus.Name(ended.status) == "JOB_STATUS_SUCCEEDED", ended
+    assert ended.batches_succeeded == 1
 
 
 async def test_no_token_is_ever_logged_or_echoed(gateway: Gateway) -> None:
