@@ -138,7 +138,7 @@ def test_stopped_gateway_hands_its_jobs_on_at_once(stack: tuple[Path, Path]) -> 
     wait_until(lambda: notes(log, "start"), timeout=60, what="a batch started")
     assert first.stop() == 0
     left = record(config, job["jobId"])
-    assert left is not None and left.owned_at == 0.0  # its lease given up on the way out
+    assert left is not None and (left.owner, left.owned_at) == ("", 0.0)  # its lease given up
     successor, ended = finish_elsewhere(config, job["jobId"])
     try:
         assert status(ended) == "SUCCEEDED", ended

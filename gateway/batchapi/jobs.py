@@ -25,7 +25,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import structlog
@@ -112,7 +112,8 @@ class Job:
 
     @classmethod
     def decode(cls, body: bytes) -> Job:
-        return cls(**json.loads(body))
+        """A record as any version wrote it: fields this one does not know are left out."""
+        return cls(**{k: v for k, v in json.loads(body).items() if k in JOB_FIELDS})
 
     @property
     def ended(self) -> bool:
@@ -142,6 +143,9 @@ class Job:
             "total_batch_count": self.total_batch_count,
             "start_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.start_time)),
         }
+
+
+JOB_FIELDS = frozenset(f.name for f in fields(Job))
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,11 +264,16 @@ class Jobs:
             self.notify(new)
             return new
 
-    async def end(self, job_id: str, status: str, *, hook: str = "", **fields: Any) -> Job | None:
-        """Ends the job with ``status`` unless it ended already; returns the record after (its
-        status says whether this call ended it). A job that ends before its hook ran skips it."""
+    async def end(
+        self, job_id: str, status: str, *, hook: str = "", owner: str | None = None, **fields: Any
+    ) -> Job | None:
+        """Ends the job with ``status`` unless it ended already (or, given ``owner``, another
+        gateway holds it); returns the record after (its status says whether this call ended it).
+        A job that ends before its hook ran skips it."""
 
-        def change(old: Job) -> Job:
+        def change(old: Job) -> Job | None:
+            if owner is not None and old.owner != owner:
+                return None
             state = hook or (
                 old.hook if old.hook not in (HOOK_PENDING, HOOK_RUNNING) else HOOK_SKIPPED
             )

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import sys
+import threading
 import time
 import uuid
 from dataclasses import replace
@@ -87,6 +88,7 @@ class BatchApi:
         self.me = uuid.uuid4().hex  # this gateway's name in the leases it holds
         self.lease = self.cfg.visibility_timeout
         self.leases: asyncio.Task[None] | None = None
+        self.renewed: dict[str, float] = {}  # job id: when its lease was last renewed (monotonic)
 
     async def resume(self) -> None:
         """Adopts the jobs whose lease has lapsed, then keeps renewing and adopting."""
@@ -117,21 +119,47 @@ class BatchApi:
                 log.exception("batch_lease_failed", api=self.api.name)
 
     async def _tend(self) -> None:
-        """Renews the leases of the jobs this gateway holds, lets go of those another gateway
-        adopted, and adopts the active jobs whose lease lapsed."""
+        """Renews the leases of the jobs this gateway holds (all at once, before anything else),
+        lets go of those another gateway adopted or whose lease it could not renew in time, then
+        adopts the active jobs whose lease lapsed."""
+        held = list(self.tasks)
+        renewals = await asyncio.gather(
+            *(self._renew(job_id, time.time()) for job_id in held), return_exceptions=True
+        )
+        for job_id, failed in zip(held, renewals, strict=True):
+            if isinstance(failed, WorkError):  # the next round tries again, until the fence
+                log.warning("batch_lease_failed", job_id=job_id, error=str(failed))
+            elif isinstance(failed, BaseException):
+                raise failed
         for job_id in await self.jobs.active():
+            if job_id in self.tasks:
+                continue
             try:
-                await self._tend_one(job_id, time.time())
+                await self._adopt(job_id, time.time())
             except WorkError as exc:  # this job's record is away: the next round tries again
                 log.warning("batch_lease_failed", job_id=job_id, error=str(exc))
 
-    async def _tend_one(self, job_id: str, now: float) -> None:
-        if job_id in self.tasks:
+    async def _renew(self, job_id: str, now: float) -> None:
+        try:
             held = await self.jobs.update(job_id, self._renewed(now))
-            if held is not None and not held.ended and held.owner != self.me:
-                log.warning("batch_job_adopted_elsewhere", job_id=job_id, owner=held.owner)
-                self.tasks[job_id].cancel()
-            return
+        except WorkError:
+            # past a lease since the last renewal another gateway may adopt it: stop first
+            if time.monotonic() - self.renewed.get(job_id, 0.0) > self.lease:
+                log.warning("batch_lease_lost", job_id=job_id)
+                self._cancel(job_id)
+            raise
+        if held is not None and not held.ended and held.owner != self.me:
+            log.warning("batch_job_adopted_elsewhere", job_id=job_id, owner=held.owner)
+            self._cancel(job_id)
+        else:
+            self.renewed[job_id] = time.monotonic()
+
+    def _cancel(self, job_id: str) -> None:
+        task = self.tasks.get(job_id)
+        if task is not None:
+            task.cancel()
+
+    async def _adopt(self, job_id: str, now: float) -> None:
         job = await self.jobs.get(job_id)
         if job is None or job.ended or now - job.owned_at < self.lease:
             return
@@ -158,6 +186,9 @@ class BatchApi:
 
         return renew
 
+    def _released(self, old: Job) -> Job | None:
+        return replace(old, owner="", owned_at=0.0) if old.owner == self.me else None
+
     async def _source(self, job: Job) -> Source:
         """What the job's SubmitJob asked for, from its record (and its stored item list)."""
         items = await self.jobs.items(job.job_id) if job.source == ITEM_LIST else []
@@ -170,10 +201,13 @@ class BatchApi:
         self.wakeups[job_id] = asyncio.Event()
         task = asyncio.create_task(work, name=f"batch-{job_id}")
         self.tasks[job_id] = task
+        self.renewed[job_id] = time.monotonic()
 
         def done(_: object) -> None:
-            self.tasks.pop(job_id, None)
-            self.wakeups.pop(job_id, None)
+            if self.tasks.get(job_id) is task:
+                del self.tasks[job_id]
+                self.wakeups.pop(job_id, None)
+                self.renewed.pop(job_id, None)
 
         task.add_done_callback(done)
 
@@ -184,9 +218,11 @@ class BatchApi:
             event.set()
 
     async def close(self) -> None:
-        """Stops this gateway's tasks and gives up its leases (a successor adopts at once)."""
+        """Stops this gateway's tasks (an enqueue stops between two chunks) and gives up its
+        leases: another gateway adopts the jobs on its next round, a gateway starting at once."""
         if self.leases is not None:
             self.leases.cancel()
+            await asyncio.wait([self.leases])
         held = list(self.tasks)
         for task in list(self.tasks.values()):
             task.cancel()
@@ -194,7 +230,7 @@ class BatchApi:
             await asyncio.wait(list(self.tasks.values()))
         for job_id in held:
             with contextlib.suppress(WorkError):
-                await self.jobs.update(job_id, self._renewed(0.0))
+                await self.jobs.update(job_id, self._released)
 
     # -- enqueuing ---------------------------------------------------------------------------
 
@@ -210,8 +246,14 @@ class BatchApi:
             return
         except (InputFailed, WorkError, OSError) as exc:
             log.warning("batch_enqueue_failed", job_id=job.job_id, error=str(exc))
-            await self.jobs.end(job.job_id, FAILED_WHILE_ENQUEUING, error=str(exc))
-            await drop_job(self.work, self.jobs, job.job_id)
+            try:
+                ended = await self.jobs.end(
+                    job.job_id, FAILED_WHILE_ENQUEUING, owner=self.me, error=str(exc)
+                )
+                if ended is not None and ended.ended:
+                    await drop_job(self.work, self.jobs, job.job_id)
+            except WorkError as again:  # the store is away: the job is adopted once it is back
+                log.warning("batch_enqueue_failed", job_id=job.job_id, error=str(again))
             return
         if enqueued is not None and enqueued.status == RUNNING:
             await self._supervise(enqueued)
@@ -224,9 +266,13 @@ class BatchApi:
         totals = [0, 0]  # items, batches
         queued = job.total_batch_count  # an adopted job: the batches its first owner queued
 
+        stop = threading.Event()
+
         def produce() -> None:
             chunk: list[Batch] = []
             for batch in self.inputs.batches(source):
+                if stop.is_set():
+                    return
                 totals[0] += len(batch.items)
                 totals[1] += 1
                 if batch.index < queued:
@@ -238,14 +284,23 @@ class BatchApi:
             if chunk:
                 asyncio.run_coroutine_threadsafe(self._put(job, queue, chunk), loop).result()
 
-        await asyncio.to_thread(produce)
+        producing = asyncio.ensure_future(asyncio.to_thread(produce))
+        try:
+            await asyncio.shield(producing)
+        except asyncio.CancelledError:  # nothing is queued for the job once this returns
+            stop.set()
+            with contextlib.suppress(Exception):
+                await producing
+            raise
         items, batches = totals
         log.info("batch_enqueued", job_id=job.job_id, items=items, batches=batches)
 
         def running(old: Job) -> Job | None:
             if old.status != ENQUEUING or old.owner != self.me:
                 return None
-            return replace(old, status=RUNNING, item_count=items, total_batch_count=batches)
+            # (never below what was queued: a listing that shrank since still has those batches)
+            total = max(batches, old.total_batch_count)
+            return replace(old, status=RUNNING, item_count=items, total_batch_count=total)
 
         enqueued = await self.jobs.update(job.job_id, running)
         if enqueued is not None and enqueued.owner != self.me:
@@ -287,10 +342,16 @@ class BatchApi:
             bodies.append(body)
         if bodies:
             await queue.enqueue_many(bodies)
-        # progress: GetJob shows it, and a record that keeps changing has a live enqueuer
-        await self.jobs.update(
-            job.job_id, lambda old: replace(old, total_batch_count=batches[-1].index + 1)
-        )
+        queued = batches[-1].index + 1
+
+        def progress(old: Job) -> Job | None:  # what GetJob shows, and where an adopter goes on
+            if old.status != ENQUEUING or old.owner != self.me:
+                return None
+            return replace(old, total_batch_count=max(old.total_batch_count, queued))
+
+        after = await self.jobs.update(job.job_id, progress)
+        if after is not None and not after.ended and after.owner != self.me:
+            raise Disowned(job.job_id)
 
     # -- supervision -------------------------------------------------------------------------
 
@@ -301,29 +362,36 @@ class BatchApi:
         restarts = 0
         try:
             while True:
-                current = await self.jobs.get(job.job_id)
-                if current is None or current.ended:
-                    return
-                if current.due(time.time()):
-                    await self.jobs.end(job.job_id, TIMED_OUT, error="the job's timeout passed")
-                    return
-                if self.cfg.spawn_workers:
-                    restarts += self._replace(current, workers)
-                    if restarts > MAX_RESTARTS + current.workers:
-                        await self.jobs.end(
-                            job.job_id,
-                            WORKER_ERROR,
-                            error=f"its workers died {restarts} times (the log has their exits)",
-                        )
+                try:
+                    current = await self.jobs.get(job.job_id)
+                    if current is None or current.ended:
                         return
+                    if current.owner != self.me:
+                        log.warning("batch_job_adopted_elsewhere", job_id=job.job_id)
+                        return
+                    if current.due(time.time()):
+                        error = "the job's timeout passed"
+                        await self.jobs.end(job.job_id, TIMED_OUT, owner=self.me, error=error)
+                        continue
+                    if self.cfg.spawn_workers:
+                        restarts += self._replace(current, workers)
+                        if restarts > MAX_RESTARTS + current.workers:
+                            error = f"its workers died {restarts} times (the log has their exits)"
+                            await self.jobs.end(
+                                job.job_id, WORKER_ERROR, owner=self.me, error=error
+                            )
+                            continue
+                except WorkError as exc:  # the store is away: look again at the next tick
+                    log.warning("batch_supervise_failed", job_id=job.job_id, error=str(exc))
                 wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wakeup.wait(), TICK)
         finally:
             await asyncio.shield(self._stop_workers(workers))
-            ended = await self.jobs.get(job.job_id)
-            if ended is not None and ended.ended:
-                await drop_job(self.work, self.jobs, job.job_id)
+            with contextlib.suppress(WorkError):
+                ended = await self.jobs.get(job.job_id)
+                if ended is not None and ended.ended:
+                    await drop_job(self.work, self.jobs, job.job_id)
 
     def _replace(self, job: Job, workers: list[AsyncChild]) -> int:
         """Starts workers up to the job's count in place of those that died; returns how many

@@ -211,7 +211,12 @@ class BatchApis:
         )
         if source.kind == ITEM_LIST:  # stored before the reply, as the job's record is
             await batch.jobs.put_items(job.job_id, source.items)
-        await batch.jobs.create(job)
+        try:
+            await batch.jobs.create(job)
+        except WorkError:  # the caller gets UNAVAILABLE; leave no item list behind
+            with contextlib.suppress(WorkError):
+                await batch.jobs.store.delete(batch.jobs.key(job.job_id, "items"))
+            raise
         batch.start(job, source)
         log.info("batch_job_submitted", job_id=job.job_id, api=job.api, source=job.source)
         reply = jobs_pb2.SubmitJobResponse(job=job_message(job))
