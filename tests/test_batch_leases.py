@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from gateway.batchapi.jobs import (
     job_queue,
     open_work,
 )
-from gateway.batchapi.runner import BatchApi, Disowned
+from gateway.batchapi.runner import CHUNK, FENCE, BatchApi, Disowned
 from gateway.work import Work, WorkError
 from modelmux_common import config as config_mod
 
@@ -105,8 +105,15 @@ async def test_a_gateway_that_lost_a_job_neither_enqueues_nor_moves_its_progress
     queue = await first.work.queue(job_queue("rec", job.job_id), max_receive_count=3)
     await first._put(job, queue, [Batch(0, [0]), Batch(1, [1])])
     assert (await first.jobs.get(job.job_id)).total_batch_count == 2  # type: ignore[union-attr]
-    await taken_by(second, job)
-    await second.jobs.update(job.job_id, lambda old: replace(old, total_batch_count=7))
+    enqueue = queue.enqueue_many
+
+    async def adopted_meanwhile(bodies: list[str]) -> None:
+        # past the owner check, the job is adopted and the adopter queues on to batch 7
+        await taken_by(second, job)
+        await second.jobs.update(job.job_id, lambda old: replace(old, total_batch_count=7))
+        await enqueue(bodies)
+
+    queue.enqueue_many = adopted_meanwhile  # type: ignore[method-assign]
     with pytest.raises(Disowned):
         await first._put(job, queue, [Batch(2, [2])])
     now = await first.jobs.get(job.job_id)
@@ -145,13 +152,13 @@ async def test_the_renewal_sees_an_adoption_and_cancels_the_local_work(
     first._start(job.job_id, asyncio.Event().wait())  # stands for its enqueue or supervisor
     task = first.tasks[job.job_id]
     await taken_by(second, job)
-    await first._tend()
+    await first._renew_held()
     await asyncio.wait([task], timeout=5)
     assert task.cancelled() and job.job_id not in first.tasks
     assert (await first.jobs.get(job.job_id)).owner == second.me  # type: ignore[union-attr]
 
 
-async def test_a_lease_not_renewed_for_a_lease_stops_the_local_work(
+async def test_a_lease_it_cannot_renew_stops_the_local_work_before_it_lapses(
     two: tuple[BatchApi, BatchApi], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first, _ = two
@@ -159,16 +166,53 @@ async def test_a_lease_not_renewed_for_a_lease_stops_the_local_work(
     first._start(job.job_id, asyncio.Event().wait())
     task = first.tasks[job.job_id]
 
-    async def away(*args: object, **kwargs: object) -> None:
-        raise WorkError("the store is away")
+    async def hangs(*args: object, **kwargs: object) -> None:
+        await asyncio.Event().wait()  # a store that does not answer
 
-    monkeypatch.setattr(first.jobs, "update", away)
-    await first._tend()  # within the lease: it keeps the work
-    assert not task.done()
-    first.renewed[job.job_id] -= LEASE + 0.1  # the last renewal, a lease ago
-    await first._tend()
+    monkeypatch.setattr(first.jobs, "update", hangs)
+    await asyncio.wait_for(first._renew_held(), timeout=LEASE)  # each renewal bounded
+    assert not task.done()  # within the fence: it keeps the work
+    first.renewed[job.job_id] -= FENCE * LEASE  # the last renewal, half a lease ago
+    await asyncio.wait_for(first._renew_held(), timeout=LEASE)
     await asyncio.wait([task], timeout=5)
     assert task.cancelled()
+
+
+async def test_the_supervisor_rides_out_a_store_error(
+    two: tuple[BatchApi, BatchApi], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = two
+    job, _ = await submitted(first)
+    running = await first.jobs.update(job.job_id, lambda old: replace(old, status=RUNNING))
+    assert running is not None
+    get, calls = first.jobs.get, []
+
+    async def away_twice(job_id: str) -> Job | None:
+        calls.append(job_id)
+        if len(calls) <= 2:
+            raise WorkError("the store is away")
+        return await get(job_id)
+
+    monkeypatch.setattr(first.jobs, "get", away_twice)
+    supervising = asyncio.create_task(first._supervise(running))
+    await until(second, job, lambda j: len(calls) > 2)
+    assert not supervising.done()
+    await second.jobs.end(job.job_id, "STOPPED")
+    await asyncio.wait_for(supervising, timeout=5)
+
+
+async def test_an_adopted_job_keeps_the_count_its_first_owner_queued(
+    two: tuple[BatchApi, BatchApi],
+) -> None:
+    first, second = two
+    job, source = await submitted(first, items=30)
+    # the first owner queued 50 batches of a listing that has 30 now: all 50 must end
+    held = await taken_by(second, job)
+    held = await second.jobs.update(job.job_id, lambda old: replace(old, total_batch_count=50))
+    assert held is not None
+    second.start(held, source)
+    ended = await until(second, job, lambda j: j.status == RUNNING)
+    assert ended.total_batch_count == 50
 
 
 async def test_a_stop_hands_the_job_to_a_running_gateway_on_its_next_round(
@@ -176,13 +220,25 @@ async def test_a_stop_hands_the_job_to_a_running_gateway_on_its_next_round(
 ) -> None:
     first, second = two
     job, source = await submitted(first, items=300)
+    listed = first.inputs.batches
+
+    def gated(source: Source) -> Iterator[Batch]:
+        """The listing, held after its first chunk until the stop has begun."""
+        for batch in listed(source):
+            if batch.index == CHUNK:
+                deadline = time.monotonic() + 10
+                while not first.tasks[job.job_id].cancelling() and time.monotonic() < deadline:
+                    time.sleep(0.001)
+            yield batch
+
+    first.inputs.batches = gated  # type: ignore[method-assign]
     first.start(job, source)
     await until(first, job, lambda j: j.total_batch_count > 0)  # its first chunk queued
     await first.close()
     left = await first.jobs.get(job.job_id)
     assert left is not None and (left.owner, left.owned_at) == ("", 0.0)
     assert left.status == ENQUEUING and left.total_batch_count < 300, left
-    await second._tend()
+    await second._adopt_lapsed()
     assert job.job_id in second.tasks
     ended = await until(second, job, lambda j: j.status == RUNNING)
     assert ended.total_batch_count == 300
@@ -194,7 +250,9 @@ async def test_a_stop_hands_the_job_to_a_running_gateway_on_its_next_round(
     assert sorted(seen) == list(range(300)), (left.total_batch_count, len(seen))
 
 
-def test_a_record_with_fields_of_a_newer_version_still_reads() -> None:
+def test_a_record_with_fields_of_a_newer_version_reads_and_keeps_them() -> None:
     job = Job("j", "rec", RUNNING, 1, {}, ITEM_LIST, 1, 0.0)
-    body = json.loads(job.encode())
-    assert Job.decode(json.dumps({**body, "added_later": 1}).encode()) == job
+    newer = json.dumps({**json.loads(job.encode()), "added_later": 1}).encode()
+    read = Job.decode(newer)
+    assert read == job
+    assert json.loads(replace(read, status=ENQUEUING).encode())["added_later"] == 1

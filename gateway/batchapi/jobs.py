@@ -106,14 +106,19 @@ class Job:
     owned_at: float = 0.0
     # the SubmitJob call's W3C traceparent, with tracing on: each batch's span links to it
     traceparent: str = ""
+    # fields a newer version wrote, kept as they are when this one writes the record back
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        body = asdict(self)
+        extra = body.pop("extra")
+        return json.dumps({**extra, **body}, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, body: bytes) -> Job:
-        """A record as any version wrote it: fields this one does not know are left out."""
-        return cls(**{k: v for k, v in json.loads(body).items() if k in JOB_FIELDS})
+        data = json.loads(body)
+        known = {k: v for k, v in data.items() if k in JOB_FIELDS}
+        return cls(**known, extra={k: v for k, v in data.items() if k not in JOB_FIELDS})
 
     @property
     def ended(self) -> bool:
@@ -145,7 +150,7 @@ class Job:
         }
 
 
-JOB_FIELDS = frozenset(f.name for f in fields(Job))
+JOB_FIELDS = frozenset(f.name for f in fields(Job)) - {"extra"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,13 +213,14 @@ class Jobs:
     # -- job records -------------------------------------------------------------------------
 
     async def create(self, job: Job) -> None:
-        """Stores a new job: its record, its listing marker, its active marker."""
-        await self.store.put(
-            self.key(job.job_id, "job"), job.encode(), content_type=JSON, if_absent=True
-        )
+        """Stores a new job: its active marker, its listing marker, then its record (a marker
+        whose record is missing is skipped, so a failure part way leaves no job behind)."""
         await self.store.put(f"{self.api}/active/{job.job_id}", b"", content_type=JSON)
         await self.store.put(
             f"{self.api}/index/{_hex_inverted(job.job_id)}", job.job_id.encode(), content_type=JSON
+        )
+        await self.store.put(
+            self.key(job.job_id, "job"), job.encode(), content_type=JSON, if_absent=True
         )
         self.notify(job)
 

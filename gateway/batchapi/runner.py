@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -56,6 +57,11 @@ TICK = 0.5
 # Restarts of a job's local workers (beyond one per worker) before the job is WORKER_ERROR.
 MAX_RESTARTS = 5
 STOP_GRACE = 1.0
+# A lease not renewed for this share of it: the gateway stops the job's work here (another
+# gateway may adopt it once the whole lease has passed).
+FENCE = 0.5
+# How long a stopping gateway waits for its enqueues to reach the end of a chunk.
+CLOSE_WAIT = 5.0
 
 
 class Disowned(Exception):
@@ -87,13 +93,16 @@ class BatchApi:
         self.wakeups: dict[str, asyncio.Event] = {}
         self.me = uuid.uuid4().hex  # this gateway's name in the leases it holds
         self.lease = self.cfg.visibility_timeout
-        self.leases: asyncio.Task[None] | None = None
+        self.leases: list[asyncio.Task[None]] = []
         self.renewed: dict[str, float] = {}  # job id: when its lease was last renewed (monotonic)
 
     async def resume(self) -> None:
         """Adopts the jobs whose lease has lapsed, then keeps renewing and adopting."""
-        await self._tend()
-        self.leases = asyncio.create_task(self._leases(), name=f"batch-leases-{self.api.name}")
+        await self._adopt_lapsed()
+        self.leases = [
+            asyncio.create_task(self._every(self._renew_held), name=f"batch-leases-{self.api.name}"),
+            asyncio.create_task(self._every(self._adopt_lapsed), name=f"batch-adopt-{self.api.name}"),
+        ]  # fmt: skip
 
     def new_job(self, **fields: Any) -> Job:
         """A job record as SubmitJob creates it: ENQUEUING, held by this gateway."""
@@ -108,29 +117,53 @@ class BatchApi:
 
     # -- leases --------------------------------------------------------------------------------
 
-    async def _leases(self) -> None:
+    async def _every(self, work: Callable[[], Awaitable[None]]) -> None:
+        """``work`` every third of a lease: renewals and adoptions each in a loop of their own,
+        so a long scan of the store's jobs never delays a renewal."""
         while True:
             await asyncio.sleep(self.lease / 3)
             try:
-                await self._tend()
+                await work()
             except WorkError as exc:  # the store is away: the next round tries again
                 log.warning("batch_lease_failed", api=self.api.name, error=str(exc))
-            except Exception:  # a bug must not end the renewals: other gateways would adopt
+            except Exception:  # a bug must not end the loop: other gateways would adopt
                 log.exception("batch_lease_failed", api=self.api.name)
 
-    async def _tend(self) -> None:
-        """Renews the leases of the jobs this gateway holds (all at once, before anything else),
-        lets go of those another gateway adopted or whose lease it could not renew in time, then
-        adopts the active jobs whose lease lapsed."""
+    async def _renew_held(self) -> None:
+        """Renews the leases of the jobs this gateway holds, all at once, each bounded by a
+        third of a lease; lets go of those another gateway adopted, and first of those whose
+        lease it could not renew for FENCE of a lease (before anyone may adopt them)."""
+        for job_id, at in list(self.renewed.items()):
+            if time.monotonic() - at > FENCE * self.lease:
+                log.warning("batch_lease_lost", job_id=job_id)
+                self._cancel(job_id)
         held = list(self.tasks)
+        now, started = time.time(), time.monotonic()
         renewals = await asyncio.gather(
-            *(self._renew(job_id, time.time()) for job_id in held), return_exceptions=True
+            *(self._renew(job_id, now, started) for job_id in held), return_exceptions=True
         )
         for job_id, failed in zip(held, renewals, strict=True):
-            if isinstance(failed, WorkError):  # the next round tries again, until the fence
-                log.warning("batch_lease_failed", job_id=job_id, error=str(failed))
-            elif isinstance(failed, BaseException):
-                raise failed
+            if isinstance(failed, WorkError | TimeoutError):  # tried again in a third of a lease
+                log.warning("batch_lease_failed", job_id=job_id, error=str(failed) or "timed out")
+            elif isinstance(failed, Exception):
+                log.error("batch_lease_failed", job_id=job_id, error=repr(failed))
+
+    async def _renew(self, job_id: str, now: float, started: float) -> None:
+        renewal = self.jobs.update(job_id, self._renewed(now))
+        held = await asyncio.wait_for(renewal, self.lease / 3)
+        if held is not None and not held.ended and held.owner != self.me:
+            log.warning("batch_job_adopted_elsewhere", job_id=job_id, owner=held.owner)
+            self._cancel(job_id)
+        elif job_id in self.tasks:
+            self.renewed[job_id] = started  # (the record says ``now``, read before the write)
+
+    def _cancel(self, job_id: str) -> None:
+        task = self.tasks.get(job_id)
+        if task is not None and not task.cancelling():
+            task.cancel()
+
+    async def _adopt_lapsed(self) -> None:
+        """Adopts the API's active jobs whose lease lapsed."""
         for job_id in await self.jobs.active():
             if job_id in self.tasks:
                 continue
@@ -138,26 +171,6 @@ class BatchApi:
                 await self._adopt(job_id, time.time())
             except WorkError as exc:  # this job's record is away: the next round tries again
                 log.warning("batch_lease_failed", job_id=job_id, error=str(exc))
-
-    async def _renew(self, job_id: str, now: float) -> None:
-        try:
-            held = await self.jobs.update(job_id, self._renewed(now))
-        except WorkError:
-            # past a lease since the last renewal another gateway may adopt it: stop first
-            if time.monotonic() - self.renewed.get(job_id, 0.0) > self.lease:
-                log.warning("batch_lease_lost", job_id=job_id)
-                self._cancel(job_id)
-            raise
-        if held is not None and not held.ended and held.owner != self.me:
-            log.warning("batch_job_adopted_elsewhere", job_id=job_id, owner=held.owner)
-            self._cancel(job_id)
-        else:
-            self.renewed[job_id] = time.monotonic()
-
-    def _cancel(self, job_id: str) -> None:
-        task = self.tasks.get(job_id)
-        if task is not None:
-            task.cancel()
 
     async def _adopt(self, job_id: str, now: float) -> None:
         job = await self.jobs.get(job_id)
@@ -220,17 +233,19 @@ class BatchApi:
     async def close(self) -> None:
         """Stops this gateway's tasks (an enqueue stops between two chunks) and gives up its
         leases: another gateway adopts the jobs on its next round, a gateway starting at once."""
-        if self.leases is not None:
-            self.leases.cancel()
-            await asyncio.wait([self.leases])
-        held = list(self.tasks)
-        for task in list(self.tasks.values()):
+        for loop in self.leases:
+            loop.cancel()
+        if self.leases:
+            await asyncio.wait(self.leases)
+        tasks = dict(self.tasks)
+        for task in tasks.values():
             task.cancel()
-        if self.tasks:
-            await asyncio.wait(list(self.tasks.values()))
-        for job_id in held:
-            with contextlib.suppress(WorkError):
-                await self.jobs.update(job_id, self._released)
+        if tasks:
+            await asyncio.wait(list(tasks.values()), timeout=CLOSE_WAIT)
+        for job_id, task in tasks.items():
+            if task.done():  # (one still listing its input keeps its lease, which lapses)
+                with contextlib.suppress(WorkError):
+                    await self.jobs.update(job_id, self._released)
 
     # -- enqueuing ---------------------------------------------------------------------------
 
@@ -281,7 +296,7 @@ class BatchApi:
                 if len(chunk) == CHUNK:
                     asyncio.run_coroutine_threadsafe(self._put(job, queue, chunk), loop).result()
                     chunk = []
-            if chunk:
+            if chunk and not stop.is_set():
                 asyncio.run_coroutine_threadsafe(self._put(job, queue, chunk), loop).result()
 
         producing = asyncio.ensure_future(asyncio.to_thread(produce))
@@ -289,8 +304,9 @@ class BatchApi:
             await asyncio.shield(producing)
         except asyncio.CancelledError:  # nothing is queued for the job once this returns
             stop.set()
-            with contextlib.suppress(Exception):
-                await producing
+            while not producing.done():  # (a second cancel must not end the wait)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([producing])
             raise
         items, batches = totals
         log.info("batch_enqueued", job_id=job.job_id, items=items, batches=batches)
