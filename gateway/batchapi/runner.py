@@ -57,9 +57,9 @@ TICK = 0.5
 # Restarts of a job's local workers (beyond one per worker) before the job is WORKER_ERROR.
 MAX_RESTARTS = 5
 STOP_GRACE = 1.0
-# A lease not renewed for this share of it: the gateway stops the job's work here (another
-# gateway may adopt it once the whole lease has passed).
-FENCE = 0.5
+# A lease not renewed for this share of it: the gateway stops the job's work here (checked
+# every tenth of a lease; another gateway may adopt the job once the whole lease has passed).
+FENCE = 0.8
 # How long a stopping gateway waits for its enqueues to reach the end of a chunk.
 CLOSE_WAIT = 5.0
 
@@ -99,10 +99,12 @@ class BatchApi:
     async def resume(self) -> None:
         """Adopts the jobs whose lease has lapsed, then keeps renewing and adopting."""
         await self._adopt_lapsed()
+        third, tenth = self.lease / 3, self.lease / 10
         self.leases = [
-            asyncio.create_task(self._every(self._renew_held), name=f"batch-leases-{self.api.name}"),
-            asyncio.create_task(self._every(self._adopt_lapsed), name=f"batch-adopt-{self.api.name}"),
-        ]  # fmt: skip
+            asyncio.create_task(self._every(third, self._renew_held), name="batch-renew"),
+            asyncio.create_task(self._every(third, self._adopt_lapsed), name="batch-adopt"),
+            asyncio.create_task(self._every(tenth, self._fence), name="batch-fence"),
+        ]
 
     def new_job(self, **fields: Any) -> Job:
         """A job record as SubmitJob creates it: ENQUEUING, held by this gateway."""
@@ -117,11 +119,11 @@ class BatchApi:
 
     # -- leases --------------------------------------------------------------------------------
 
-    async def _every(self, work: Callable[[], Awaitable[None]]) -> None:
-        """``work`` every third of a lease: renewals and adoptions each in a loop of their own,
-        so a long scan of the store's jobs never delays a renewal."""
+    async def _every(self, period: float, work: Callable[[], Awaitable[None]]) -> None:
+        """``work`` every ``period``: renewals, adoptions and the fence each in a loop of their
+        own, so a long scan of the store's jobs never delays a renewal."""
         while True:
-            await asyncio.sleep(self.lease / 3)
+            await asyncio.sleep(period)
             try:
                 await work()
             except WorkError as exc:  # the store is away: the next round tries again
@@ -131,12 +133,7 @@ class BatchApi:
 
     async def _renew_held(self) -> None:
         """Renews the leases of the jobs this gateway holds, all at once, each bounded by a
-        third of a lease; lets go of those another gateway adopted, and first of those whose
-        lease it could not renew for FENCE of a lease (before anyone may adopt them)."""
-        for job_id, at in list(self.renewed.items()):
-            if time.monotonic() - at > FENCE * self.lease:
-                log.warning("batch_lease_lost", job_id=job_id)
-                self._cancel(job_id)
+        third of a lease; lets go of those another gateway adopted."""
         held = list(self.tasks)
         now, started = time.time(), time.monotonic()
         renewals = await asyncio.gather(
@@ -156,6 +153,16 @@ class BatchApi:
             self._cancel(job_id)
         elif job_id in self.tasks:
             self.renewed[job_id] = started  # (the record says ``now``, read before the write)
+
+    async def _fence(self) -> None:
+        """Stops the local work of each job whose lease this gateway has not renewed for FENCE
+        of a lease: another gateway may adopt it once the whole lease has passed."""
+        for job_id, at in list(self.renewed.items()):
+            task = self.tasks.get(job_id)
+            lapsing = time.monotonic() - at > FENCE * self.lease
+            if lapsing and task is not None and not task.cancelling():
+                log.warning("batch_lease_lost", job_id=job_id)
+                task.cancel()
 
     def _cancel(self, job_id: str) -> None:
         task = self.tasks.get(job_id)
