@@ -229,6 +229,9 @@ class Jobs:
             self.key(job_id, "items"), json.dumps(items).encode(), content_type=JSON
         )
 
+    async def drop_items(self, job_id: str) -> None:
+        await self.store.delete(self.key(job_id, "items"))
+
     async def items(self, job_id: str) -> list[Any]:
         blob = await self.store.get(self.key(job_id, "items"))
         if blob is None:
@@ -404,7 +407,7 @@ class Jobs:
 
     async def drop(self, job_id: str) -> None:
         """Deletes what only a running job needs (its items, batch payloads); outcomes stay."""
-        await self.store.delete(self.key(job_id, "items"))
+        await self.drop_items(job_id)
         await self.store.delete_prefix(self.key(job_id, "batches") + "/")
 
 

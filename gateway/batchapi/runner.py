@@ -330,7 +330,7 @@ class BatchApi:
             raise Disowned(job.job_id)
         if source.kind == ITEM_LIST:
             with contextlib.suppress(WorkError):  # it is in the queue now; drop_job deletes it too
-                await self.jobs.store.delete(self.jobs.key(job.job_id, "items"))
+                await self.jobs.drop_items(job.job_id)
         return enqueued
 
     async def _put(self, job: Job, queue: Queue, batches: list[Batch]) -> None:

@@ -215,7 +215,7 @@ class BatchApis:
             await batch.jobs.create(job)
         except WorkError:  # the caller gets UNAVAILABLE; leave no item list behind
             with contextlib.suppress(WorkError):
-                await batch.jobs.store.delete(batch.jobs.key(job.job_id, "items"))
+                await batch.jobs.drop_items(job.job_id)
             raise
         batch.start(job, source)
         log.info("batch_job_submitted", job_id=job.job_id, api=job.api, source=job.source)
